@@ -1,0 +1,58 @@
+//! Module ops that read offloaded weights in place: `linear` and `embedding`.
+
+use burn_backend::TensorMetadata;
+
+use super::generated::delegate_module_ops;
+use super::prelude::*;
+use super::record;
+
+impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
+    delegate_module_ops!();
+
+    fn embedding(weights: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
+        match weights {
+            OffloadTensor::Offloaded { host, device } => {
+                let indices = if Self::read_in_place(&host, &device) {
+                    match B::host_embedding(&host, indices) {
+                        Ok(out) => {
+                            record(|s| s.zero_copy_ops += 1);
+                            return Self::resident(out);
+                        }
+                        Err(indices) => indices,
+                    }
+                } else {
+                    indices
+                };
+                Self::resident(B::embedding(Self::upload(&host, &device), indices))
+            }
+            OffloadTensor::Resident(w) => Self::resident(B::embedding(w, indices)),
+        }
+    }
+
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        match (x, weight) {
+            (OffloadTensor::Resident(x), OffloadTensor::Offloaded { host, device }) => {
+                // Same shapes as Burn's default `linear`: weight [K, N] broadcast over x's batch.
+                let x_rank = x.shape().num_dims();
+                let out = Self::matmul_host_rhs(x, &host, &device);
+                Self::resident(match bias.map(Self::fetch) {
+                    Some(bias) => {
+                        let mut dims = vec![1; x_rank.saturating_sub(1)];
+                        dims.push(bias.shape().num_elements());
+                        B::float_add(out, B::float_reshape(bias, Shape::from(dims)))
+                    }
+                    None => out,
+                })
+            }
+            (x, weight) => Self::resident(B::linear(
+                Self::fetch(x),
+                Self::fetch(weight),
+                bias.map(Self::fetch),
+            )),
+        }
+    }
+}

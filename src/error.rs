@@ -1,0 +1,64 @@
+//! The errors a user of burn-offload can run into, each with what to change.
+
+use thiserror::Error;
+
+/// Everything that can go wrong when configuring or applying an offload policy.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum OffloadError {
+    /// The offload budget in GiB is NaN, infinite or negative.
+    #[error(
+        "invalid offload budget {value} GiB: give a finite number of GiB >= 0 (e.g. `--offload-gb 12`)"
+    )]
+    InvalidBudget {
+        /// The value as given.
+        value: f64,
+    },
+    /// A parameter-name filter is empty or has an empty dotted segment.
+    #[error(
+        "invalid parameter filter {filter:?}: {reason}; use dotted name segments such as `mlp` or `experts.w2_weight`"
+    )]
+    InvalidParamFilter {
+        /// The filter as given.
+        filter: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An offload mode name that burn-offload does not know.
+    #[error("unknown offload mode {given:?}: use one of `uva`, `copy` or `auto`")]
+    UnknownMode {
+        /// The mode as given.
+        given: String,
+    },
+    /// A policy file could not be parsed.
+    #[error("could not parse the offload policy ({format}): {message}")]
+    PolicyParse {
+        /// `json` or `toml`.
+        format: &'static str,
+        /// The parser's message.
+        message: String,
+    },
+    /// Host memory could not be allocated.
+    #[error(
+        "could not allocate {bytes} bytes of host memory: {reason}; offload less (a smaller budget) or free host RAM"
+    )]
+    HostAlloc {
+        /// Requested size.
+        bytes: usize,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The data handed to the host tensor does not match its shape and dtype.
+    #[error(
+        "tensor data of {got} bytes does not match shape {shape:?} of {dtype:?} ({expected} bytes)"
+    )]
+    DataSize {
+        /// Shape of the tensor.
+        shape: Vec<usize>,
+        /// Element type.
+        dtype: burn_backend::DType,
+        /// Bytes the shape needs.
+        expected: usize,
+        /// Bytes given.
+        got: usize,
+    },
+}

@@ -1,0 +1,471 @@
+//! Host memory: exact-size, reference-counted buffers that a device reads, and strided views
+//! into them.
+//!
+//! A [`HostBuffer`] is one allocation of exactly the requested size (never rounded up to a
+//! power of two). Its memory is released when the last [`HostTensor`] view of it is dropped.
+//! Process-wide counters ([`host_memory_stats`]) tell how much is alive, so tests can prove
+//! that nothing leaks.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use burn_backend::{DType, Shape, TensorData};
+
+use crate::error::OffloadError;
+
+/// Alignment of pageable host allocations (one cache line, enough for every dtype and SIMD).
+const HOST_ALIGN: usize = 64;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+static LIVE_PINNED_BYTES: AtomicUsize = AtomicUsize::new(0);
+static TOTAL_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// A snapshot of the process-wide host memory counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct HostMemoryStats {
+    /// Bytes of host memory currently allocated by burn-offload.
+    pub live_bytes: usize,
+    /// Number of host allocations currently alive.
+    pub live_allocations: usize,
+    /// Of `live_bytes`, the bytes that are pinned (page-locked, device-mapped).
+    pub live_pinned_bytes: usize,
+    /// Host allocations made since the process started.
+    pub total_allocations: u64,
+}
+
+/// Reads the process-wide host memory counters.
+pub fn host_memory_stats() -> HostMemoryStats {
+    HostMemoryStats {
+        live_bytes: LIVE_BYTES.load(Ordering::Acquire),
+        live_allocations: LIVE_ALLOCATIONS.load(Ordering::Acquire),
+        live_pinned_bytes: LIVE_PINNED_BYTES.load(Ordering::Acquire),
+        total_allocations: TOTAL_ALLOCATIONS.load(Ordering::Acquire),
+    }
+}
+
+/// What kind of host memory a buffer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostMemoryKind {
+    /// Ordinary pageable memory: the device cannot read it directly; uploads go through a copy.
+    Pageable,
+    /// Pinned (page-locked) memory mapped into the device's address space: kernels can read it
+    /// over the bus, and DMA copies need no bounce buffer.
+    Pinned {
+        /// The address at which the device sees this memory.
+        device_ptr: u64,
+    },
+}
+
+/// Releases a target-specific allocation (e.g. `cuMemFreeHost`). Called once, when the last
+/// view of the buffer is dropped.
+pub type HostRelease = Box<dyn FnOnce(NonNull<u8>, usize) + Send + Sync>;
+
+/// One exact-size host allocation.
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    kind: HostMemoryKind,
+    release: Option<HostRelease>,
+}
+
+// SAFETY: the buffer owns its memory exclusively; shared access goes through `&self` (reads)
+// and writes only happen through `&mut self` before the buffer is shared in an `Arc`.
+unsafe impl Send for HostBuffer {}
+// SAFETY: see `Send`; `&HostBuffer` only allows reads.
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// Allocates `len` bytes of zeroed, pageable host memory, exactly that size.
+    pub fn pageable(len: usize) -> Result<Self, OffloadError> {
+        let ptr = if len == 0 {
+            NonNull::<u8>::dangling()
+        } else {
+            let layout =
+                Layout::from_size_align(len, HOST_ALIGN).map_err(|e| OffloadError::HostAlloc {
+                    bytes: len,
+                    reason: e.to_string(),
+                })?;
+            // SAFETY: `layout` has a non-zero size.
+            let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+            NonNull::new(raw).ok_or_else(|| OffloadError::HostAlloc {
+                bytes: len,
+                reason: "the allocator returned null".into(),
+            })?
+        };
+        let release: HostRelease = Box::new(|ptr, len| {
+            if len != 0 {
+                // SAFETY: allocated above with the same size and alignment.
+                unsafe {
+                    std::alloc::dealloc(
+                        ptr.as_ptr(),
+                        Layout::from_size_align_unchecked(len, HOST_ALIGN),
+                    )
+                }
+            }
+        });
+        // SAFETY: `ptr` points to `len` bytes we own, released by `release`.
+        Ok(unsafe { Self::from_raw(ptr, len, HostMemoryKind::Pageable, release) })
+    }
+
+    /// Wraps memory a target allocated (e.g. pinned memory from the CUDA driver).
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` readable and writable bytes that stay valid until `release`
+    /// is called, and nothing else may free or write them meanwhile.
+    pub unsafe fn from_raw(
+        ptr: NonNull<u8>,
+        len: usize,
+        kind: HostMemoryKind,
+        release: HostRelease,
+    ) -> Self {
+        LIVE_BYTES.fetch_add(len, Ordering::AcqRel);
+        LIVE_ALLOCATIONS.fetch_add(1, Ordering::AcqRel);
+        TOTAL_ALLOCATIONS.fetch_add(1, Ordering::AcqRel);
+        if matches!(kind, HostMemoryKind::Pinned { .. }) {
+            LIVE_PINNED_BYTES.fetch_add(len, Ordering::AcqRel);
+        }
+        Self {
+            ptr,
+            len,
+            kind,
+            release: Some(release),
+        }
+    }
+
+    /// Size in bytes (exactly what was asked for).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Pageable or pinned.
+    pub fn kind(&self) -> HostMemoryKind {
+        self.kind
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `len` bytes for the buffer's lifetime (see `from_raw`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, writable: only while the buffer is not shared yet.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `&mut self` guarantees exclusive access; valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The host address of the first byte.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release(self.ptr, self.len);
+        }
+        LIVE_BYTES.fetch_sub(self.len, Ordering::AcqRel);
+        LIVE_ALLOCATIONS.fetch_sub(1, Ordering::AcqRel);
+        if matches!(self.kind, HostMemoryKind::Pinned { .. }) {
+            LIVE_PINNED_BYTES.fetch_sub(self.len, Ordering::AcqRel);
+        }
+    }
+}
+
+impl std::fmt::Debug for HostBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffer")
+            .field("len", &self.len)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// A strided view of a [`HostBuffer`]: what an offloaded float tensor is.
+///
+/// Cloning is O(1) (the buffer is shared). Metadata-only ops ([`reshape`](Self::reshape) of a
+/// contiguous view, [`permute`](Self::permute), [`slice`](Self::slice),
+/// [`expand`](Self::expand)) return new views of the same buffer.
+#[derive(Clone, Debug)]
+pub struct HostTensor {
+    buffer: Arc<HostBuffer>,
+    /// Offset of element `[0, 0, ..]`, in elements.
+    offset: usize,
+    shape: Vec<usize>,
+    /// Strides in elements; 0 for broadcast dims, negative for reversed ones.
+    strides: Vec<isize>,
+    dtype: DType,
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<isize> {
+    let mut strides = vec![0isize; shape.len()];
+    let mut acc = 1isize;
+    for (s, &d) in strides.iter_mut().zip(shape).rev() {
+        *s = acc;
+        acc *= d.max(1) as isize;
+    }
+    strides
+}
+
+impl HostTensor {
+    /// A contiguous tensor over a whole buffer.
+    pub fn new(buffer: HostBuffer, shape: Vec<usize>, dtype: DType) -> Result<Self, OffloadError> {
+        let expected = shape.iter().product::<usize>() * dtype.size();
+        if expected != buffer.len() {
+            return Err(OffloadError::DataSize {
+                shape,
+                dtype,
+                expected,
+                got: buffer.len(),
+            });
+        }
+        Ok(Self {
+            strides: contiguous_strides(&shape),
+            buffer: Arc::new(buffer),
+            offset: 0,
+            shape,
+            dtype,
+        })
+    }
+
+    /// Copies `data` into a new host buffer made by `alloc` (exactly `data`'s size).
+    pub fn from_data(
+        data: &TensorData,
+        alloc: impl FnOnce(usize) -> Result<HostBuffer, OffloadError>,
+    ) -> Result<Self, OffloadError> {
+        let bytes = data.as_bytes();
+        let mut buffer = alloc(bytes.len())?;
+        buffer.as_mut_slice().copy_from_slice(bytes);
+        Self::new(buffer, data.shape.to_vec(), data.dtype)
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> Shape {
+        Shape::from(self.shape.clone())
+    }
+
+    /// The dims of the shape.
+    pub fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Strides in elements (0: broadcast, negative: reversed).
+    pub fn strides(&self) -> &[isize] {
+        &self.strides
+    }
+
+    /// Offset of the first element in the buffer, in elements.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The underlying buffer (shared by every view of it).
+    pub fn buffer(&self) -> &Arc<HostBuffer> {
+        &self.buffer
+    }
+
+    /// Number of elements in the view.
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the view's elements in bytes (what an upload moves).
+    pub fn size_bytes(&self) -> usize {
+        self.num_elements() * self.dtype.size()
+    }
+
+    /// Whether the view is the row-major contiguous layout of its shape.
+    pub fn is_contiguous(&self) -> bool {
+        self.shape
+            .iter()
+            .zip(&self.strides)
+            .zip(contiguous_strides(&self.shape))
+            .all(|((&d, &s), c)| d <= 1 || s == c)
+    }
+
+    /// The view's bytes, if it is contiguous (no copy).
+    pub fn contiguous_bytes(&self) -> Option<&[u8]> {
+        if !self.is_contiguous() {
+            return None;
+        }
+        let esize = self.dtype.size();
+        let start = self.offset * esize;
+        Some(&self.buffer.as_slice()[start..start + self.size_bytes()])
+    }
+
+    /// Reads the view into row-major [`TensorData`] (one copy from host memory).
+    pub fn to_data(&self) -> TensorData {
+        let bytes = match self.contiguous_bytes() {
+            Some(b) => b.to_vec(),
+            None => self.gather_bytes(),
+        };
+        TensorData::from_bytes_vec(bytes, self.shape.clone(), self.dtype)
+    }
+
+    fn gather_bytes(&self) -> Vec<u8> {
+        let esize = self.dtype.size();
+        let n = self.num_elements();
+        let mut out = Vec::with_capacity(n * esize);
+        let src = self.buffer.as_slice();
+        let rank = self.shape.len();
+        if n == 0 {
+            return out;
+        }
+        let mut index = vec![0usize; rank];
+        let mut pos = self.offset as isize;
+        loop {
+            let start = pos as usize * esize;
+            out.extend_from_slice(&src[start..start + esize]);
+            // Advance the multi-index (row-major), keeping `pos` in step.
+            let mut d = rank;
+            loop {
+                if d == 0 {
+                    return out;
+                }
+                d -= 1;
+                index[d] += 1;
+                pos += self.strides[d];
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                pos -= self.strides[d] * self.shape[d] as isize;
+                index[d] = 0;
+            }
+        }
+    }
+
+    /// Reshape without copying; `None` when the view is not contiguous.
+    pub fn reshape(&self, shape: Vec<usize>) -> Option<Self> {
+        if !self.is_contiguous() || shape.iter().product::<usize>() != self.num_elements() {
+            return None;
+        }
+        Some(Self {
+            strides: contiguous_strides(&shape),
+            shape,
+            ..self.clone()
+        })
+    }
+
+    /// Reorders the dims (`swap_dims`/`transpose` are permutations too).
+    pub fn permute(&self, axes: &[usize]) -> Self {
+        Self {
+            shape: axes.iter().map(|&a| self.shape[a]).collect(),
+            strides: axes.iter().map(|&a| self.strides[a]).collect(),
+            ..self.clone()
+        }
+    }
+
+    /// Swaps two dims.
+    pub fn swap_dims(&self, a: usize, b: usize) -> Self {
+        let mut axes: Vec<usize> = (0..self.shape.len()).collect();
+        axes.swap(a, b);
+        self.permute(&axes)
+    }
+
+    /// A sub-range along each dim: `(range, step)` per dim, ranges already bounded to the dims.
+    /// A negative step walks the range backwards.
+    pub fn slice(&self, ranges: &[(std::ops::Range<usize>, isize)]) -> Self {
+        let mut offset = self.offset as isize;
+        let mut shape = self.shape.clone();
+        let mut strides = self.strides.clone();
+        for (d, (range, step)) in ranges.iter().enumerate() {
+            let len = range.end.saturating_sub(range.start);
+            let step_abs = step.unsigned_abs();
+            let count = len.div_ceil(step_abs);
+            if count > 0 {
+                let first = if *step > 0 {
+                    range.start
+                } else {
+                    range.end - 1
+                };
+                offset += first as isize * self.strides[d];
+            }
+            shape[d] = count;
+            strides[d] = self.strides[d] * step;
+        }
+        Self {
+            offset: offset as usize,
+            shape,
+            strides,
+            ..self.clone()
+        }
+    }
+
+    /// Broadcasts to `shape` (new leading dims and size-1 dims get stride 0); `None` when the
+    /// shapes are not broadcast-compatible.
+    pub fn expand(&self, shape: Vec<usize>) -> Option<Self> {
+        if shape.len() < self.shape.len() {
+            return None;
+        }
+        let lead = shape.len() - self.shape.len();
+        let mut strides = vec![0isize; shape.len()];
+        for (i, &d) in shape.iter().enumerate().skip(lead) {
+            let (sd, ss) = (self.shape[i - lead], self.strides[i - lead]);
+            strides[i] = if sd == d {
+                ss
+            } else if sd == 1 {
+                0
+            } else {
+                return None;
+            };
+        }
+        Some(Self {
+            shape,
+            strides,
+            ..self.clone()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iota(shape: &[usize]) -> HostTensor {
+        let n: usize = shape.iter().product();
+        let data = TensorData::new((0..n).map(|v| v as f32).collect::<Vec<_>>(), shape.to_vec());
+        HostTensor::from_data(&data, HostBuffer::pageable).unwrap()
+    }
+
+    fn values(t: &HostTensor) -> Vec<f32> {
+        t.to_data().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn allocations_are_exact_and_counted() {
+        let before = host_memory_stats();
+        let buf = HostBuffer::pageable(1000).unwrap();
+        assert_eq!(buf.len(), 1000);
+        let during = host_memory_stats();
+        assert!(during.live_bytes >= before.live_bytes + 1000);
+        drop(buf);
+    }
+
+    #[test]
+    fn views_read_like_ndarray() {
+        let t = iota(&[2, 3, 4]);
+        assert_eq!(values(&t.swap_dims(0, 2))[..4], [0.0, 12.0, 4.0, 16.0]);
+        let s = t.slice(&[(0..2, 1), (1..3, 1), (0..4, 2)]);
+        assert_eq!(values(&s), [4.0, 6.0, 8.0, 10.0, 16.0, 18.0, 20.0, 22.0]);
+        let r = t.slice(&[(0..1, 1), (0..1, 1), (0..4, -1)]);
+        assert_eq!(values(&r), [3.0, 2.0, 1.0, 0.0]);
+        let e = iota(&[1, 3]).expand(vec![2, 2, 3]).unwrap();
+        assert_eq!(values(&e), [0.0, 1.0, 2.0].repeat(4));
+        assert!(t.swap_dims(0, 1).reshape(vec![24]).is_none());
+        assert_eq!(values(&t.reshape(vec![4, 6]).unwrap()), values(&t));
+    }
+}

@@ -1,0 +1,280 @@
+//! [`OffloadPolicy`]: which parameters go to host memory (vLLM's `cpu_offload_max_bytes` and
+//! `cpu_offload_params`), and [`OffloadPolicy::apply`], which puts them there.
+
+mod report;
+mod walk;
+
+use serde::{Deserialize, Serialize};
+
+pub use report::{OffloadReport, ParamReport, Placement};
+pub(crate) use walk::{ParamAction, walk_params};
+
+use crate::error::OffloadError;
+use crate::mode::OffloadMode;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Which parameters to keep in host memory, and how ops read them.
+///
+/// Walks the parameters in module order and offloads each eligible one while the running
+/// total is below `max_bytes` (checked before each parameter, as vLLM does, so the last one may
+/// cross it and a module may end up partly offloaded).
+///
+/// ```
+/// use burn_offload::{OffloadMode, OffloadPolicy};
+/// let policy = OffloadPolicy::from_gib(12.0)?
+///     .params(["mlp", "experts.w2_weight"])
+///     .mode(OffloadMode::Uva);
+/// let same: OffloadPolicy = OffloadPolicy::from_toml(
+///     "max_gib = 12.0\nparams = [\"mlp\", \"experts.w2_weight\"]\nmode = \"uva\"",
+/// )?;
+/// assert_eq!(policy, same);
+/// # Ok::<(), burn_offload::OffloadError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OffloadPolicy {
+    /// Budget: bytes of parameters to keep in host memory (per device).
+    pub max_bytes: u64,
+    /// Dotted name segments; a parameter is eligible when one of them matches whole segments of
+    /// its path (`experts.w2_weight` matches `mlp.experts.w2_weight`, not
+    /// `mlp.experts.w2_weight_scale`). Empty: every parameter is eligible.
+    pub params: Vec<String>,
+    /// Parameters smaller than this stay on the device.
+    pub min_tensor_bytes: u64,
+    /// How ops read offloaded parameters.
+    pub mode: OffloadMode,
+    /// Pin (page-lock and device-map) host memory where the target can.
+    pub pin_memory: bool,
+}
+
+impl Default for OffloadPolicy {
+    fn default() -> Self {
+        Self {
+            max_bytes: 0,
+            params: Vec::new(),
+            min_tensor_bytes: 0,
+            mode: OffloadMode::Auto,
+            pin_memory: true,
+        }
+    }
+}
+
+/// The on-disk form: `max_gib` or `max_bytes`, and a mode checked by us (so an unknown mode gets
+/// [`OffloadError::UnknownMode`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    max_bytes: Option<u64>,
+    max_gib: Option<f64>,
+    #[serde(default)]
+    params: Vec<String>,
+    #[serde(default)]
+    min_tensor_bytes: u64,
+    mode: Option<String>,
+    pin_memory: Option<bool>,
+}
+
+impl OffloadPolicy {
+    /// A budget of `max_bytes` bytes, every parameter eligible, mode `Auto`.
+    pub fn from_bytes(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            ..Self::default()
+        }
+    }
+
+    /// A budget in GiB (vLLM's `--cpu-offload-gb`). Errors on NaN, infinite or negative values.
+    pub fn from_gib(gib: f64) -> Result<Self, OffloadError> {
+        if !gib.is_finite() || gib < 0.0 {
+            return Err(OffloadError::InvalidBudget { value: gib });
+        }
+        Ok(Self::from_bytes((gib * GIB).round() as u64))
+    }
+
+    /// Restricts offloading to parameters whose path matches one of `filters`.
+    pub fn params<S: Into<String>>(mut self, filters: impl IntoIterator<Item = S>) -> Self {
+        self.params = filters.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Keeps parameters smaller than `bytes` on the device.
+    pub fn min_tensor_bytes(mut self, bytes: u64) -> Self {
+        self.min_tensor_bytes = bytes;
+        self
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: OffloadMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Pins host memory (default) or not.
+    pub fn pin_memory(mut self, pin: bool) -> Self {
+        self.pin_memory = pin;
+        self
+    }
+
+    /// The budget in GiB.
+    pub fn max_gib(&self) -> f64 {
+        self.max_bytes as f64 / GIB
+    }
+
+    /// Parses a comma-separated filter list as given on a command line (`mlp,attn.wq`).
+    pub fn parse_params(list: &str) -> Result<Vec<String>, OffloadError> {
+        let filters: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
+        for f in &filters {
+            validate_filter(f)?;
+        }
+        Ok(filters)
+    }
+
+    /// Parses a policy from JSON (see [`from_toml`](Self::from_toml) for the fields).
+    pub fn from_json(text: &str) -> Result<Self, OffloadError> {
+        let file: PolicyFile =
+            serde_json::from_str(text).map_err(|e| OffloadError::PolicyParse {
+                format: "json",
+                message: e.to_string(),
+            })?;
+        Self::from_file(file)
+    }
+
+    /// Parses a policy from TOML: `max_gib` (or `max_bytes`), `params`, `min_tensor_bytes`,
+    /// `mode` (`uva`, `copy`, `auto`), `pin_memory`.
+    pub fn from_toml(text: &str) -> Result<Self, OffloadError> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| OffloadError::PolicyParse {
+            format: "toml",
+            message: e.to_string(),
+        })?;
+        Self::from_file(file)
+    }
+
+    fn from_file(file: PolicyFile) -> Result<Self, OffloadError> {
+        let mut policy = match (file.max_bytes, file.max_gib) {
+            (Some(_), Some(_)) => {
+                return Err(OffloadError::PolicyParse {
+                    format: "policy",
+                    message: "give either `max_bytes` or `max_gib`, not both".into(),
+                });
+            }
+            (Some(bytes), None) => Self::from_bytes(bytes),
+            (None, Some(gib)) => Self::from_gib(gib)?,
+            (None, None) => Self::default(),
+        };
+        policy.params = file.params;
+        policy.min_tensor_bytes = file.min_tensor_bytes;
+        if let Some(mode) = file.mode {
+            policy.mode = mode.parse()?;
+        }
+        if let Some(pin) = file.pin_memory {
+            policy.pin_memory = pin;
+        }
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// Checks the filters (also done by [`apply`](Self::apply)).
+    pub fn validate(&self) -> Result<(), OffloadError> {
+        self.params.iter().try_for_each(|f| validate_filter(f))
+    }
+
+    /// Whether `path` (a dotted parameter path) is eligible under the filters.
+    pub fn matches(&self, path: &str) -> bool {
+        self.params.is_empty() || {
+            let name = format!(".{path}.");
+            self.params.iter().any(|p| name.contains(&format!(".{p}.")))
+        }
+    }
+}
+
+fn validate_filter(filter: &str) -> Result<(), OffloadError> {
+    let err = |reason| {
+        Err(OffloadError::InvalidParamFilter {
+            filter: filter.to_string(),
+            reason,
+        })
+    };
+    if filter.is_empty() {
+        return err("it is empty");
+    }
+    if filter.split('.').any(str::is_empty) {
+        return err("it has an empty segment (a leading, trailing or doubled `.`)");
+    }
+    if filter.chars().any(|c| c.is_whitespace() || c == '*') {
+        return err("segments are matched literally: no spaces or wildcards");
+    }
+    Ok(())
+}
+
+impl OffloadPolicy {
+    /// Places `module`'s float parameters: the selected ones in host memory, the others in
+    /// device memory. Returns the module and a report.
+    ///
+    /// - Parameters are visited in module order with full dotted paths; each eligible one is
+    ///   offloaded while the running total is below the budget.
+    /// - Parameters already in host memory stay where they are and count towards the budget,
+    ///   so applying the same policy twice changes nothing.
+    /// - Lazy (uninitialised) parameters are retargeted without being initialised: when they
+    ///   are initialised or loaded (burn-store), they are created directly in host memory.
+    /// - The mode and pinning apply to every compute device of the module; the last policy
+    ///   applied to a device wins. The environment switches are read here.
+    ///
+    /// A parameter not selected but found in host memory (e.g. after loading a record on
+    /// `Host(d)`) is moved to the device, so `apply` also restores a placement.
+    pub fn apply<B, D, M>(&self, module: M) -> Result<(M, OffloadReport), OffloadError>
+    where
+        B: burn::tensor::backend::Backend<Device = crate::OffloadDevice<D>>,
+        D: burn_backend::DeviceOps,
+        M: burn::module::Module<B>,
+    {
+        use crate::device::{DeviceConfig, set_device_config};
+        use crate::mode::{effective_mode, effective_pin_memory};
+
+        self.validate()?;
+        let config = DeviceConfig {
+            mode: effective_mode(self.mode),
+            pin_memory: effective_pin_memory(self.pin_memory),
+        };
+        let mut configured: Vec<D> = Vec::new();
+        let mut total = 0u64;
+        let mut eligible_bytes = 0u64;
+        let (module, params) = walk_params(module, |info| {
+            let device = info.device.compute();
+            if !configured.contains(device) {
+                set_device_config(device, config);
+                configured.push(device.clone());
+            }
+            let eligible = self.matches(&info.path) && info.bytes >= self.min_tensor_bytes;
+            if !eligible {
+                return ParamAction::Device;
+            }
+            eligible_bytes += info.bytes;
+            if total < self.max_bytes {
+                total += info.bytes;
+                ParamAction::Host
+            } else {
+                ParamAction::Device
+            }
+        });
+        let mut warnings = Vec::new();
+        if self.max_bytes > eligible_bytes {
+            warnings.push(format!(
+                "the budget of {:.3} GiB is larger than the {:.3} GiB of eligible parameters: \
+                 all of them are offloaded; a smaller budget keeps more on the device",
+                self.max_gib(),
+                eligible_bytes as f64 / GIB
+            ));
+        }
+        let report = OffloadReport {
+            params,
+            max_bytes: self.max_bytes,
+            mode: config.mode,
+            warnings,
+        };
+        for w in &report.warnings {
+            log::warn!("{w}");
+        }
+        log::info!("{}", report.summary());
+        Ok((module, report))
+    }
+}

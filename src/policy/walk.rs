@@ -1,0 +1,181 @@
+//! Walking a module's float parameters with their full dotted paths, and moving each one to
+//! the placement a caller decides — lazily for parameters that are not initialised yet.
+
+use std::sync::Arc;
+
+use burn::module::{ModuleMapper, Param};
+use burn::tensor::{Tensor, backend::Backend};
+use burn_backend::{DType, DeviceOps, get_device_settings};
+
+use super::report::{ParamReport, Placement};
+use crate::device::{OffloadDevice, with_host_placement};
+
+/// What the walker knows of one parameter before deciding.
+#[derive(Debug, Clone)]
+pub(crate) struct ParamInfo<D> {
+    pub path: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub bytes: u64,
+    pub device: OffloadDevice<D>,
+}
+
+/// Where a parameter should be after the walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ParamAction {
+    /// Leave it where it is.
+    Keep,
+    /// Host memory.
+    Host,
+    /// Device memory.
+    Device,
+}
+
+struct Walker<F> {
+    path: Vec<String>,
+    decide: F,
+    reports: Vec<ParamReport>,
+}
+
+/// Maps every float parameter of `module` (in module order) through `decide`, moving it as
+/// decided; returns the module and one report row per parameter.
+pub(crate) fn walk_params<B, D, M, F>(module: M, decide: F) -> (M, Vec<ParamReport>)
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+    M: burn::module::Module<B>,
+    F: FnMut(&ParamInfo<D>) -> ParamAction,
+{
+    let mut walker = Walker {
+        path: Vec::new(),
+        decide,
+        reports: Vec::new(),
+    };
+    let module = module.map(&mut walker);
+    (module, walker.reports)
+}
+
+impl<B, D, F> ModuleMapper<B> for Walker<F>
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+    F: FnMut(&ParamInfo<D>) -> ParamAction,
+{
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const N: usize>(&mut self, param: Param<Tensor<B, N>>) -> Param<Tensor<B, N>> {
+        let initialized = param.is_initialized();
+        let (shape, dtype, device) = if initialized {
+            let value = param.val();
+            (value.shape().to_vec(), value.dtype(), value.device())
+        } else {
+            // A lazy parameter is created with the device's default float type.
+            let device = param.lazy_device();
+            let dtype = get_device_settings::<B>(&device).float_dtype.into();
+            (param.lazy_shape().to_vec(), dtype, device)
+        };
+        let info = ParamInfo {
+            path: self.path.join("."),
+            bytes: (shape.iter().product::<usize>() * dtype.size()) as u64,
+            shape,
+            dtype,
+            device,
+        };
+        let action = (self.decide)(&info);
+        let to_host = match action {
+            ParamAction::Keep => info.device.is_host(),
+            ParamAction::Host => true,
+            ParamAction::Device => false,
+        };
+        let moved = to_host != info.device.is_host();
+        let param = if !moved {
+            param
+        } else if initialized {
+            let target = placement_of(&info.device, to_host);
+            param.map(|t| move_tensor(t, &target))
+        } else {
+            retarget_lazy(param, placement_of(&info.device, to_host))
+        };
+        self.reports.push(ParamReport {
+            path: info.path,
+            shape: info.shape,
+            dtype: format!("{:?}", info.dtype).to_lowercase(),
+            bytes: info.bytes,
+            placement: if to_host {
+                Placement::Host
+            } else {
+                Placement::Device
+            },
+            moved,
+        });
+        param
+    }
+}
+
+fn placement_of<D: Clone>(device: &OffloadDevice<D>, host: bool) -> OffloadDevice<D> {
+    if host {
+        device.to_host()
+    } else {
+        device.to_resident()
+    }
+}
+
+/// Moves a parameter's tensor, keeping it a leaf with the same gradient requirement (as
+/// `Module::fork` does).
+fn move_tensor<B: Backend, const N: usize>(
+    tensor: Tensor<B, N>,
+    device: &B::Device,
+) -> Tensor<B, N> {
+    let require_grad = tensor.is_require_grad();
+    let moved = tensor.to_device(device).detach();
+    if require_grad {
+        moved.require_grad()
+    } else {
+        moved
+    }
+}
+
+/// A new lazy parameter (same id and shape) on `target` whose initialiser runs the original
+/// one with creations redirected to host memory (or moves its result to the device), so that
+/// nothing is allocated now and nothing on the wrong side later.
+///
+/// The original's load/save mappers cannot be carried over: Burn keeps them private while a
+/// parameter is lazy.
+fn retarget_lazy<B, D, const N: usize>(
+    param: Param<Tensor<B, N>>,
+    target: OffloadDevice<D>,
+) -> Param<Tensor<B, N>>
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+{
+    let id = param.id;
+    let shape = param.lazy_shape();
+    let require_grad = B::ad_enabled(&target);
+    let original = Arc::new(param);
+    Param::uninitialized(
+        id,
+        move |device: &OffloadDevice<D>, require_grad| {
+            let value = if device.is_host() {
+                with_host_placement(|| original.val())
+            } else {
+                original.val()
+            };
+            let value = if value.device().same_placement(device) {
+                value
+            } else {
+                value.to_device(device)
+            };
+            value.detach().set_require_grad(require_grad)
+        },
+        target,
+        require_grad,
+        shape,
+    )
+}
