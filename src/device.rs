@@ -7,7 +7,7 @@ use std::sync::{LazyLock, RwLock};
 
 use burn_backend::{DeviceId, DeviceOps};
 
-use crate::mode::OffloadMode;
+use crate::mode::{OffloadMode, effective_mode, effective_pin_memory};
 
 /// Bit set in [`DeviceId::type_id`] for the `Host` placement of a device.
 const HOST_TYPE_BIT: u16 = 0x4000;
@@ -116,10 +116,12 @@ pub struct DeviceConfig {
 }
 
 impl Default for DeviceConfig {
+    /// `Auto` with pinning, after the environment overrides: what a device gets before any
+    /// policy is applied to it.
     fn default() -> Self {
         Self {
-            mode: OffloadMode::Auto,
-            pin_memory: true,
+            mode: effective_mode(OffloadMode::Auto),
+            pin_memory: effective_pin_memory(true),
         }
     }
 }

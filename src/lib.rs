@@ -42,3 +42,8 @@ pub use train::{OffloadOptimizer, keep_offloaded};
 #[cfg(feature = "cuda")]
 pub type CudaBackend<F = f32, I = i32> =
     burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, I, u8>;
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -38,6 +38,13 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
             (OffloadTensor::Resident(x), OffloadTensor::Offloaded { host, device }) => {
                 // Same shapes as Burn's default `linear`: weight [K, N] broadcast over x's batch.
                 let x_rank = x.shape().num_dims();
+                // Give the weight x's rank (leading ones, as Burn's `linear` unsqueezes it): the
+                // copy path's GEMM needs equal ranks.
+                let mut dims = vec![1; x_rank.saturating_sub(host.dims().len())];
+                dims.extend_from_slice(host.dims());
+                let host = host
+                    .expand(dims)
+                    .expect("leading unit dims always broadcast");
                 let out = Self::matmul_host_rhs(x, &host, &device);
                 Self::resident(match bias.map(Self::fetch) {
                     Some(bias) => {

@@ -145,8 +145,12 @@ fn move_tensor<B: Backend, const N: usize>(
 /// one with creations redirected to host memory (or moves its result to the device), so that
 /// nothing is allocated now and nothing on the wrong side later.
 ///
-/// The original's load/save mappers cannot be carried over: Burn keeps them private while a
-/// parameter is lazy.
+/// Burn keeps a lazy parameter's gradient requirement and load/save mappers private, but
+/// `transform_for_load` applies them: loading an empty probe into a clone gives an initialised
+/// *carrier* with the original's mappers and gradient requirement (nothing of the parameter is
+/// initialised or allocated). The new parameter's mappers delegate to the carrier's, so that
+/// e.g. `LinearLayout::Col`'s transposes still happen on load and save. A custom load mapper
+/// therefore also sees that empty probe once.
 fn retarget_lazy<B, D, const N: usize>(
     param: Param<Tensor<B, N>>,
     target: OffloadDevice<D>,
@@ -157,8 +161,11 @@ where
 {
     let id = param.id;
     let shape = param.lazy_shape();
-    let require_grad = B::ad_enabled(&target);
+    let probe = Tensor::<B, N>::empty([0; N], &param.lazy_device().to_resident());
+    let carrier = param.clone().transform_for_load(probe, id);
+    let require_grad = carrier.val().is_require_grad();
     let original = Arc::new(param);
+    let (on_load, on_save) = (carrier.clone(), carrier);
     Param::uninitialized(
         id,
         move |device: &OffloadDevice<D>, require_grad| {
@@ -178,4 +185,7 @@ where
         require_grad,
         shape,
     )
+    // Placements compare equal, so the carrier's `transform_for_load` does not move `tensor`.
+    .load_mapper(move |tensor| on_load.clone().transform_for_load(tensor, id).val())
+    .save_mapper(move |tensor| on_save.clone().map(|_| tensor).transform_for_save().val())
 }

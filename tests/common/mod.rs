@@ -1,0 +1,213 @@
+//! Shared test fixtures: a small model with known parameter sizes and visitors that read back
+//! where each parameter lives.
+#![allow(dead_code)]
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use burn_offload::OffloadDevice;
+
+pub const D_MODEL: usize = 8;
+pub const D_FF: usize = 16;
+pub const D_OUT: usize = 4;
+pub const N_LAYERS: usize = 2;
+
+/// `up` then `down`, with a ReLU between.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+}
+
+/// A pre-norm residual MLP block, so that paths have both `mlp` and `mlp_norm` segments.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub mlp_norm: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// `layers.{0,1}.{mlp_norm.{gamma,beta}, mlp.{up,down}.{weight,bias}}`, `head.{weight,bias}`.
+#[derive(Module, Debug)]
+pub struct Net<B: Backend> {
+    pub layers: Vec<Block<B>>,
+    pub head: Linear<B>,
+}
+
+impl<B: Backend> Net<B> {
+    /// Initialises lazily (Burn's initialisers create uninitialised parameters).
+    pub fn new(device: &B::Device) -> Self {
+        let layers = (0..N_LAYERS)
+            .map(|_| Block {
+                mlp_norm: LayerNormConfig::new(D_MODEL).init(device),
+                mlp: Mlp {
+                    up: LinearConfig::new(D_MODEL, D_FF).init(device),
+                    down: LinearConfig::new(D_FF, D_MODEL).init(device),
+                },
+            })
+            .collect();
+        Self {
+            layers,
+            head: LinearConfig::new(D_MODEL, D_OUT).init(device),
+        }
+    }
+
+    /// Any rank: `[batch, d_model]` or `[batch, seq, d_model]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut x = x;
+        for layer in &self.layers {
+            let h = layer.mlp_norm.forward(x.clone());
+            let h = layer.mlp.down.forward(relu(layer.mlp.up.forward(h)));
+            x = x + h;
+        }
+        self.head.forward(x)
+    }
+}
+
+/// A plain two-layer MLP (`fc1`, `fc2`).
+#[derive(Module, Debug)]
+pub struct SmallMlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> SmallMlp<B> {
+    pub fn new(device: &B::Device) -> Self {
+        Self {
+            fc1: LinearConfig::new(D_MODEL, D_FF).init(device),
+            fc2: LinearConfig::new(D_FF, D_OUT).init(device),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.fc2.forward(relu(self.fc1.forward(x)))
+    }
+}
+
+/// `Net`'s parameters in module order: path, shape, bytes (f32).
+pub const NET_PARAMS: &[(&str, &[usize], u64)] = &[
+    ("layers.0.mlp_norm.gamma", &[8], 32),
+    ("layers.0.mlp_norm.beta", &[8], 32),
+    ("layers.0.mlp.up.weight", &[8, 16], 512),
+    ("layers.0.mlp.up.bias", &[16], 64),
+    ("layers.0.mlp.down.weight", &[16, 8], 512),
+    ("layers.0.mlp.down.bias", &[8], 32),
+    ("layers.1.mlp_norm.gamma", &[8], 32),
+    ("layers.1.mlp_norm.beta", &[8], 32),
+    ("layers.1.mlp.up.weight", &[8, 16], 512),
+    ("layers.1.mlp.up.bias", &[16], 64),
+    ("layers.1.mlp.down.weight", &[16, 8], 512),
+    ("layers.1.mlp.down.bias", &[8], 32),
+    ("head.weight", &[8, 4], 128),
+    ("head.bias", &[4], 16),
+];
+
+/// Bytes of one `Block`.
+pub const BLOCK_BYTES: u64 = 32 + 32 + 512 + 64 + 512 + 32;
+/// Bytes of all of `Net`'s parameters.
+pub const NET_BYTES: u64 = 2 * BLOCK_BYTES + 128 + 16;
+
+/// Tracks the dotted path of the parameter being visited.
+struct PathVisitor<F> {
+    path: Vec<String>,
+    f: F,
+}
+
+impl<B: Backend, F: FnMut(String, &dyn ParamView<B>)> ModuleVisitor<B> for PathVisitor<F> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        (self.f)(self.path.join("."), param)
+    }
+}
+
+/// What the visitors need of a float parameter of any rank.
+trait ParamView<B: Backend> {
+    fn initialized(&self) -> bool;
+    fn data(&self) -> TensorData;
+    fn device(&self) -> B::Device;
+    fn require_grad(&self) -> bool;
+}
+
+impl<B: Backend, const D: usize> ParamView<B> for Param<Tensor<B, D>> {
+    fn initialized(&self) -> bool {
+        self.is_initialized()
+    }
+    fn data(&self) -> TensorData {
+        self.val().into_data()
+    }
+    fn device(&self) -> B::Device {
+        self.val().device()
+    }
+    fn require_grad(&self) -> bool {
+        self.val().is_require_grad()
+    }
+}
+
+fn visit<B: Backend, M: Module<B>>(module: &M, f: impl FnMut(String, &dyn ParamView<B>)) {
+    let mut visitor = PathVisitor {
+        path: Vec::new(),
+        f,
+    };
+    module.visit(&mut visitor);
+}
+
+/// Path and whether the parameter is initialised, without initialising anything.
+pub fn init_states<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    visit::<B, M>(module, |path, p| out.push((path, p.initialized())));
+    out
+}
+
+/// Path and value of every float parameter (initialises lazy ones).
+pub fn values<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, TensorData)> {
+    let mut out = Vec::new();
+    visit::<B, M>(module, |path, p| out.push((path, p.data())));
+    out
+}
+
+/// Path and whether the parameter's tensor is in host memory (initialises lazy ones).
+pub fn placements<D, B, M>(module: &M) -> Vec<(String, bool)>
+where
+    D: Clone,
+    B: Backend<Device = OffloadDevice<D>>,
+    M: Module<B>,
+{
+    let mut out = Vec::new();
+    visit::<B, M>(module, |path, p| out.push((path, p.device().is_host())));
+    out
+}
+
+/// Path and whether the parameter requires a gradient.
+pub fn require_grads<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    visit::<B, M>(module, |path, p| out.push((path, p.require_grad())));
+    out
+}
+
+/// Paths a report placed in host memory.
+pub fn offloaded_paths(report: &burn_offload::OffloadReport) -> Vec<String> {
+    report.offloaded().map(|p| p.path.clone()).collect()
+}
+
+/// Asserts that two value lists (from [`values`]) have the same paths and equal values.
+pub fn assert_same_values(actual: &[(String, TensorData)], expected: &[(String, TensorData)]) {
+    assert_eq!(
+        actual.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        expected.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    for ((path, a), (_, e)) in actual.iter().zip(expected) {
+        assert_eq!(a.shape, e.shape, "{path}: shape");
+        assert_eq!(
+            a.to_vec::<f32>().unwrap(),
+            e.to_vec::<f32>().unwrap(),
+            "{path}: values"
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! Host memory accounting: exact-size allocations, and nothing left alive after models,
+//! views and ops are dropped.
+//!
+//! `host_memory_stats` (and the per-device mode) are process-wide, so every test here takes
+//! `LOCK`; each `tests/*.rs` file is its own process, so other files do not interfere.
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+
+use burn::backend::ndarray::NdArrayDevice;
+use burn::backend::{Autodiff, NdArray};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::{Distribution, s};
+use burn_offload::{
+    HostMemoryStats, OffloadBackend, OffloadDevice, OffloadMode, OffloadOptimizer, OffloadPolicy,
+    host_memory_stats, op_stats, reset_op_stats,
+};
+use common::{NET_BYTES, Net, placements, values};
+
+type B = OffloadBackend<NdArray>;
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const CPU: NdArrayDevice = NdArrayDevice::Cpu;
+
+fn device() -> OffloadDevice<NdArrayDevice> {
+    OffloadDevice::Device(CPU)
+}
+
+fn host() -> OffloadDevice<NdArrayDevice> {
+    OffloadDevice::Host(CPU)
+}
+
+/// Live bytes and allocations added since `start`.
+fn delta(start: HostMemoryStats) -> (usize, usize) {
+    let now = host_memory_stats();
+    (
+        now.live_bytes - start.live_bytes,
+        now.live_allocations - start.live_allocations,
+    )
+}
+
+/// Sets the process-wide mode of the CPU device (it is set by `apply`).
+fn set_mode(mode: OffloadMode) {
+    let linear: Linear<B> = LinearConfig::new(1, 1).init(&device());
+    let (_, report) = OffloadPolicy::from_bytes(0)
+        .mode(mode)
+        .apply(linear)
+        .unwrap();
+    assert_eq!(report.mode, mode);
+}
+
+fn iota(n: usize) -> Vec<f32> {
+    (0..n).map(|i| i as f32).collect()
+}
+
+#[test]
+fn allocations_are_exact_size() {
+    let _guard = lock();
+    let start = host_memory_stats();
+
+    let t = Tensor::<B, 1>::from_data(TensorData::new(iota(1000), [1000]), &host());
+    assert!(t.device().is_host());
+    assert_eq!(delta(start), (4000, 1));
+    assert_eq!(
+        host_memory_stats().total_allocations,
+        start.total_allocations + 1
+    );
+    // Pageable memory on the CPU target.
+    assert_eq!(
+        host_memory_stats().live_pinned_bytes,
+        start.live_pinned_bytes
+    );
+    drop(t);
+    assert_eq!(delta(start), (0, 0));
+
+    // Sizes that no allocator class would pick.
+    for (n, bytes) in [(1001, 4004), (3, 12), (1, 4), (4097, 16388)] {
+        let t = Tensor::<B, 1>::from_data(TensorData::new(iota(n), [n]), &host());
+        assert_eq!(delta(start), (bytes, 1), "{n} f32");
+        drop(t);
+    }
+    let t = Tensor::<B, 2>::from_data(
+        TensorData::new(vec![1.0f64; 15], [3, 5]),
+        (&host(), burn::tensor::DType::F64),
+    );
+    assert_eq!(t.dtype(), burn::tensor::DType::F64);
+    assert_eq!(delta(start), (120, 1));
+    drop(t);
+
+    // Every creation op on `Host`.
+    let tensors = [
+        Tensor::<B, 2>::zeros([7, 9], &host()),
+        Tensor::<B, 2>::ones([7, 9], &host()),
+        Tensor::<B, 2>::full([7, 9], 2.5, &host()),
+        Tensor::<B, 2>::empty([7, 9], &host()),
+        Tensor::<B, 2>::random([7, 9], Distribution::Default, &host()),
+    ];
+    assert_eq!(delta(start), (5 * 7 * 9 * 4, 5));
+    assert!(tensors.iter().all(|t| t.device().is_host()));
+    assert_eq!(tensors[2].to_data().to_vec::<f32>().unwrap(), vec![2.5; 63]);
+    drop(tensors);
+
+    // Moving a resident tensor to the host allocates exactly its size.
+    let resident = Tensor::<B, 2>::ones([10, 10], &device());
+    assert_eq!(delta(start), (0, 0));
+    let moved = resident.to_device(&host());
+    assert!(moved.device().is_host());
+    assert_eq!(delta(start), (400, 1));
+    drop(moved);
+    assert_eq!(delta(start), (0, 0));
+}
+
+#[test]
+fn offloaded_model_is_freed_when_dropped() {
+    let _guard = lock();
+    let start = host_memory_stats();
+
+    // Lazy parameters: nothing until they are initialised.
+    let (model, report) = OffloadPolicy::from_bytes(1000)
+        .apply(Net::<B>::new(&device()))
+        .unwrap();
+    assert_eq!(delta(start), (0, 0));
+    let _ = values(&model);
+    assert_eq!(
+        delta(start),
+        (
+            report.offloaded_bytes() as usize,
+            report.offloaded_tensors()
+        )
+    );
+    assert!(report.offloaded_tensors() > 0);
+    let copy = model.clone();
+    assert_eq!(delta(start).0, report.offloaded_bytes() as usize);
+    drop(model);
+    assert_eq!(
+        delta(start).0,
+        report.offloaded_bytes() as usize,
+        "the clone"
+    );
+    drop(copy);
+    assert_eq!(delta(start), (0, 0));
+
+    // Initialised parameters moved to the host, then back.
+    let model = Net::<B>::new(&device());
+    let _ = values(&model);
+    assert_eq!(delta(start), (0, 0));
+    let (model, report) = OffloadPolicy::from_bytes(u64::MAX).apply(model).unwrap();
+    assert_eq!(report.offloaded_bytes(), NET_BYTES);
+    assert_eq!(delta(start), (NET_BYTES as usize, report.params.len()));
+    let (model, report) = OffloadPolicy::from_bytes(0).apply(model).unwrap();
+    assert_eq!(report.offloaded_tensors(), 0);
+    assert!(placements(&model).iter().all(|(_, host)| !host));
+    assert_eq!(delta(start), (0, 0));
+    let (model, _) = OffloadPolicy::from_bytes(600).apply(model).unwrap();
+    assert!(delta(start).0 > 0);
+    drop(model);
+    assert_eq!(delta(start), (0, 0));
+}
+
+#[test]
+fn views_and_clones_share_the_buffer() {
+    let _guard = lock();
+    let start = host_memory_stats();
+    let data = TensorData::new(iota(24), [2, 3, 4]);
+    let t = Tensor::<B, 3>::from_data(data.clone(), &host());
+    let reference = Tensor::<NdArray, 3>::from_data(data, &CPU);
+    assert_eq!(delta(start), (96, 1));
+
+    let views: Vec<(Tensor<B, 3>, Tensor<NdArray, 3>)> = vec![
+        (t.clone(), reference.clone()),
+        (t.clone().swap_dims(0, 2), reference.clone().swap_dims(0, 2)),
+        (t.clone().transpose(), reference.clone().transpose()),
+        (
+            t.clone().permute([2, 0, 1]),
+            reference.clone().permute([2, 0, 1]),
+        ),
+        (
+            t.clone().slice(s![.., 1..3, ..]),
+            reference.clone().slice(s![.., 1..3, ..]),
+        ),
+        (
+            t.clone().slice(s![.., .., 0..4;2]),
+            reference.clone().slice(s![.., .., 0..4;2]),
+        ),
+        (t.clone().flip([1, 2]), reference.clone().flip([1, 2])),
+        (t.clone().narrow(2, 1, 2), reference.clone().narrow(2, 1, 2)),
+        (
+            t.clone().reshape([4, 3, 2]),
+            reference.clone().reshape([4, 3, 2]),
+        ),
+        (
+            t.clone().slice(s![0..1, .., ..]).expand([5, 3, 4]),
+            reference.clone().slice(s![0..1, .., ..]).expand([5, 3, 4]),
+        ),
+    ];
+    let chunks = t.clone().chunk(2, 1);
+    for (view, expected) in &views {
+        assert!(view.device().is_host(), "a view stays in host memory");
+        assert_eq!(view.to_data(), expected.to_data());
+    }
+    assert!(chunks.iter().all(|c| c.device().is_host()));
+    let flat: Tensor<B, 1> = t.clone().flatten(0, 2);
+    assert!(flat.device().is_host());
+    assert_eq!(delta(start), (96, 1), "no view allocates");
+
+    // The buffer lives as long as its last view.
+    drop(t);
+    drop(flat);
+    drop(chunks);
+    assert_eq!(delta(start), (96, 1));
+    let (last, expected) = views.last().unwrap().clone();
+    drop(views);
+    assert_eq!(delta(start), (96, 1));
+    assert_eq!(last.to_data(), expected.to_data());
+    drop(last);
+    assert_eq!(delta(start), (0, 0));
+}
+
+#[test]
+fn reshaping_a_non_contiguous_view_makes_a_resident_copy() {
+    let _guard = lock();
+    let start = host_memory_stats();
+    let t = Tensor::<B, 2>::from_data(TensorData::new(iota(12), [3, 4]), &host());
+    reset_op_stats();
+    let r = t.clone().transpose().reshape([12]);
+    assert!(!r.device().is_host());
+    assert_eq!(op_stats().transient_uploads, 1);
+    assert_eq!(
+        r.to_data().to_vec::<f32>().unwrap(),
+        [0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.]
+    );
+    assert_eq!(delta(start), (48, 1));
+    drop(t);
+    drop(r);
+    assert_eq!(delta(start), (0, 0));
+}
+
+#[test]
+fn ops_with_transient_copies_leave_nothing_behind() {
+    let _guard = lock();
+    for mode in [OffloadMode::Copy, OffloadMode::Uva] {
+        set_mode(mode);
+        let start = host_memory_stats();
+        let w = Tensor::<B, 2>::from_data(TensorData::new(iota(32), [8, 4]), &host());
+        let x = Tensor::<B, 2>::ones([2, 8], &device());
+        let r = Tensor::<B, 2>::ones([8, 4], &device());
+        assert_eq!(delta(start), (128, 1));
+
+        reset_op_stats();
+        let outputs = [
+            w.clone() + r.clone(),
+            r.clone() * w.clone(),
+            w.clone().exp(),
+            w.clone().mul_scalar(2.0),
+            x.clone().matmul(w.clone()),
+            w.clone().to_device(&device()),
+            burn::tensor::activation::relu(w.clone()),
+        ];
+        let stats = op_stats();
+        assert!(outputs.iter().all(|o| !o.device().is_host()));
+        if mode == OffloadMode::Copy {
+            assert_eq!(stats.transient_uploads, 6, "{stats:?}");
+            assert_eq!(stats.zero_copy_ops, 0, "{stats:?}");
+        } else {
+            // The matmul reads `w` in place.
+            assert_eq!(stats.transient_uploads, 5, "{stats:?}");
+            assert_eq!(stats.zero_copy_ops, 1, "{stats:?}");
+        }
+        assert_eq!(stats.transient_upload_bytes, 128 * stats.transient_uploads);
+        assert_eq!(delta(start), (128, 1), "results are resident");
+        let sum: f32 = outputs[4].clone().sum().into_scalar();
+        assert_eq!(sum, 2.0 * (0..32).sum::<i32>() as f32);
+        drop(outputs);
+        drop(w);
+        assert_eq!(delta(start), (0, 0), "{mode}");
+
+        // Reading a host tensor's data allocates no host memory either.
+        let w = Tensor::<B, 1>::from_data(TensorData::new(iota(10), [10]), &host());
+        let data = w.clone().into_data();
+        assert_eq!(data.to_vec::<f32>().unwrap(), iota(10));
+        assert_eq!(delta(start), (40, 1));
+        drop(w);
+        assert_eq!(delta(start), (0, 0));
+    }
+}
+
+#[test]
+fn training_steps_do_not_leak_host_memory() {
+    let _guard = lock();
+    type AB = Autodiff<B>;
+    let start = host_memory_stats();
+    let model = Net::<AB>::new(&device());
+    let (model, report) = OffloadPolicy::from_bytes(1300)
+        .mode(OffloadMode::Uva)
+        .apply(model)
+        .unwrap();
+    let _ = values(&model);
+    let offloaded = (
+        report.offloaded_bytes() as usize,
+        report.offloaded_tensors(),
+    );
+    assert_eq!(delta(start), offloaded);
+
+    let mut optim = OffloadOptimizer::new(AdamConfig::new().init(), &report);
+    let x = Tensor::<AB, 2>::random([4, common::D_MODEL], Distribution::Default, &device());
+    let y = Tensor::<AB, 2>::random([4, common::D_OUT], Distribution::Default, &device());
+    let mut model = model;
+    for step in 0..4 {
+        let loss = (model.forward(x.clone()) - y.clone()).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+        assert_eq!(delta(start), offloaded, "after step {step}");
+    }
+    drop(optim);
+    drop(model);
+    assert_eq!(delta(start), (0, 0));
+}
+
+/// A lazy model initialised on `Host` and retargeted to the device by a zero budget: applying
+/// allocates nothing, and initialising leaves nothing in host memory.
+#[test]
+fn lazy_host_params_retargeted_to_the_device_leave_no_host_memory() {
+    let _guard = lock();
+    let start = host_memory_stats();
+    let (model, report) = OffloadPolicy::from_bytes(0)
+        .apply(Net::<B>::new(&host()))
+        .unwrap();
+    assert!(
+        report
+            .params
+            .iter()
+            .all(|p| p.moved && !report.is_offloaded(&p.path)),
+        "{report}"
+    );
+    assert_eq!(host_memory_stats(), start, "apply allocates nothing");
+    reset_op_stats();
+    let _ = values(&model);
+    assert!(placements(&model).iter().all(|(_, host)| !host));
+    assert_eq!(op_stats().device_created_bytes, NET_BYTES);
+    assert_eq!(delta(start), (0, 0));
+}
