@@ -1,0 +1,87 @@
+//! [`OffloadTarget`]: what a wrapped backend provides so that [`OffloadBackend`] can keep
+//! tensors in host memory, copy them to the device, and read them in place.
+//!
+//! Implementations: [`ndarray`] (the CPU reference, feature `ndarray`). The CUDA target
+//! (feature `cuda`) implements the same trait with pinned, device-mapped memory, DMA uploads
+//! and host-reading kernels.
+//!
+//! [`OffloadBackend`]: crate::OffloadBackend
+
+#[cfg(feature = "ndarray")]
+pub mod ndarray;
+
+use burn_backend::{Backend, read_sync, tensor::FloatTensor, tensor::IntTensor};
+
+use crate::error::OffloadError;
+use crate::host::{HostBuffer, HostTensor};
+
+/// What a backend must provide to be wrapped by [`OffloadBackend`](crate::OffloadBackend).
+///
+/// Only [`alloc_host`](Self::alloc_host) has no default worth keeping on a GPU; the defaults
+/// of the others are correct everywhere (a copy through [`TensorData`](burn_backend::TensorData))
+/// and a target overrides them with faster paths: a DMA from pinned memory, or kernels that
+/// read host memory in place.
+pub trait OffloadTarget: Backend {
+    /// Allocates exactly `bytes` of host memory that `device` can read (never rounded up).
+    ///
+    /// With `pin`, the target should pin and device-map the memory where it can, and fall back
+    /// to pageable memory with a logged warning where it cannot.
+    fn alloc_host(
+        device: &Self::Device,
+        bytes: usize,
+        pin: bool,
+    ) -> Result<HostBuffer, OffloadError> {
+        let _ = (device, pin);
+        HostBuffer::pageable(bytes)
+    }
+
+    /// Moves a resident tensor into new host memory from [`alloc_host`](Self::alloc_host).
+    fn download(tensor: FloatTensor<Self>, pin: bool) -> Result<HostTensor, OffloadError> {
+        let device = Self::float_device(&tensor);
+        let data =
+            read_sync(Self::float_into_data(tensor)).map_err(|e| OffloadError::HostAlloc {
+                bytes: 0,
+                reason: format!("reading the tensor from the device failed: {e}"),
+            })?;
+        HostTensor::from_data(&data, |bytes| Self::alloc_host(&device, bytes, pin))
+    }
+
+    /// A transient device copy of a host view, for one op.
+    fn upload(host: &HostTensor, device: &Self::Device) -> FloatTensor<Self> {
+        Self::float_from_data(host.to_data(), device)
+    }
+
+    /// Whether this target's host-reading kernels can read `host` on `device` in place (e.g.
+    /// on CUDA only pinned, device-mapped memory can be).
+    fn can_read_in_place(host: &HostTensor, device: &Self::Device) -> bool {
+        let _ = (host, device);
+        false
+    }
+
+    /// The largest number of rows (the product of `lhs`'s dims but the last) for which
+    /// [`host_matmul`](Self::host_matmul) beats a copy followed by the backend's GEMM.
+    fn zero_copy_max_rows(device: &Self::Device) -> usize {
+        let _ = device;
+        0
+    }
+
+    /// `lhs @ rhs` reading `rhs` from host memory in place. Returns `lhs` back (`Err`) when the
+    /// target has no kernel for these shapes or dtypes; the caller then copies `rhs`.
+    fn host_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: &HostTensor,
+    ) -> Result<FloatTensor<Self>, FloatTensor<Self>> {
+        let _ = rhs;
+        Err(lhs)
+    }
+
+    /// `embedding(weights, indices)` gathering only the requested rows from host memory.
+    /// Returns `indices` back (`Err`) when the target has no kernel for this case.
+    fn host_embedding(
+        weights: &HostTensor,
+        indices: IntTensor<Self>,
+    ) -> Result<FloatTensor<Self>, IntTensor<Self>> {
+        let _ = weights;
+        Err(indices)
+    }
+}
