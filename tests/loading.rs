@@ -6,35 +6,22 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
 use burn::backend::NdArray;
-use burn::backend::ndarray::NdArrayDevice;
 use burn::module::Module;
 use burn::prelude::*;
 use burn::record::{
     BinFileRecorder, FileRecorder, FullPrecisionSettings, NamedMpkFileRecorder, Recorder,
 };
 use burn_offload::{
-    HostMemoryStats, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OffloadReport,
-    OpStats, host_memory_stats, op_stats, reset_op_stats,
+    HostMemoryStats, OffloadDevice, OffloadMode, OffloadPolicy, OffloadReport, OpStats,
+    host_memory_stats, op_stats, reset_op_stats,
 };
 use burn_store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
-use common::{NET_BYTES, NET_PARAMS, Net, assert_same_values, init_states, placements, values};
-
-type B = OffloadBackend<NdArray>;
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn lock() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-const CPU: NdArrayDevice = NdArrayDevice::Cpu;
-
-fn device() -> OffloadDevice<NdArrayDevice> {
-    OffloadDevice::Device(CPU)
-}
+use common::{
+    B, CPU, NET_BYTES, NET_PARAMS, Net, assert_same_values, device, init_states, lock, placements,
+    values,
+};
 
 /// Offloads `layers.0.mlp.*` (1120 bytes) and, as the total is still below the budget,
 /// `layers.1.mlp.up.weight` (512): 5 tensors, 1632 bytes; 880 bytes stay on the device.

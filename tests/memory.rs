@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::{Mutex, MutexGuard};
-
 use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
 use burn::nn::{Linear, LinearConfig};
@@ -15,24 +13,10 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::{Distribution, s};
 use burn_offload::{
-    HostMemoryStats, OffloadBackend, OffloadDevice, OffloadMode, OffloadOptimizer, OffloadPolicy,
+    HostMemoryStats, OffloadDevice, OffloadMode, OffloadOptimizer, OffloadPolicy,
     host_memory_stats, op_stats, reset_op_stats,
 };
-use common::{NET_BYTES, Net, placements, values};
-
-type B = OffloadBackend<NdArray>;
-
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn lock() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-const CPU: NdArrayDevice = NdArrayDevice::Cpu;
-
-fn device() -> OffloadDevice<NdArrayDevice> {
-    OffloadDevice::Device(CPU)
-}
+use common::{B, CPU, NET_BYTES, Net, device, lock, placements, values};
 
 fn host() -> OffloadDevice<NdArrayDevice> {
     OffloadDevice::Host(CPU)

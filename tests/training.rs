@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::sync::{Mutex, MutexGuard};
-
-use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::momentum::MomentumConfig;
@@ -15,28 +12,17 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn_offload::{
-    OffloadBackend, OffloadDevice, OffloadMode, OffloadOptimizer, OffloadPolicy, OffloadReport,
-    keep_offloaded, op_stats, reset_op_stats,
+    OffloadBackend, OffloadMode, OffloadOptimizer, OffloadPolicy, OffloadReport, keep_offloaded,
+    op_stats, reset_op_stats,
 };
 use burn_store::ModuleSnapshot;
-use common::{D_MODEL, D_OUT, Net, SmallMlp, placements, require_grads, values};
+use common::{CPU, D_MODEL, D_OUT, Net, SmallMlp, device, lock, placements, require_grads, values};
 
 type Ref = Autodiff<NdArray>;
 type Off = Autodiff<OffloadBackend<NdArray>>;
 
-static LOCK: Mutex<()> = Mutex::new(());
-
-fn lock() -> MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-const CPU: NdArrayDevice = NdArrayDevice::Cpu;
 const STEPS: usize = 5;
 const BATCH: usize = 4;
-
-fn device() -> OffloadDevice<NdArrayDevice> {
-    OffloadDevice::Device(CPU)
-}
 
 /// A model the tests can train.
 trait Model<B: Backend>: Module<B> {

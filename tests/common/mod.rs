@@ -8,6 +8,25 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn_offload::OffloadDevice;
 
+/// The CPU device.
+pub const CPU: burn::backend::ndarray::NdArrayDevice = burn::backend::ndarray::NdArrayDevice::Cpu;
+
+/// The decorated CPU backend every test uses.
+pub type B = burn_offload::OffloadBackend<burn::backend::NdArray>;
+
+/// `Device(CPU)`: where models are initialised.
+pub fn device() -> OffloadDevice<burn::backend::ndarray::NdArrayDevice> {
+    OffloadDevice::Device(CPU)
+}
+
+static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Serialises the tests of one file that read process-wide state (the per-device mode, host
+/// memory counters).
+pub fn lock() -> std::sync::MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub const D_MODEL: usize = 8;
 pub const D_FF: usize = 16;
 pub const D_OUT: usize = 4;
