@@ -61,4 +61,8 @@ pub enum OffloadError {
         /// Bytes given.
         got: usize,
     },
+    /// An error of the CUDA layer (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
 }

@@ -21,6 +21,8 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod host;

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the release binaries the GPU machine needs (it has no Rust and no internet) and copies
+# them into .gpu/ (git-ignored), for the device tool: run(command="bash scripts/device-check.sh",
+# carry=[".gpu"]).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .gpu && mkdir -p .gpu/tests .gpu/benches .gpu/examples
+# Test binaries: cargo prints their paths as JSON artifacts.
+cargo test --release --features cuda --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys, shutil, os
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        name = m["target"]["name"]
+        kind = m["target"]["kind"][0]
+        if kind in ("test", "lib"):
+            shutil.copy(m["executable"], os.path.join(".gpu/tests", name))
+'
+cargo build --release --features cuda --example llama --benches --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys, shutil, os
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        kind = m["target"]["kind"][0]
+        dest = {"example": ".gpu/examples", "bench": ".gpu/benches"}.get(kind)
+        if dest:
+            shutil.copy(m["executable"], os.path.join(dest, m["target"]["name"]))
+'
+cp scripts/device-check.sh .gpu/
+du -sh .gpu
+ls -R .gpu
