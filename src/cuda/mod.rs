@@ -9,7 +9,10 @@
 //! - [`kernel`]: [`RawKernel`], a `CubeTask` for hand-written sources in `src/cuda/kernels/`,
 //!   and [`launch_raw`]; the `stream_read` kernel (SM copy from host-mapped memory);
 //! - [`transfer`]: [`upload_dma`] (copy engine, no bounce copy), [`upload_sm_copy`] and
-//!   [`upload_tensor`], which gives a burn-cubecl tensor.
+//!   [`upload_tensor`], which gives a burn-cubecl tensor;
+//! - [`ops`]: launchers of the zero-copy `matmul_host` and `gather_host` kernels;
+//! - `offload.rs`: the [`OffloadTarget`](crate::target::OffloadTarget) implementation for
+//!   [`CudaBackend`](crate::CudaBackend) built from the above.
 //!
 //! Everything here works on the device's primary context, the one CubeCL uses, and queues
 //! device work on CubeCL's stream of the calling thread (CubeCL gives each OS thread its own
@@ -21,6 +24,8 @@
 pub mod driver;
 pub mod error;
 pub mod kernel;
+mod offload;
+pub mod ops;
 pub mod pinned;
 pub mod transfer;
 

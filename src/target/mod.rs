@@ -15,6 +15,46 @@ use burn_backend::{Backend, read_sync, tensor::FloatTensor, tensor::IntTensor};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
 
+/// The shapes of `lhs [.., M, K] @ rhs [1.., K, N]` where `rhs` is a host view whose batch
+/// dims are all 1 (what `linear` produces): the zero-copy kernels only handle that case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMatmulShape {
+    /// Output dims: lhs's batch dims (left-padded with 1s to the larger rank), M, N.
+    pub out_dims: Vec<usize>,
+    /// Rows of lhs: the product of all its dims but the last.
+    pub m: usize,
+    /// Inner dim.
+    pub k: usize,
+    /// Columns of rhs.
+    pub n: usize,
+}
+
+impl HostMatmulShape {
+    /// `None` when the shapes do not fit (rank < 2, an rhs batch dim > 1, mismatched K).
+    pub fn new(lhs: &[usize], rhs: &HostTensor) -> Option<Self> {
+        let rd = rhs.dims();
+        if lhs.len() < 2 || rd.len() < 2 || rd[..rd.len() - 2].iter().any(|&d| d != 1) {
+            return None;
+        }
+        let (k, n) = (rd[rd.len() - 2], rd[rd.len() - 1]);
+        if lhs[lhs.len() - 1] != k {
+            return None;
+        }
+        let rank = lhs.len().max(rd.len());
+        let mut out_dims = vec![1; rank - lhs.len()];
+        out_dims.extend_from_slice(&lhs[..lhs.len() - 1]);
+        out_dims.push(n);
+        let m = lhs[..lhs.len() - 1].iter().product();
+        Some(Self { out_dims, m, k, n })
+    }
+
+    /// The rhs strides of the K and N dims, in elements.
+    pub fn rhs_strides(rhs: &HostTensor) -> (isize, isize) {
+        let s = rhs.strides();
+        (s[s.len() - 2], s[s.len() - 1])
+    }
+}
+
 /// What a backend must provide to be wrapped by [`OffloadBackend`](crate::OffloadBackend).
 ///
 /// Only [`alloc_host`](Self::alloc_host) has no default worth keeping on a GPU; the defaults

@@ -15,7 +15,7 @@ use burn_ndarray::{
     SharedArray,
 };
 
-use super::OffloadTarget;
+use super::{HostMatmulShape, OffloadTarget};
 use crate::host::HostTensor;
 
 /// Rows up to which the in-place matmul beats copy + ndarray's GEMM on the CPU target
@@ -106,33 +106,11 @@ pub(crate) fn gather_rows(weights: &HostTensor, ids: &[i64]) -> Vec<u8> {
 
 /// `lhs [.., M, K] @ rhs [1.., K, N]` with the rhs read from host memory: each rhs element
 /// is read once for all M rows.
-struct MatmulPlan {
-    out_shape: Vec<usize>,
-    m: usize,
-    k: usize,
-    n: usize,
-}
+struct MatmulPlan(HostMatmulShape);
 
 impl MatmulPlan {
     fn new(lhs: &[usize], rhs: &HostTensor) -> Option<Self> {
-        let rd = rhs.dims();
-        if lhs.len() < 2 || rd.len() < 2 {
-            return None;
-        }
-        // Only a broadcast (all-ones) batch on the rhs: that is what `linear` produces.
-        if rd[..rd.len() - 2].iter().any(|&d| d != 1) {
-            return None;
-        }
-        let (k, n) = (rd[rd.len() - 2], rd[rd.len() - 1]);
-        if lhs[lhs.len() - 1] != k {
-            return None;
-        }
-        let rank = lhs.len().max(rd.len());
-        let mut out_shape = vec![1; rank - lhs.len()];
-        out_shape.extend_from_slice(&lhs[..lhs.len() - 1]);
-        out_shape.push(n);
-        let m = lhs[..lhs.len() - 1].iter().product();
-        Some(Self { out_shape, m, k, n })
+        HostMatmulShape::new(lhs, rhs).map(Self)
     }
 
     fn run<T>(&self, lhs: &TensorData, rhs: &HostTensor) -> TensorData
@@ -140,9 +118,8 @@ impl MatmulPlan {
         T: bytemuck::Pod + Default + Mul<Output = T> + AddAssign + burn_backend::Element,
     {
         let a = lhs.as_slice::<T>().expect("dtype checked by the caller");
-        let (m, k, n) = (self.m, self.k, self.n);
-        let rd = rhs.strides().len();
-        let (sk, sn) = (rhs.strides()[rd - 2], rhs.strides()[rd - 1]);
+        let HostMatmulShape { m, k, n, .. } = self.0;
+        let (sk, sn) = HostMatmulShape::rhs_strides(rhs);
         let b: &[T] = bytemuck::cast_slice(rhs.buffer().as_slice());
         let base = rhs.offset() as isize;
         let mut out = vec![T::default(); m * n];
@@ -181,6 +158,6 @@ impl MatmulPlan {
                 }
             }
         }
-        TensorData::new(out, self.out_shape.clone())
+        TensorData::new(out, self.0.out_dims.clone())
     }
 }

@@ -1,0 +1,86 @@
+//! [`OffloadTarget`] for burn-cuda's unfused backend ([`CudaBackend`](crate::CudaBackend)).
+//!
+//! - host memory: exact-size pinned, device-mapped allocations ([`alloc_pinned`]); when pinning
+//!   is disabled or fails, pageable memory with a logged warning (UVA ops then take the copy
+//!   path: nothing fails);
+//! - uploads: a DMA from pinned memory straight into a fresh device buffer ([`upload_tensor`]),
+//!   with no pageable bounce copy;
+//! - zero-copy: `matmul_host.cu` (rows ≤ [`ops::MAX_ROWS`]) and `gather_host.cu` read pinned
+//!   memory in place, queued on CubeCL's stream like Burn's own kernels (no host sync).
+//!
+//! [`alloc_pinned`]: super::alloc_pinned
+//! [`upload_tensor`]: super::upload_tensor
+
+use burn_backend::{DType, tensor::FloatTensor, tensor::IntTensor};
+use burn_cubecl::{CubeBackend, FloatElement, IntElement};
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+
+use super::ops::{self, matmul_layout};
+use super::transfer::{UploadPath, upload_tensor};
+use super::{alloc_pinned, pinned};
+use crate::error::OffloadError;
+use crate::host::{HostBuffer, HostTensor};
+use crate::target::OffloadTarget;
+
+impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, F, I, u8> {
+    fn alloc_host(
+        device: &CudaDevice,
+        bytes: usize,
+        pin: bool,
+    ) -> Result<HostBuffer, OffloadError> {
+        if pin {
+            match alloc_pinned(device.index, bytes) {
+                Ok(buffer) => return Ok(buffer),
+                Err(e) => log::warn!(
+                    "could not pin {bytes} bytes of host memory for cuda:{} ({e}); using pageable \
+                     memory: ops on it take the copy path",
+                    device.index
+                ),
+            }
+        }
+        HostBuffer::pageable(bytes)
+    }
+
+    fn upload(host: &HostTensor, device: &CudaDevice) -> FloatTensor<Self> {
+        if host.is_contiguous() && pinned::device_ptr(host.buffer()).is_some() {
+            match upload_tensor(device, host, UploadPath::Dma) {
+                Ok(tensor) => return tensor,
+                Err(e) => log::warn!("DMA upload failed ({e}); copying through TensorData"),
+            }
+        }
+        <Self as burn_backend::ops::FloatTensorOps<Self>>::float_from_data(host.to_data(), device)
+    }
+
+    fn can_read_in_place(host: &HostTensor, _device: &CudaDevice) -> bool {
+        matches!(host.dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && pinned::device_ptr(host.buffer()).is_some()
+    }
+
+    fn zero_copy_max_rows(_device: &CudaDevice) -> usize {
+        ops::MAX_ROWS
+    }
+
+    fn host_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: &HostTensor,
+    ) -> Result<FloatTensor<Self>, FloatTensor<Self>> {
+        if lhs.dtype != rhs.dtype() || matmul_layout(&lhs.meta.shape().to_vec(), rhs).is_none() {
+            return Err(lhs);
+        }
+        // After the checks above only a failure of the driver itself is left (the kernel's own
+        // errors surface when the stream next synchronises, like any failed launch).
+        Ok(ops::matmul_host(lhs, rhs).unwrap_or_else(|e| panic!("zero-copy matmul: {e}")))
+    }
+
+    fn host_embedding(
+        weights: &HostTensor,
+        indices: IntTensor<Self>,
+    ) -> Result<FloatTensor<Self>, IntTensor<Self>> {
+        let rows_ok = weights.dims().len() == 2 && weights.strides()[1] == 1;
+        if !rows_ok || !matches!(indices.dtype, DType::I32 | DType::I64) {
+            return Err(indices);
+        }
+        Ok(ops::gather_host(weights, indices)
+            .unwrap_or_else(|e| panic!("zero-copy embedding: {e}")))
+    }
+}

@@ -1,0 +1,317 @@
+//! Launchers for the zero-copy kernels of `kernels/matmul_host.cu` and `kernels/gather_host.cu`
+//! (their file headers and `kernels/README.md` hold the contracts): they check a host view and
+//! the device tensors, choose an entry point and a grid, and queue the kernel on CubeCL's stream.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use burn_backend::{DType, Shape};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::CubeCount;
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::CubeDim;
+
+use super::error::CudaError;
+use super::kernel::{RawKernel, launch_raw};
+use super::{driver, pinned};
+use crate::host::HostTensor;
+use crate::target::HostMatmulShape;
+
+/// `matmul_host.cu`.
+pub const MATMUL_HOST_SOURCE: &str = include_str!("kernels/matmul_host.cu");
+/// `gather_host.cu`.
+pub const GATHER_HOST_SOURCE: &str = include_str!("kernels/gather_host.cu");
+/// Block size of every kernel here (the kernels trap on another one).
+const BLOCK: u32 = 256;
+/// Rows one pass of the `_m16` matmul variants handles: the most the zero-copy path takes.
+pub const MAX_ROWS: usize = 16;
+
+/// A kernel of `source` compiled for `entry` alone: NVRTC compiles a whole source per kernel,
+/// and the select defines cut `matmul_host.cu`'s ~10 s to the one entry point.
+fn entry_kernel(source: &'static str, entry: &'static str) -> RawKernel {
+    static SOURCES: OnceLock<Mutex<HashMap<&'static str, &'static str>>> = OnceLock::new();
+    let mut sources = SOURCES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    // One leaked string per entry point for the life of the process (a few KiB each).
+    let selected = *sources.entry(entry).or_insert_with(|| {
+        let text = format!(
+            "#define BURN_OFFLOAD_SELECT_ENTRY\n#define BURN_OFFLOAD_ONLY_{entry}\n#line 1\n{source}"
+        );
+        Box::leak(text.into_boxed_str())
+    });
+    RawKernel::new(selected, entry, CubeDim::new_1d(BLOCK))
+}
+
+/// The kernels' name for a dtype, if they have one.
+fn dtype_suffix(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F32 => Some("f32"),
+        DType::F16 => Some("f16"),
+        DType::BF16 => Some("bf16"),
+        _ => None,
+    }
+}
+
+/// The device address of a pinned host view's buffer, or why there is none.
+fn host_address(host: &HostTensor) -> Result<u64, CudaError> {
+    pinned::device_ptr(host.buffer()).ok_or_else(|| CudaError::InvalidArgument {
+        reason: "the host tensor is not in pinned, device-mapped memory".into(),
+    })
+}
+
+fn invalid(reason: String) -> CudaError {
+    CudaError::InvalidArgument { reason }
+}
+
+/// How `matmul_host.cu` reads W: row-major `[K, N]` or transposed (stored `[N, K]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `W[k, n]` at `offset + k * ldw + n`.
+    RowMajor {
+        /// Row stride in elements.
+        ldw: usize,
+    },
+    /// `W[k, n]` at `offset + n * ldw + k` (e.g. a tied LM head, `embedding.weight^T`).
+    Transposed {
+        /// Row stride of the stored `[N, K]` matrix, in elements.
+        ldw: usize,
+    },
+}
+
+/// Whether the zero-copy matmul can read `rhs` as the weight of `lhs [.., M, K] @ rhs`: pinned
+/// memory, a supported dtype, a broadcast-free batch, and one unit-stride dim.
+pub fn matmul_layout(
+    lhs_dims: &[usize],
+    rhs: &HostTensor,
+) -> Option<(HostMatmulShape, WeightLayout)> {
+    dtype_suffix(rhs.dtype())?;
+    pinned::device_ptr(rhs.buffer())?;
+    let shape = HostMatmulShape::new(lhs_dims, rhs)?;
+    let (sk, sn) = HostMatmulShape::rhs_strides(rhs);
+    let layout = if sn == 1 && (shape.k <= 1 || sk >= shape.n as isize) {
+        WeightLayout::RowMajor {
+            ldw: sk.max(shape.n as isize) as usize,
+        }
+    } else if sk == 1 && (shape.n <= 1 || sn >= shape.k as isize) {
+        WeightLayout::Transposed {
+            ldw: sn.max(shape.k as isize) as usize,
+        }
+    } else {
+        return None;
+    };
+    Some((shape, layout))
+}
+
+/// `lhs @ rhs` with `rhs` read from pinned host memory by `matmul_host.cu`, queued on CubeCL's
+/// stream of the calling thread. `lhs` is made contiguous first; at most [`MAX_ROWS`] rows.
+pub fn matmul_host(
+    lhs: CubeTensor<CudaRuntime>,
+    rhs: &HostTensor,
+) -> Result<CubeTensor<CudaRuntime>, CudaError> {
+    let (shape, layout) = matmul_layout(&lhs.meta.shape().to_vec(), rhs)
+        .ok_or_else(|| invalid("the host weight cannot be read in place".into()))?;
+    let HostMatmulShape { m, k, n, .. } = shape;
+    if m > MAX_ROWS || lhs.dtype != rhs.dtype() {
+        return Err(invalid(format!(
+            "zero-copy matmul takes at most {MAX_ROWS} rows of the weight's dtype, got {m} rows of {:?} for {:?}",
+            lhs.dtype,
+            rhs.dtype()
+        )));
+    }
+    let suffix = dtype_suffix(rhs.dtype()).expect("checked by matmul_layout");
+    let device = lhs.device.clone();
+    let client = lhs.client.clone();
+    let x = burn_cubecl::kernel::into_contiguous(lhs);
+    let esize = rhs.dtype().size();
+    let out = client.empty(m * n * esize);
+    let ldw = match layout {
+        WeightLayout::RowMajor { ldw } | WeightLayout::Transposed { ldw } => ldw,
+    };
+    let mut params = [
+        host_address(rhs)?,
+        rhs.offset() as u64,
+        ldw as u64,
+        m as u64,
+        k as u64,
+        n as u64,
+        0,
+        0,
+    ];
+    if m * n > 0 {
+        match layout {
+            WeightLayout::Transposed { .. } => {
+                let entry = leak_entry(format!("matmul_host_tr_{suffix}"));
+                let grid = CubeCount::Static(n.div_ceil(8) as u32, 1, 1);
+                // SAFETY: buffers in the kernel's order (out, x, bias = out unused); `out` holds
+                // M*N elements and `x` M*K (contiguous); the weight address and extents come
+                // from a pinned host view whose release waits for the device (see `pinned`).
+                unsafe {
+                    launch_raw(
+                        &device,
+                        entry_kernel(MATMUL_HOST_SOURCE, entry),
+                        grid,
+                        vec![
+                            out.clone().binding(),
+                            x.handle.clone().binding(),
+                            out.clone().binding(),
+                        ],
+                        &params,
+                    )?
+                }
+            }
+            WeightLayout::RowMajor { .. } => {
+                let m16 = if m > 8 { "_m16" } else { "" };
+                let entry = leak_entry(format!("matmul_host_rm_{suffix}{m16}"));
+                let tn = if m16.is_empty() && suffix != "f32" {
+                    256
+                } else {
+                    128
+                };
+                let tiles = n.div_ceil(tn);
+                let sms = driver::multiprocessor_count(device.index)? as usize;
+                let want = (2 * sms).div_ceil(tiles);
+                let mut splits = 1;
+                if want > 1 && k > 64 {
+                    let k_chunk = k.div_ceil(want).div_ceil(64) * 64;
+                    splits = k.div_ceil(k_chunk);
+                    if splits > 1 {
+                        params[6] = k_chunk as u64;
+                    }
+                }
+                let partial = if splits > 1 {
+                    client.empty(splits * m * n * 4)
+                } else {
+                    out.clone()
+                };
+                let grid = CubeCount::Static(tiles as u32, splits as u32, 1);
+                // SAFETY: buffers in the kernel's order (out, x, bias = out unused, partial);
+                // `partial` holds splits*M*N f32 when split (else unused); extents as above.
+                unsafe {
+                    launch_raw(
+                        &device,
+                        entry_kernel(MATMUL_HOST_SOURCE, entry),
+                        grid,
+                        vec![
+                            out.clone().binding(),
+                            x.handle.clone().binding(),
+                            out.clone().binding(),
+                            partial.clone().binding(),
+                        ],
+                        &params,
+                    )?
+                }
+                if splits > 1 {
+                    let entry = leak_entry(format!("matmul_host_reduce_{suffix}"));
+                    let grid =
+                        CubeCount::Static((m * n).div_ceil(BLOCK as usize).min(65535) as u32, 1, 1);
+                    // SAFETY: the split-K epilogue reads `partial` (splits*M*N f32, written by
+                    // the launch above, earlier on the same stream) and writes `out` (M*N).
+                    unsafe {
+                        launch_raw(
+                            &device,
+                            entry_kernel(MATMUL_HOST_SOURCE, entry),
+                            grid,
+                            vec![
+                                out.clone().binding(),
+                                partial.binding(),
+                                out.clone().binding(),
+                            ],
+                            &params,
+                        )?
+                    }
+                }
+            }
+        }
+    }
+    Ok(CubeTensor::new_contiguous(
+        client,
+        device,
+        Shape::from(shape.out_dims),
+        out,
+        rhs.dtype(),
+    ))
+}
+
+/// `embedding(weights, ids)` gathering only the requested rows from pinned host memory with
+/// `gather_host.cu`. Out-of-range ids give zero rows (the kernel counts them in a status
+/// buffer that is not read back, so that no host synchronisation is needed).
+pub fn gather_host(
+    weights: &HostTensor,
+    ids: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, CudaError> {
+    let dims = weights.dims();
+    if dims.len() != 2 || weights.strides()[1] != 1 || weights.strides()[0] < dims[1] as isize {
+        return Err(invalid(format!(
+            "gather reads a 2-D table with contiguous rows, got shape {dims:?} strides {:?}",
+            weights.strides()
+        )));
+    }
+    let entry = match ids.dtype {
+        DType::I32 => "gather_host_i32",
+        DType::I64 => "gather_host_i64",
+        other => return Err(invalid(format!("embedding ids of dtype {other:?}"))),
+    };
+    let table = host_address(weights)?;
+    let ids = burn_cubecl::kernel::into_contiguous(ids);
+    let (device, client) = (ids.device.clone(), ids.client.clone());
+    let num_ids = ids.meta.shape().num_elements();
+    let (rows, cols) = (dims[0], dims[1]);
+    let esize = weights.dtype().size();
+    let out = client.empty(num_ids * cols * esize);
+    if num_ids > 0 && cols > 0 {
+        let status = client.create_from_slice(&[0u8; 16]);
+        let params = [
+            table,
+            weights.offset() as u64,
+            rows as u64,
+            cols as u64,
+            weights.strides()[0] as u64,
+            esize as u64,
+            num_ids as u64,
+        ];
+        let grid = CubeCount::Static(
+            num_ids.min((1 << 31) - 1) as u32,
+            (cols * esize).div_ceil(16384).clamp(1, 65535) as u32,
+            1,
+        );
+        // SAFETY: buffers in the kernel's order (out: num_ids*cols elements, ids: num_ids
+        // contiguous, status: 2 zeroed u64); the table address and extents come from a pinned
+        // host view whose release waits for the device; out-of-range ids are not read.
+        unsafe {
+            launch_raw(
+                &device,
+                entry_kernel(GATHER_HOST_SOURCE, entry),
+                grid,
+                vec![
+                    out.clone().binding(),
+                    ids.handle.clone().binding(),
+                    status.binding(),
+                ],
+                &params,
+            )?
+        }
+    }
+    let mut out_dims = ids.meta.shape().to_vec();
+    out_dims.push(cols);
+    Ok(CubeTensor::new_contiguous(
+        client,
+        device,
+        Shape::from(out_dims),
+        out,
+        weights.dtype(),
+    ))
+}
+
+/// A `&'static str` for an entry-point name (interned: each name is leaked once).
+fn leak_entry(name: String) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    names
+        .entry(name)
+        .or_insert_with_key(|n| Box::leak(n.clone().into_boxed_str()))
+}
