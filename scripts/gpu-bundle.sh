@@ -25,7 +25,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         kind = m["target"]["kind"][0]
         dest = {"example": ".gpu/examples", "bench": ".gpu/benches"}.get(kind)
-        if dest:
+        # The CPU-only overhead bench does not belong on the GPU machine.
+        if dest and m["target"]["name"] != "overhead":
             shutil.copy(m["executable"], os.path.join(dest, m["target"]["name"]))
 '
 cp scripts/device-check.sh .gpu/

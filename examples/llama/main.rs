@@ -24,6 +24,7 @@ use burn::backend::ndarray::NdArrayDevice;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use burn_offload::target::OffloadTarget;
 use burn_offload::{
     OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OffloadReport, OpStats, op_stats,
     reset_op_stats,
@@ -33,8 +34,6 @@ use clap::{Parser, ValueEnum};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use model::{Cache, Llama, LlamaConfig};
-
-type B = OffloadBackend<NdArray>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceKind {
@@ -101,13 +100,27 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
-    if args.device == DeviceKind::Cuda {
-        eprintln!(
-            "error: the CUDA target is not built in this version of burn-offload (the `cuda` \
-             feature is reserved for it); use `--device cpu`"
-        );
-        return Ok(ExitCode::from(2));
+    match args.device {
+        DeviceKind::Cpu => run_on::<NdArray>(args, NdArrayDevice::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => {
+            burn_offload::cuda::probe().map_err(|e| format!("--device cuda: {e}"))?;
+            run_on::<burn_offload::CudaBackend>(args, cubecl::cuda::CudaDevice::new(0))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => {
+            eprintln!(
+                "error: this example was built without the `cuda` feature; rebuild it with \
+                 `--features cuda` (burn-cuda, unfused) or use `--device cpu`"
+            );
+            Ok(ExitCode::from(2))
+        }
     }
+}
+
+/// The whole run on the target `T` (`OffloadBackend<T>` on compute device `compute`).
+fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode, Box<dyn Error>> {
+    type B<T> = OffloadBackend<T>;
     if args.batch == 0 || args.prompt_len == 0 {
         return Err("--batch and --prompt-len must be at least 1".into());
     }
@@ -119,8 +132,8 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
         policy = policy.params(OffloadPolicy::parse_params(list)?);
     }
 
-    let device = OffloadDevice::device(NdArrayDevice::Cpu);
-    B::seed(&device, args.seed);
+    let device = OffloadDevice::device(compute);
+    B::<T>::seed(&device, args.seed);
     println!(
         "preset {}: dim {}, {} layers, {} heads ({} kv), ffn {}, vocab {}, {} head, {:.1} M params",
         args.preset,
@@ -140,7 +153,7 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
 
     // Lazy init, then the policy retargets the chosen parameters to host memory: nothing has
     // been allocated for them yet.
-    let model: Llama<B> = config.init(&device);
+    let model: Llama<B<T>> = config.init(&device);
     let (model, report) = policy.apply(model)?;
     println!("{report}");
 
@@ -228,7 +241,7 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
 }
 
 /// Loads `path` (.safetensors, or burnpack otherwise) into `model`.
-fn load_weights(model: &mut Llama<B>, path: &str) -> Result<(), Box<dyn Error>> {
+fn load_weights<B: Backend>(model: &mut Llama<B>, path: &str) -> Result<(), Box<dyn Error>> {
     let result = if is_safetensors(path) {
         model
             .load_from(&mut SafetensorsStore::from_file(path))
@@ -245,7 +258,7 @@ fn load_weights(model: &mut Llama<B>, path: &str) -> Result<(), Box<dyn Error>> 
     Ok(())
 }
 
-fn save_weights(model: &Llama<B>, path: &str) -> Result<(), Box<dyn Error>> {
+fn save_weights<B: Backend>(model: &Llama<B>, path: &str) -> Result<(), Box<dyn Error>> {
     if is_safetensors(path) {
         model
             .save_into(&mut SafetensorsStore::from_file(path).overwrite(true))
@@ -292,7 +305,7 @@ impl<Bk: Backend> ModuleVisitor<Bk> for Materializer {
     }
 }
 
-fn materialize(model: &Llama<B>, report: &OffloadReport) {
+fn materialize<B: Backend>(model: &Llama<B>, report: &OffloadReport) {
     let bar = ProgressBar::new(report.total_bytes()).with_style(
         ProgressStyle::with_template(
             "materialising {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
@@ -345,11 +358,11 @@ impl Generation {
 
 /// Prefill of the prompt, then `gen_tokens` greedy decode steps of one token per sequence
 /// through the KV cache. Reading each step's argmax into host data synchronises.
-fn generate(
+fn generate<B: Backend>(
     model: &Llama<B>,
     prompt: &[i64],
     args: &Args,
-    device: &OffloadDevice<NdArrayDevice>,
+    device: &B::Device,
 ) -> Generation {
     let batch = args.batch;
     let mut cache = Cache::for_model(model);
@@ -392,7 +405,7 @@ fn generate(
     }
 }
 
-fn read_ids(ids: &Tensor<B, 2, Int>) -> Vec<i64> {
+fn read_ids<B: Backend>(ids: &Tensor<B, 2, Int>) -> Vec<i64> {
     ids.to_data().iter::<i64>().collect()
 }
 
