@@ -30,7 +30,8 @@ for mode in uva copy auto; do
 done
 run "example-resident" "$B/examples/llama" --device cuda --preset small --offload-gb 0
 for b in "$B"/benches/*; do
-  run "bench-$(basename "$b")" env BANDWIDTH_JSON="$OUT/bandwidth.json" "$b" --bench
+  run "bench-$(basename "$b")" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
+    OFFLOAD_BENCH_JSON="$OUT/offload_cuda.json" "$b" --bench
 done
 python3 - "$summary" > "$OUT/summary.json" <<'PY'
 import json, sys

@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, RwLock};
 
 use burn_backend::{DeviceId, DeviceOps};
@@ -139,12 +140,36 @@ pub fn device_config<D: DeviceOps>(device: &D) -> DeviceConfig {
         .unwrap_or_default()
 }
 
+/// Devices whose mode is `Prefetch`: when 0 (the usual case), uploads skip the config lookup.
+static PREFETCH_DEVICES: AtomicUsize = AtomicUsize::new(0);
+
 /// Sets the configuration of compute device `device`; the last one set wins.
+///
+/// A changed configuration drops the device's prefetcher (its prefetched copies, learned
+/// order and thread; see [`crate::prefetch`]).
 pub fn set_device_config<D: DeviceOps>(device: &D, config: DeviceConfig) {
-    CONFIGS
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(device.to_id(), config);
+    let id = device.to_id();
+    let is_prefetch = |c: &DeviceConfig| matches!(c.mode, OffloadMode::Prefetch { .. });
+    let old = {
+        let mut configs = CONFIGS.write().unwrap_or_else(|e| e.into_inner());
+        let old = configs.insert(id, config);
+        if is_prefetch(&config) {
+            PREFETCH_DEVICES.fetch_add(1, Ordering::AcqRel);
+        }
+        if old.as_ref().is_some_and(is_prefetch) {
+            PREFETCH_DEVICES.fetch_sub(1, Ordering::AcqRel);
+        }
+        old
+    };
+    if old != Some(config) {
+        crate::prefetch::forget_device(id);
+    }
+}
+
+/// Whether some device is in prefetch mode (one atomic load).
+#[inline]
+pub(crate) fn any_prefetch() -> bool {
+    PREFETCH_DEVICES.load(Ordering::Acquire) > 0
 }
 
 thread_local! {

@@ -24,7 +24,9 @@ pub enum OffloadError {
         reason: &'static str,
     },
     /// An offload mode name that burn-offload does not know.
-    #[error("unknown offload mode {given:?}: use one of `uva`, `copy` or `auto`")]
+    #[error(
+        "unknown offload mode {given:?}: use one of `uva`, `copy`, `auto`, `prefetch` or `prefetch:<lookahead bytes>`"
+    )]
     UnknownMode {
         /// The mode as given.
         given: String,

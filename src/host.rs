@@ -8,8 +8,8 @@
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use burn_backend::{DType, Shape, TensorData};
 
@@ -348,14 +348,41 @@ impl HostTensor {
         }
     }
 
-    /// Reshape without copying; `None` when the view is not contiguous.
+    /// Reshape without copying: any reshape of a contiguous view, and inserting or removing
+    /// size-1 dims of a strided one (e.g. `unsqueeze` of a transposed weight); `None` otherwise.
     pub fn reshape(&self, shape: Vec<usize>) -> Option<Self> {
-        if !self.is_contiguous() || shape.iter().product::<usize>() != self.num_elements() {
+        if shape.iter().product::<usize>() != self.num_elements() {
+            return None;
+        }
+        if self.is_contiguous() {
+            return Some(Self {
+                strides: contiguous_strides(&shape),
+                shape,
+                ..self.clone()
+            });
+        }
+        let kept: Vec<(usize, isize)> = (self.shape.iter().copied())
+            .zip(self.strides.iter().copied())
+            .filter(|&(d, _)| d != 1)
+            .collect();
+        let mut kept_iter = kept.iter();
+        let mut strides = Vec::with_capacity(shape.len());
+        for &d in &shape {
+            if d == 1 {
+                strides.push(0);
+            } else {
+                match kept_iter.next() {
+                    Some(&(old, stride)) if old == d => strides.push(stride),
+                    _ => return None,
+                }
+            }
+        }
+        if kept_iter.next().is_some() {
             return None;
         }
         Some(Self {
-            strides: contiguous_strides(&shape),
             shape,
+            strides,
             ..self.clone()
         })
     }
@@ -431,6 +458,48 @@ impl HostTensor {
     }
 }
 
+/// A [`HostTensor`] view that does not keep its buffer alive (what the prefetcher remembers of
+/// a learned read order, so that dropping a model frees its host memory).
+#[derive(Clone, Debug)]
+pub(crate) struct WeakHostTensor {
+    buffer: Weak<HostBuffer>,
+    offset: usize,
+    shape: Vec<usize>,
+    strides: Vec<isize>,
+    dtype: DType,
+}
+
+impl WeakHostTensor {
+    /// The view again, if its buffer is still alive.
+    pub(crate) fn upgrade(&self) -> Option<HostTensor> {
+        Some(HostTensor {
+            buffer: self.buffer.upgrade()?,
+            offset: self.offset,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+            dtype: self.dtype,
+        })
+    }
+
+    /// Whether the buffer is still alive.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.buffer.strong_count() > 0
+    }
+}
+
+impl HostTensor {
+    /// A view of the same memory that does not keep the buffer alive.
+    pub(crate) fn downgrade(&self) -> WeakHostTensor {
+        WeakHostTensor {
+            buffer: Arc::downgrade(&self.buffer),
+            offset: self.offset,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+            dtype: self.dtype,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +535,15 @@ mod tests {
         let e = iota(&[1, 3]).expand(vec![2, 2, 3]).unwrap();
         assert_eq!(values(&e), [0.0, 1.0, 2.0].repeat(4));
         assert!(t.swap_dims(0, 1).reshape(vec![24]).is_none());
+        // Size-1 dims can be added to or removed from a strided view without copying.
+        let tr = iota(&[3, 4]).swap_dims(0, 1);
+        let unsqueezed = tr.reshape(vec![1, 4, 1, 3]).unwrap();
+        assert_eq!(values(&unsqueezed), values(&tr));
+        assert_eq!(
+            values(&unsqueezed.reshape(vec![4, 3]).unwrap()),
+            values(&tr)
+        );
+        assert!(tr.reshape(vec![2, 6]).is_none());
         assert_eq!(values(&t.reshape(vec![4, 6]).unwrap()), values(&t));
     }
 }

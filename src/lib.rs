@@ -28,6 +28,7 @@ pub mod error;
 pub mod host;
 pub mod mode;
 pub mod policy;
+pub mod prefetch;
 pub mod target;
 pub mod train;
 
@@ -37,6 +38,7 @@ pub use error::OffloadError;
 pub use host::{HostBuffer, HostMemoryKind, HostMemoryStats, HostTensor, host_memory_stats};
 pub use mode::OffloadMode;
 pub use policy::{OffloadPolicy, OffloadReport, ParamReport};
+pub use prefetch::{PrefetchStats, prefetch_stats, reset_prefetch_stats};
 pub use train::{OffloadOptimizer, keep_offloaded};
 
 /// burn-cuda's unfused backend, the type the CUDA target wraps: `burn::backend::Cuda` without

@@ -11,7 +11,14 @@ pub const ENV_DISABLE_UVA: &str = "BURN_OFFLOAD_DISABLE_UVA";
 /// `VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY`).
 pub const ENV_DISABLE_PIN_MEMORY: &str = "BURN_OFFLOAD_DISABLE_PIN_MEMORY";
 
+/// Lookahead of [`OffloadMode::Prefetch`] when `prefetch` is given without a size: 256 MiB.
+pub const DEFAULT_PREFETCH_LOOKAHEAD_BYTES: u64 = 256 << 20;
+
 /// How an op reads an offloaded tensor.
+///
+/// Parsed from (and displayed as) `uva`, `copy`, `auto`, `prefetch` (default lookahead,
+/// [`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or `prefetch:<bytes>`. With serde, unit modes are
+/// strings (`"uva"`) and prefetch is `{"prefetch": {"lookahead_bytes": N}}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OffloadMode {
@@ -23,30 +30,50 @@ pub enum OffloadMode {
     /// The target's best choice (zero-copy where it pays and the memory allows it).
     #[default]
     Auto,
+    /// Transient device copies like `Copy`, but made ahead of time on a background thread: the
+    /// order in which offloaded tensors are read is learned during the first forward, and on
+    /// later forwards the next tensors in that order are uploaded while the current op runs,
+    /// keeping at most `lookahead_bytes` of such copies alive. Never reads in place. See
+    /// [`crate::prefetch`].
+    Prefetch {
+        /// The most bytes of prefetched (uploaded, not yet used) copies alive per device.
+        lookahead_bytes: u64,
+    },
 }
 
 impl std::str::FromStr for OffloadMode {
     type Err = OffloadError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
+        let unknown = || OffloadError::UnknownMode {
+            given: s.to_string(),
+        };
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
             "uva" => Ok(Self::Uva),
             "copy" => Ok(Self::Copy),
             "auto" => Ok(Self::Auto),
-            _ => Err(OffloadError::UnknownMode {
-                given: s.to_string(),
+            "prefetch" => Ok(Self::Prefetch {
+                lookahead_bytes: DEFAULT_PREFETCH_LOOKAHEAD_BYTES,
             }),
+            other => match other.strip_prefix("prefetch:") {
+                Some(bytes) => Ok(Self::Prefetch {
+                    lookahead_bytes: bytes.trim().parse().map_err(|_| unknown())?,
+                }),
+                None => Err(unknown()),
+            },
         }
     }
 }
 
 impl std::fmt::Display for OffloadMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Uva => "uva",
-            Self::Copy => "copy",
-            Self::Auto => "auto",
-        })
+        match self {
+            Self::Uva => f.write_str("uva"),
+            Self::Copy => f.write_str("copy"),
+            Self::Auto => f.write_str("auto"),
+            Self::Prefetch { lookahead_bytes } => write!(f, "prefetch:{lookahead_bytes}"),
+        }
     }
 }
 
@@ -56,9 +83,10 @@ fn env_flag(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// `mode` after the environment overrides ([`ENV_DISABLE_UVA`] turns it into `Copy`).
+/// `mode` after the environment overrides ([`ENV_DISABLE_UVA`] turns `Uva` and `Auto` into
+/// `Copy`; `Prefetch` stays, since it never reads host memory in place).
 pub fn effective_mode(mode: OffloadMode) -> OffloadMode {
-    if env_flag(ENV_DISABLE_UVA) {
+    if env_flag(ENV_DISABLE_UVA) && !matches!(mode, OffloadMode::Prefetch { .. }) {
         OffloadMode::Copy
     } else {
         mode

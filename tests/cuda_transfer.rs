@@ -2,40 +2,18 @@
 //! ordering with Burn ops on CubeCL's stream, and pinned byte counters.
 //!
 //! Every GPU test skips with a printed reason when there is no CUDA driver or device, unless
-//! `BURN_OFFLOAD_REQUIRE_GPU=1`, which turns the skip into a failure (for runs on GPU
-//! machines). The skip message is written straight to the process's stderr, past the test
-//! harness's output capture, so it shows without `--nocapture`.
+//! `BURN_OFFLOAD_REQUIRE_GPU=1` (see `common::gpu`).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard};
+mod common;
+
+use std::sync::Arc;
 
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_offload::cuda::{self, CudaError, UploadPath};
 use burn_offload::{CudaBackend, HostBuffer, HostMemoryKind, HostTensor, host_memory_stats};
+use common::gpu::gpu;
 use cubecl::Runtime;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
-
-/// The GPU tests share one device and the process-wide pinned byte counters: run them one at a
-/// time.
-static GPU: Mutex<()> = Mutex::new(());
-
-/// The device to test on, and the lock that serialises GPU tests; `None` (after printing why)
-/// when there is no usable CUDA driver.
-fn gpu(test: &str) -> Option<(CudaDevice, MutexGuard<'static, ()>)> {
-    match cuda::probe() {
-        Ok(_) => Some((
-            CudaDevice::new(0),
-            GPU.lock().unwrap_or_else(|e| e.into_inner()),
-        )),
-        Err(e) => {
-            if std::env::var("BURN_OFFLOAD_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("{test}: BURN_OFFLOAD_REQUIRE_GPU=1 but the GPU is unusable: {e}");
-            }
-            let _ = writeln!(std::io::stderr(), "skipping {test}: {e}");
-            None
-        }
-    }
-}
 
 /// A byte pattern that differs at every offset modulo 251 (so shifted copies are caught).
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

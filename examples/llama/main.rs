@@ -54,7 +54,7 @@ struct Args {
     /// Only offload parameters matching these dotted segments (comma list, e.g. `mlp,attn.wq`).
     #[arg(long)]
     offload_params: Option<String>,
-    /// How ops read offloaded parameters: uva, copy or auto.
+    /// How ops read offloaded parameters: uva, copy, auto, prefetch or prefetch:<lookahead bytes>.
     #[arg(long, default_value = "auto", value_parser = parse_mode)]
     mode: OffloadMode,
     /// Sequences generated together.

@@ -119,7 +119,8 @@ pub struct OpStats {
     pub device_created_bytes: u64,
     /// Bytes of float tensors created directly in host memory.
     pub host_created_bytes: u64,
-    /// Transient device copies of offloaded tensors (copy mode and fallbacks).
+    /// Transient device copies of offloaded tensors that ops consumed (copy mode, fallbacks,
+    /// and in prefetch mode every copy, prefetched or not).
     pub transient_uploads: u64,
     /// Bytes moved by those transient copies.
     pub transient_upload_bytes: u64,
@@ -177,6 +178,11 @@ impl<B: OffloadTarget> OffloadBackend<B> {
             s.transient_uploads += 1;
             s.transient_upload_bytes += host.size_bytes() as u64;
         });
+        if crate::device::any_prefetch()
+            && let OffloadMode::Prefetch { lookahead_bytes } = device_config(device).mode
+        {
+            return crate::prefetch::upload::<B>(host, device, lookahead_bytes);
+        }
         B::upload(host, device)
     }
 
@@ -197,7 +203,7 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     /// Whether an op with a host-reading kernel should read `host` in place on `device`.
     pub(crate) fn read_in_place(host: &HostTensor, device: &B::Device) -> bool {
         match device_config(device).mode {
-            OffloadMode::Copy => false,
+            OffloadMode::Copy | OffloadMode::Prefetch { .. } => false,
             OffloadMode::Uva | OffloadMode::Auto => B::can_read_in_place(host, device),
         }
     }

@@ -140,7 +140,7 @@ impl OffloadPolicy {
     }
 
     /// Parses a policy from TOML: `max_gib` (or `max_bytes`), `params`, `min_tensor_bytes`,
-    /// `mode` (`uva`, `copy`, `auto`), `pin_memory`.
+    /// `mode` (`uva`, `copy`, `auto`, `prefetch` or `prefetch:<lookahead bytes>`), `pin_memory`.
     pub fn from_toml(text: &str) -> Result<Self, OffloadError> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| OffloadError::PolicyParse {
             format: "toml",

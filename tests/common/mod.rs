@@ -8,6 +8,9 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use burn_offload::OffloadDevice;
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
+
 /// The CPU device.
 pub const CPU: burn::backend::ndarray::NdArrayDevice = burn::backend::ndarray::NdArrayDevice::Cpu;
 

@@ -1,0 +1,795 @@
+//! The CUDA target end to end: `OffloadBackend<CudaBackend>` against plain `CudaBackend`.
+//!
+//! - `linear` / `matmul` with an offloaded rhs and `embedding` with an offloaded table, in f32,
+//!   f16 and bf16, odd and large shapes, transposed (tied head) and offset views: the zero-copy
+//!   kernels in `uva` mode for at most `MAX_ROWS` rows, copy + CubeCL's GEMM otherwise and in
+//!   `copy` mode (checked with `op_stats`), against an exact f64 product and the plain backend;
+//! - offloading an initialised model frees its device memory and pins exactly its bytes, which
+//!   are released again once the model is dropped;
+//! - threads (each with its own CubeCL stream) reading the same offloaded weights;
+//! - pageable host memory (`pin_memory(false)`): correct results through the copy path;
+//! - the LLaMA example model generates the same tokens with and without offload.
+//!
+//! Every test skips with a printed reason when there is no CUDA driver or device, unless
+//! `BURN_OFFLOAD_REQUIRE_GPU=1` (see `common::gpu`). The offload mode is global per device, so
+//! the tests run one at a time (the guard of `common::gpu` holds a lock).
+
+#[path = "../examples/llama/model.rs"]
+mod model;
+
+mod common;
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn_offload::cuda::{self, driver, ops::MAX_ROWS};
+use burn_offload::device::{DeviceConfig, set_device_config};
+use burn_offload::mode::{
+    ENV_DISABLE_PIN_MEMORY, ENV_DISABLE_UVA, effective_mode, effective_pin_memory,
+};
+use burn_offload::{
+    CudaBackend, HostMemoryKind, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy,
+    OffloadReport, OpStats, host_memory_stats, op_stats, reset_op_stats,
+};
+use cubecl::cuda::CudaDevice;
+
+use model::{Cache, Llama, LlamaConfig};
+
+/// The plain backend: the reference.
+type R = CudaBackend;
+/// The backend under test.
+type B = OffloadBackend<CudaBackend>;
+
+const MODES: [OffloadMode; 2] = [OffloadMode::Uva, OffloadMode::Copy];
+
+/// The GPU and its guard (see `common::gpu`), configured for `uva` with pinned memory. Refuses
+/// the environment switches that override the mode or pinning these tests choose.
+fn gpu(test: &str) -> Option<(CudaDevice, common::gpu::GpuGuard)> {
+    let found = common::gpu::gpu(test)?;
+    assert!(
+        effective_mode(OffloadMode::Uva) == OffloadMode::Uva && effective_pin_memory(true),
+        "{test}: unset {ENV_DISABLE_UVA} and {ENV_DISABLE_PIN_MEMORY} to run these tests"
+    );
+    configure(&found.0, OffloadMode::Uva, true);
+    Some(found)
+}
+
+fn configure(cuda: &CudaDevice, mode: OffloadMode, pin_memory: bool) {
+    set_device_config(cuda, DeviceConfig { mode, pin_memory });
+}
+
+fn resident(cuda: &CudaDevice) -> OffloadDevice<CudaDevice> {
+    OffloadDevice::device(cuda.clone())
+}
+
+/// Deterministic values in [-1, 1) (24-bit fractions, exact in f32).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// `values` as `dtype` data, and the values it actually holds (rounded to `dtype`).
+fn rounded<const N: usize>(
+    values: Vec<f32>,
+    shape: [usize; N],
+    dtype: DType,
+) -> (TensorData, Vec<f32>) {
+    let data = TensorData::new(values, shape).convert_dtype(dtype);
+    let held = data.iter::<f32>().collect();
+    (data, held)
+}
+
+/// Reads a result, checking its dtype.
+fn read<Bk: Backend, const D: usize>(tensor: Tensor<Bk, D>, dtype: DType) -> Vec<f32> {
+    let data = tensor.into_data();
+    assert_eq!(data.dtype, dtype, "result dtype");
+    data.iter::<f32>().collect()
+}
+
+/// Which ops read an offloaded tensor in place and which copied it, for one op.
+fn assert_path(ctx: &str, stats: OpStats, zero_copy: bool) {
+    let expected = if zero_copy { (1, 0) } else { (0, 1) };
+    assert_eq!(
+        (stats.zero_copy_ops, stats.transient_uploads),
+        expected,
+        "{ctx}: (zero-copy ops, transient uploads) should be {expected:?}: {stats:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops: linear, matmul, embedding
+// ---------------------------------------------------------------------------------------------
+
+/// How the `[k, n]` operand is made from the matrix stored in host memory.
+#[derive(Debug, Clone, Copy)]
+enum View {
+    /// Stored as is.
+    Whole,
+    /// Stored `[n, k]` and transposed (a tied LM head: `embed.weight^T`).
+    Transposed,
+    /// Rows `s..s + k` of a taller matrix: a view at a row offset.
+    Rows(usize),
+    /// Columns `s..s + n` of a wider matrix: row stride larger than `n`, column offset.
+    Cols(usize),
+}
+
+impl View {
+    /// Dims of the stored matrix.
+    fn storage(self, k: usize, n: usize) -> [usize; 2] {
+        match self {
+            View::Whole => [k, n],
+            View::Transposed => [n, k],
+            View::Rows(s) => [k + s + 3, n],
+            View::Cols(s) => [k, n + 2 * s],
+        }
+    }
+
+    /// The view's values (row-major `[k, n]`), from the stored matrix's values.
+    fn values(self, stored: &[f32], k: usize, n: usize) -> Vec<f32> {
+        let at = |i: usize, j: usize| match self {
+            View::Whole => stored[i * n + j],
+            View::Transposed => stored[j * k + i],
+            View::Rows(s) => stored[(s + i) * n + j],
+            View::Cols(s) => stored[i * (n + 2 * s) + s + j],
+        };
+        (0..k * n).map(|e| at(e / n, e % n)).collect()
+    }
+
+    /// The view, made with Burn's ops (offloaded tensors get host views, no copy).
+    fn apply<Bk: Backend>(self, stored: Tensor<Bk, 2>, k: usize, n: usize) -> Tensor<Bk, 2> {
+        match self {
+            View::Whole => stored,
+            View::Transposed => stored.transpose(),
+            View::Rows(s) => stored.slice([s..s + k, 0..n]),
+            View::Cols(s) => stored.slice([0..k, s..s + n]),
+        }
+    }
+}
+
+/// A `[k, n]` operand of `dtype`: resident on the plain backend, offloaded on `B`, and its
+/// values (row-major, as held in `dtype`).
+fn operand(
+    cuda: &CudaDevice,
+    view: View,
+    [k, n]: [usize; 2],
+    dtype: DType,
+    seed: u64,
+) -> (Tensor<R, 2>, Tensor<B, 2>, Vec<f32>) {
+    let [rows, cols] = view.storage(k, n);
+    let (data, stored) = rounded(values(rows * cols, seed), [rows, cols], dtype);
+    let held = view.values(&stored, k, n);
+    let plain = view.apply(Tensor::<R, 2>::from_data(data.clone(), (cuda, dtype)), k, n);
+    let host = OffloadDevice::host(cuda.clone());
+    let offloaded = view.apply(Tensor::<B, 2>::from_data(data, (&host, dtype)), k, n);
+    assert!(
+        offloaded.device().is_host(),
+        "the {view:?} view stays offloaded"
+    );
+    (plain, offloaded, held)
+}
+
+/// Exact (f64) values of `x @ w (+ bias)` and their error scale `Σ|x·w| (+ |bias|)`, on the
+/// first and last 512 columns (all columns when `n <= 1024`).
+struct Exact {
+    n: usize,
+    cols: Vec<usize>,
+    value: Vec<f64>,
+    scale: Vec<f64>,
+}
+
+impl Exact {
+    fn new(x: &[f32], w: &[f32], [m, k, n]: [usize; 3]) -> Self {
+        let head = n.min(512);
+        let blocks = [0..head, n.saturating_sub(512).max(head)..n];
+        let cols: Vec<usize> = blocks.iter().cloned().flatten().collect();
+        let width = cols.len();
+        let mut value = vec![0.0; m * width];
+        let mut scale = vec![0.0; m * width];
+        for r in 0..m {
+            let (value, scale) = (
+                &mut value[r * width..(r + 1) * width],
+                &mut scale[r * width..(r + 1) * width],
+            );
+            for (kk, &xv) in x[r * k..(r + 1) * k].iter().enumerate() {
+                let row = &w[kk * n..(kk + 1) * n];
+                let sampled = blocks.iter().flat_map(|b| &row[b.clone()]);
+                for ((v, s), &wv) in value.iter_mut().zip(scale.iter_mut()).zip(sampled) {
+                    let p = xv as f64 * wv as f64;
+                    *v += p;
+                    *s += p.abs();
+                }
+            }
+        }
+        Self {
+            n,
+            cols,
+            value,
+            scale,
+        }
+    }
+
+    fn plus_bias(&self, bias: &[f32]) -> Self {
+        let width = self.cols.len();
+        let b = |i: usize| bias[self.cols[i % width]] as f64;
+        Self {
+            n: self.n,
+            cols: self.cols.clone(),
+            value: self
+                .value
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + b(i))
+                .collect(),
+            scale: self
+                .scale
+                .iter()
+                .enumerate()
+                .map(|(i, s)| s + b(i).abs())
+                .collect(),
+        }
+    }
+
+    /// The largest `|got - exact| / scale` over the sampled columns of the first `rows` rows.
+    fn error(&self, got: &[f32], rows: usize) -> f64 {
+        let width = self.cols.len();
+        (0..rows * width)
+            .map(|i| {
+                let g = got[i / width * self.n + self.cols[i % width]] as f64;
+                (g - self.value[i]).abs() / self.scale[i].max(f64::MIN_POSITIVE)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// Asserts that `got` is within `tol` of the exact values and the plain backend's
+    /// `reference` within `ref_tol` (as fractions of the error scale), and that `got` is within
+    /// `tol + ref_tol` of `reference` in every column (un-sampled ones against the largest
+    /// scale of their row, with a 25 % margin).
+    fn check(
+        &self,
+        ctx: &str,
+        got: &[f32],
+        reference: &[f32],
+        rows: usize,
+        [tol, ref_tol]: [f64; 2],
+    ) {
+        let e_ref = self.error(reference, rows);
+        assert!(
+            e_ref <= ref_tol,
+            "{ctx}: the plain CUDA result is off by {e_ref:.2e} of Σ|x·w| (> {ref_tol:.1e})"
+        );
+        let e = self.error(got, rows);
+        assert!(
+            e <= tol,
+            "{ctx}: off by {e:.2e} of Σ|x·w| from the exact product (> {tol:.1e})"
+        );
+        let width = self.cols.len();
+        for r in 0..rows {
+            let scale = self.scale[r * width..(r + 1) * width]
+                .iter()
+                .fold(0.0, |a: f64, &s| a.max(s));
+            let bound = (tol + ref_tol) * scale * 1.25;
+            for c in 0..self.n {
+                let (g, e) = (got[r * self.n + c] as f64, reference[r * self.n + c] as f64);
+                assert!(
+                    (g - e).abs() <= bound,
+                    "{ctx}: [{r}, {c}] = {g} but the plain CUDA result is {e}"
+                );
+            }
+        }
+    }
+}
+
+/// Worst error allowed as a fraction of `Σ|x·w|`: up to four roundings to `dtype` (the
+/// product, the bias add, margin) plus the accumulation: f32 sums in the zero-copy kernel;
+/// CubeCL's GEMM may multiply f32 inputs as TF32 on tensor cores (10-bit mantissas), hence 4e-3.
+fn tol(dtype: DType, gemm: bool) -> f64 {
+    let unit = match dtype {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        _ => 2f64.powi(-24),
+    };
+    let accumulation = match (gemm, dtype) {
+        (true, DType::F32) => 4e-3,
+        (true, _) => 1e-3,
+        (false, _) => 1e-4,
+    };
+    4.0 * unit + accumulation
+}
+
+/// The harness itself, on the CPU (no GPU needed): the views hold what `View::values` says,
+/// and `Exact` agrees with burn-ndarray's `matmul` and `linear` and catches a wrong column.
+#[test]
+fn harness_matches_burn_ndarray() {
+    type Cpu = burn::backend::NdArray;
+    let cpu = Default::default();
+    let (m, k, n) = (3, 5, 1100); // n > 1024: columns are sampled
+    let (x, b) = (values(m * k, 1), values(n, 2));
+    let x_cpu = Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [m, k]), &cpu);
+    let b_cpu = Tensor::<Cpu, 1>::from_data(TensorData::new(b.clone(), [n]), &cpu);
+    for view in [View::Whole, View::Transposed, View::Rows(2), View::Cols(3)] {
+        let [rows, cols] = view.storage(k, n);
+        let stored = values(rows * cols, 3);
+        let w = view.values(&stored, k, n);
+        let stored = TensorData::new(stored, [rows, cols]);
+        let w_cpu = view.apply(Tensor::<Cpu, 2>::from_data(stored, &cpu), k, n);
+        assert_eq!(w_cpu.to_data().to_vec::<f32>().unwrap(), w, "{view:?}");
+        let tols = [tol(DType::F32, false); 2];
+        let product = Exact::new(&x, &w, [m, k, n]);
+        let mut got = read(x_cpu.clone().matmul(w_cpu.clone()), DType::F32);
+        product.check(&format!("{view:?} matmul"), &got, &got, m, tols);
+        let affine = product.plus_bias(&b);
+        let lin = read(
+            linear(x_cpu.clone(), w_cpu, Some(b_cpu.clone())),
+            DType::F32,
+        );
+        affine.check(&format!("{view:?} linear"), &lin, &lin, m, tols);
+        got[2 * n - 1] += 0.5;
+        assert!(
+            product.error(&got, m) > 0.1,
+            "{view:?}: a wrong last column passes"
+        );
+    }
+}
+
+/// Rows of `x`: one decode token, a few, the most the zero-copy kernels take, and past it.
+const ROWS: [usize; 4] = [1, 7, MAX_ROWS, 33];
+
+/// `(K, N, view)`: odd sizes (scalar loads, split-K), 64 MiB of f32 (vector loads), the tied
+/// head layout with vector and scalar loads, offset views with vector loads.
+const MATMUL_CASES: [(usize, usize, View); 6] = [
+    (1000, 1003, View::Whole),
+    (4096, 4096, View::Whole),
+    (1000, 1003, View::Transposed),
+    (777, 515, View::Transposed),
+    (1024, 1024, View::Rows(3)),
+    (1000, 1024, View::Cols(64)),
+];
+
+fn linear_and_matmul(test: &str, dtype: DType) {
+    let Some((cuda, _gpu)) = gpu(test) else {
+        return;
+    };
+    let device = resident(&cuda);
+    let m_max = ROWS[ROWS.len() - 1];
+    for (case, &(k, n, view)) in MATMUL_CASES.iter().enumerate() {
+        let seed = 3 * case as u64;
+        let (w_plain, w_off, w) = operand(&cuda, view, [k, n], dtype, seed);
+        let (_, x) = rounded(values(m_max * k, seed + 1), [m_max, k], dtype);
+        let (bias, b) = rounded(values(n, seed + 2), [n], dtype);
+        let b_plain = Tensor::<R, 1>::from_data(bias.clone(), (&cuda, dtype));
+        let b_off = Tensor::<B, 1>::from_data(bias, (&device, dtype));
+        let product = Exact::new(&x, &w, [m_max, k, n]);
+        let affine = product.plus_bias(&b);
+        for m in ROWS {
+            let x = TensorData::new(x[..m * k].to_vec(), [1, m, k]).convert_dtype(dtype);
+            let x_plain = Tensor::<R, 3>::from_data(x.clone(), (&cuda, dtype));
+            let mm_plain = read(
+                x_plain.clone().reshape([m, k]).matmul(w_plain.clone()),
+                dtype,
+            );
+            let lin_plain = read(
+                linear(x_plain, w_plain.clone(), Some(b_plain.clone())),
+                dtype,
+            );
+            for mode in MODES {
+                configure(&cuda, mode, true);
+                let zero_copy = mode == OffloadMode::Uva && m <= MAX_ROWS;
+                let tols = [tol(dtype, !zero_copy), tol(dtype, true)];
+                let ctx = format!("{dtype:?} {view:?} [{m}, {k}] x [{k}, {n}] in {mode} mode");
+                let x_off = Tensor::<B, 3>::from_data(x.clone(), (&device, dtype));
+
+                reset_op_stats();
+                let got = read(x_off.clone().reshape([m, k]).matmul(w_off.clone()), dtype);
+                assert_path(&format!("matmul {ctx}"), op_stats(), zero_copy);
+                product.check(&format!("matmul {ctx}"), &got, &mm_plain, m, tols);
+
+                reset_op_stats();
+                let got = read(linear(x_off, w_off.clone(), Some(b_off.clone())), dtype);
+                assert_path(&format!("linear {ctx}"), op_stats(), zero_copy);
+                affine.check(&format!("linear {ctx}"), &got, &lin_plain, m, tols);
+            }
+        }
+    }
+}
+
+/// Table views for `embedding`: the transposed one has no contiguous rows, so even `uva` mode
+/// copies it.
+const EMBEDDING_VIEWS: [View; 4] = [View::Whole, View::Rows(5), View::Cols(8), View::Transposed];
+
+fn embedding_rows(test: &str, dtype: DType) {
+    let Some((cuda, _gpu)) = gpu(test) else {
+        return;
+    };
+    let device = resident(&cuda);
+    let (rows, cols) = (1003, 520);
+    // First and last rows, repeats.
+    let ids: Vec<i64> = vec![0, 1002, 5, 5, 999, 17, 400, 0, 1, 1002, 123, 64];
+    let ids = TensorData::new(ids, [2, 6]);
+    for (case, view) in EMBEDDING_VIEWS.into_iter().enumerate() {
+        let (w_plain, w_off, w) = operand(&cuda, view, [rows, cols], dtype, 100 + case as u64);
+        let expected: Vec<f32> = ids
+            .iter::<i64>()
+            .flat_map(|id| w[id as usize * cols..(id as usize + 1) * cols].to_vec())
+            .collect();
+        let plain = read(
+            embedding(w_plain, Tensor::from_data(ids.clone(), &cuda)),
+            dtype,
+        );
+        assert!(
+            plain == expected,
+            "{dtype:?} {view:?}: the plain CUDA embedding is wrong"
+        );
+        for mode in MODES {
+            configure(&cuda, mode, true);
+            let ctx = format!("embedding {dtype:?} {view:?} in {mode} mode");
+            let ids = Tensor::<B, 2, Int>::from_data(ids.clone(), &device);
+            reset_op_stats();
+            let got = read(embedding(w_off.clone(), ids), dtype);
+            let zero_copy = mode == OffloadMode::Uva && !matches!(view, View::Transposed);
+            assert_path(&ctx, op_stats(), zero_copy);
+            assert!(got == expected, "{ctx}: rows differ from the table");
+        }
+    }
+}
+
+macro_rules! per_dtype {
+    ($suite:ident: $($name:ident = $dtype:ident),+ $(,)?) => {$(
+        #[test]
+        fn $name() {
+            $suite(stringify!($name), DType::$dtype)
+        }
+    )+};
+}
+
+per_dtype!(linear_and_matmul:
+    linear_matmul_f32 = F32,
+    linear_matmul_f16 = F16,
+    linear_matmul_bf16 = BF16,
+);
+per_dtype!(embedding_rows: embedding_f32 = F32, embedding_f16 = F16, embedding_bf16 = BF16);
+
+// ---------------------------------------------------------------------------------------------
+// Models: device memory, pinned bytes, threads, pageable memory
+// ---------------------------------------------------------------------------------------------
+
+const WIDTH: usize = 2048;
+const DEPTH: usize = 4;
+/// Bytes of the stack's weights (f32): 64 MiB. Its biases (8 KiB each) stay on the device.
+const WEIGHT_BYTES: u64 = (DEPTH * WIDTH * WIDTH * 4) as u64;
+
+/// `DEPTH` linear layers of `WIDTH` with ReLUs.
+#[derive(Module, Debug)]
+struct Stack<B: Backend> {
+    layers: Vec<Linear<B>>,
+}
+
+impl<B: Backend> Stack<B> {
+    fn new(device: &B::Device) -> Self {
+        let layers = (0..DEPTH)
+            .map(|_| LinearConfig::new(WIDTH, WIDTH).init(device))
+            .collect();
+        Self { layers }
+    }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.layers
+            .iter()
+            .fold(x, |x, layer| relu(layer.forward(x)))
+    }
+}
+
+/// The stack's output for `rows` rows of a fixed input (initialises a lazy stack).
+fn run_stack(model: &Stack<B>, cuda: &CudaDevice, rows: usize) -> Vec<f32> {
+    let x = TensorData::new(values(rows * WIDTH, 99), [rows, WIDTH]);
+    read(
+        model.forward(Tensor::from_data(x, &resident(cuda))),
+        DType::F32,
+    )
+}
+
+/// Offloads every weight of `model` (not the biases), in `mode`, pinned or not.
+fn offload_weights(model: Stack<B>, mode: OffloadMode, pin: bool) -> (Stack<B>, OffloadReport) {
+    let policy = OffloadPolicy::from_bytes(u64::MAX)
+        .min_tensor_bytes(1 << 20)
+        .mode(mode)
+        .pin_memory(pin);
+    let (model, report) = policy.apply(model).expect("valid policy");
+    assert_eq!(report.offloaded_tensors(), DEPTH);
+    assert_eq!(report.offloaded_bytes(), WEIGHT_BYTES);
+    (model, report)
+}
+
+/// `max |got - expected| <= tol * max |expected|`; returns the difference.
+fn assert_near(ctx: &str, got: &[f32], expected: &[f32], tol: f32) -> f32 {
+    assert_eq!(got.len(), expected.len(), "{ctx}: lengths");
+    let scale = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(expected)
+        .fold(0.0f32, |a, (g, e)| a.max((g - e).abs()));
+    assert!(
+        diff <= tol * scale,
+        "{ctx}: max difference {diff:.3e}, {:.1e} of the largest value {scale:.3e}",
+        diff / scale
+    );
+    diff
+}
+
+/// CubeCL's `(bytes in use, bytes reserved)` on this thread's stream, once its work is done and
+/// free pages are released.
+fn device_bytes(cuda: &CudaDevice) -> (u64, u64) {
+    cuda::sync(cuda).unwrap();
+    cuda::release_upload_sources(cuda).unwrap();
+    cuda::sync(cuda).unwrap();
+    B::memory_cleanup(&resident(cuda));
+    let usage = driver::cubecl_client(cuda)
+        .unwrap()
+        .memory_usage()
+        .expect("memory usage");
+    (usage.bytes_in_use, usage.bytes_reserved)
+}
+
+#[test]
+fn offloading_frees_device_memory() {
+    let Some((cuda, _gpu)) = gpu("offloading_frees_device_memory") else {
+        return;
+    };
+    let model = Stack::<B>::new(&resident(&cuda));
+    let expected = run_stack(&model, &cuda, 4);
+    let (used, reserved) = device_bytes(&cuda);
+    let (model, _) = offload_weights(model, OffloadMode::Uva, true);
+    let (used_after, reserved_after) = device_bytes(&cuda);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "device memory in use {:.1} -> {:.1} MiB, reserved {:.1} -> {:.1} MiB, {:.1} MiB offloaded",
+        mib(used),
+        mib(used_after),
+        mib(reserved),
+        mib(reserved_after),
+        mib(WEIGHT_BYTES)
+    );
+    let freed = used.saturating_sub(used_after);
+    assert!(
+        freed >= WEIGHT_BYTES / 16 * 15,
+        "offloading {WEIGHT_BYTES} bytes freed only {freed} bytes of device memory"
+    );
+
+    // Reading the weights in place brings nothing back to the device.
+    reset_op_stats();
+    let got = run_stack(&model, &cuda, 4);
+    let stats = op_stats();
+    assert_eq!(
+        (stats.zero_copy_ops, stats.transient_uploads),
+        (DEPTH as u64, 0),
+        "{stats:?}"
+    );
+    assert_near("offloaded stack", &got, &expected, 1e-2);
+    let (used_later, _) = device_bytes(&cuda);
+    assert!(
+        used_later <= used_after + WEIGHT_BYTES / 16,
+        "a forward left {} bytes on the device",
+        used_later - used_after
+    );
+}
+
+#[test]
+fn pinned_bytes_follow_the_offloaded_model() {
+    let Some((cuda, _gpu)) = gpu("pinned_bytes_follow_the_offloaded_model") else {
+        return;
+    };
+    let pinned = || host_memory_stats().live_pinned_bytes;
+    let start = pinned();
+    let model = Stack::<B>::new(&resident(&cuda));
+    run_stack(&model, &cuda, 4);
+    assert_eq!(pinned(), start, "a resident model pins nothing");
+    let (model, _) = offload_weights(model, OffloadMode::Uva, true);
+    assert_eq!(
+        pinned(),
+        start + WEIGHT_BYTES as usize,
+        "pinned bytes after offloading"
+    );
+
+    // Zero-copy reads, and DMA copies whose sources CubeCL's drop queue holds for a while.
+    for (mode, rows) in [
+        (OffloadMode::Uva, 4),
+        (OffloadMode::Copy, 4),
+        (OffloadMode::Uva, 33),
+    ] {
+        configure(&cuda, mode, true);
+        run_stack(&model, &cuda, rows);
+    }
+    drop(model);
+    cuda::sync(&cuda).unwrap();
+    cuda::release_upload_sources(&cuda).unwrap();
+    cuda::sync(&cuda).unwrap();
+    assert_eq!(pinned(), start, "pinned bytes after dropping the model");
+    cuda::wait_pinned_releases();
+    assert_eq!(pinned(), start);
+}
+
+#[test]
+fn threads_share_offloaded_weights() {
+    let Some((cuda, _gpu)) = gpu("threads_share_offloaded_weights") else {
+        return;
+    };
+    const THREADS: usize = 4;
+    const ITERATIONS: usize = 3;
+    const ROW_COUNTS: [usize; 2] = [4, 33]; // zero-copy, and copy + GEMM
+    let model = Stack::<B>::new(&resident(&cuda));
+    run_stack(&model, &cuda, 4);
+    let (model, _) = offload_weights(model, OffloadMode::Uva, true);
+    // Single-threaded results; this also tunes CubeCL's kernels for these shapes.
+    let single = ROW_COUNTS.map(|rows| run_stack(&model, &cuda, rows));
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    reset_op_stats();
+                    let outputs: Vec<_> = (0..ITERATIONS)
+                        .map(|_| ROW_COUNTS.map(|rows| run_stack(&model, &cuda, rows)))
+                        .collect();
+                    // Let this thread's stream drop the upload sources it holds.
+                    cuda::release_upload_sources(&cuda).unwrap();
+                    (outputs, op_stats())
+                })
+            })
+            .collect();
+        for (t, thread) in threads.into_iter().enumerate() {
+            let (outputs, stats) = thread.join().expect("thread panicked");
+            assert_eq!(
+                stats.zero_copy_ops,
+                (ITERATIONS * DEPTH) as u64,
+                "thread {t}: {stats:?}"
+            );
+            for [few, many] in outputs {
+                // The zero-copy kernel is deterministic: bitwise equal.
+                assert!(
+                    few.iter()
+                        .map(|v| v.to_bits())
+                        .eq(single[0].iter().map(|v| v.to_bits())),
+                    "thread {t}: zero-copy results differ"
+                );
+                assert_near(
+                    &format!("thread {t}, {} rows", ROW_COUNTS[1]),
+                    &many,
+                    &single[1],
+                    1e-5,
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn pageable_host_memory_takes_the_copy_path() {
+    let Some((cuda, _gpu)) = gpu("pageable_host_memory_takes_the_copy_path") else {
+        return;
+    };
+    let model = Stack::<B>::new(&resident(&cuda));
+    let expected = [4, 33].map(|rows| run_stack(&model, &cuda, rows));
+    let start = host_memory_stats();
+    let (model, report) = offload_weights(model, OffloadMode::Uva, false);
+    assert_eq!(report.mode, OffloadMode::Uva);
+    let now = host_memory_stats();
+    assert_eq!(
+        now.live_pinned_bytes, start.live_pinned_bytes,
+        "nothing pinned"
+    );
+    assert_eq!(now.live_bytes, start.live_bytes + WEIGHT_BYTES as usize);
+    for layer in &model.layers {
+        let weight = layer.weight.val().into_primitive().tensor();
+        let kind = weight.host().map(|h| h.buffer().kind());
+        assert_eq!(kind, Some(HostMemoryKind::Pageable));
+    }
+    for (rows, expected) in [4, 33].into_iter().zip(&expected) {
+        reset_op_stats();
+        let got = run_stack(&model, &cuda, rows);
+        let stats = op_stats();
+        assert_eq!(
+            (stats.zero_copy_ops, stats.transient_uploads),
+            (0, DEPTH as u64),
+            "{rows} rows: {stats:?}"
+        );
+        assert_near(&format!("pageable, {rows} rows"), &got, expected, 1e-2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The LLaMA example model
+// ---------------------------------------------------------------------------------------------
+
+/// Logits of a prefill of `prompt` and of `steps` decode steps after it; each step feeds
+/// `forced[i]` if given, else the greedy (argmax) token. Returns the tokens fed and the logits.
+fn decode(
+    model: &Llama<B>,
+    cuda: &CudaDevice,
+    prompt: &[i64],
+    forced: Option<&[i64]>,
+    steps: usize,
+) -> (Vec<i64>, Vec<Vec<f32>>) {
+    let device = resident(cuda);
+    let mut cache = Cache::for_model(model);
+    let mut input = TensorData::new(prompt.to_vec(), [1, prompt.len()]);
+    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+    for step in 0..=steps {
+        let out = model.forward_last(Tensor::from_data(input, &device), &mut cache);
+        let out: Vec<f32> = out.into_data().iter::<f32>().collect();
+        let next = forced.map_or_else(|| argmax(&out), |f| f[step]);
+        tokens.push(next);
+        logits.push(out);
+        input = TensorData::new(vec![next], [1, 1]);
+    }
+    (tokens, logits)
+}
+
+fn argmax(values: &[f32]) -> i64 {
+    let best = values
+        .iter()
+        .enumerate()
+        .fold(0, |b, (i, v)| if *v > values[b] { i } else { b });
+    best as i64
+}
+
+#[test]
+fn llama_generates_the_same_tokens_offloaded() {
+    let Some((cuda, _gpu)) = gpu("llama_generates_the_same_tokens_offloaded") else {
+        return;
+    };
+    let config = LlamaConfig::preset("tiny").unwrap();
+    let device = resident(&cuda);
+    B::seed(&device, 7);
+    let model: Llama<B> = config.init(&device);
+    // 20 prompt tokens: the prefill takes the copy path (more than MAX_ROWS rows) even in
+    // `uva` mode, the decode steps the zero-copy kernels.
+    let prompt: Vec<i64> = (0..20)
+        .map(|i| (i * 37 + 11) % config.vocab_size as i64)
+        .collect();
+    let steps = 6;
+    let (tokens, reference) = decode(&model, &cuda, &prompt, None, steps);
+    let (offloaded, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .mode(OffloadMode::Uva)
+        .apply(model.clone())
+        .unwrap();
+    assert_eq!(report.offloaded_bytes(), report.total_bytes());
+    for mode in MODES {
+        configure(&cuda, mode, true);
+        reset_op_stats();
+        // Fed the resident run's tokens: where every argmax matches, free generation would
+        // give exactly these tokens.
+        let (_, logits) = decode(&offloaded, &cuda, &prompt, Some(&tokens), steps);
+        let stats = op_stats();
+        assert_eq!(
+            stats.zero_copy_ops > 0,
+            mode == OffloadMode::Uva,
+            "{mode}: {stats:?}"
+        );
+        for (step, (got, want)) in logits.iter().zip(&reference).enumerate() {
+            let ctx = format!("{mode} mode, step {step}");
+            let diff = assert_near(&ctx, got, want, 2e-2);
+            let token = argmax(got);
+            if token != tokens[step] {
+                // Only a near tie, within the observed logit difference, may flip the argmax.
+                let gap = want[tokens[step] as usize] - want[token as usize];
+                assert!(
+                    gap <= 2.0 * diff,
+                    "{ctx}: token {token} instead of {} (logit gap {gap:.3e})",
+                    tokens[step]
+                );
+                eprintln!(
+                    "{ctx}: near tie, token {token} vs {} (gap {gap:.3e})",
+                    tokens[step]
+                );
+            }
+        }
+    }
+}
