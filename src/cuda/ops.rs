@@ -10,6 +10,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::CubeCount;
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::CubeDim;
+use cubecl::server::Handle;
 
 use super::error::CudaError;
 use super::kernel::{RawKernel, launch_raw};
@@ -142,28 +143,23 @@ pub fn matmul_host(
     if m * n > 0 {
         match layout {
             WeightLayout::Transposed { .. } => {
-                let entry = leak_entry(format!("matmul_host_tr_{suffix}"));
                 let grid = CubeCount::Static(n.div_ceil(8) as u32, 1, 1);
                 // SAFETY: buffers in the kernel's order (out, x, bias = out unused); `out` holds
                 // M*N elements and `x` M*K (contiguous); the weight address and extents come
                 // from a pinned host view whose release waits for the device (see `pinned`).
                 unsafe {
-                    launch_raw(
+                    launch(
                         &device,
-                        entry_kernel(MATMUL_HOST_SOURCE, entry),
+                        MATMUL_HOST_SOURCE,
+                        format!("matmul_host_tr_{suffix}"),
                         grid,
-                        vec![
-                            out.clone().binding(),
-                            x.handle.clone().binding(),
-                            out.clone().binding(),
-                        ],
+                        &[&out, &x.handle, &out],
                         &params,
                     )?
                 }
             }
             WeightLayout::RowMajor { .. } => {
                 let m16 = if m > 8 { "_m16" } else { "" };
-                let entry = leak_entry(format!("matmul_host_rm_{suffix}{m16}"));
                 let tn = if m16.is_empty() && suffix != "f32" {
                     256
                 } else {
@@ -189,35 +185,27 @@ pub fn matmul_host(
                 // SAFETY: buffers in the kernel's order (out, x, bias = out unused, partial);
                 // `partial` holds splits*M*N f32 when split (else unused); extents as above.
                 unsafe {
-                    launch_raw(
+                    launch(
                         &device,
-                        entry_kernel(MATMUL_HOST_SOURCE, entry),
+                        MATMUL_HOST_SOURCE,
+                        format!("matmul_host_rm_{suffix}{m16}"),
                         grid,
-                        vec![
-                            out.clone().binding(),
-                            x.handle.clone().binding(),
-                            out.clone().binding(),
-                            partial.clone().binding(),
-                        ],
+                        &[&out, &x.handle, &out, &partial],
                         &params,
                     )?
                 }
                 if splits > 1 {
-                    let entry = leak_entry(format!("matmul_host_reduce_{suffix}"));
                     let grid =
                         CubeCount::Static((m * n).div_ceil(BLOCK as usize).min(65535) as u32, 1, 1);
                     // SAFETY: the split-K epilogue reads `partial` (splits*M*N f32, written by
                     // the launch above, earlier on the same stream) and writes `out` (M*N).
                     unsafe {
-                        launch_raw(
+                        launch(
                             &device,
-                            entry_kernel(MATMUL_HOST_SOURCE, entry),
+                            MATMUL_HOST_SOURCE,
+                            format!("matmul_host_reduce_{suffix}"),
                             grid,
-                            vec![
-                                out.clone().binding(),
-                                partial.binding(),
-                                out.clone().binding(),
-                            ],
+                            &[&out, &partial, &out],
                             &params,
                         )?
                     }
@@ -280,15 +268,12 @@ pub fn gather_host(
         // contiguous, status: 2 zeroed u64); the table address and extents come from a pinned
         // host view whose release waits for the device; out-of-range ids are not read.
         unsafe {
-            launch_raw(
+            launch(
                 &device,
-                entry_kernel(GATHER_HOST_SOURCE, entry),
+                GATHER_HOST_SOURCE,
+                entry.to_string(),
                 grid,
-                vec![
-                    out.clone().binding(),
-                    ids.handle.clone().binding(),
-                    status.binding(),
-                ],
+                &[&out, &ids.handle, &status],
                 &params,
             )?
         }
@@ -302,6 +287,26 @@ pub fn gather_host(
         out,
         weights.dtype(),
     ))
+}
+
+/// Queues entry point `entry` of `source` (compiled alone, see [`entry_kernel`]) on CubeCL's
+/// stream of the calling thread, with `buffers` as its leading pointer parameters.
+///
+/// # Safety
+/// As [`launch_raw`]: the kernel must stay within `buffers` and only read host memory that
+/// outlives it, and `params` must match its parameter struct.
+unsafe fn launch(
+    device: &cubecl::cuda::CudaDevice,
+    source: &'static str,
+    entry: String,
+    grid: CubeCount,
+    buffers: &[&Handle],
+    params: &[u64],
+) -> Result<(), CudaError> {
+    let kernel = entry_kernel(source, leak_entry(entry));
+    let buffers = buffers.iter().map(|h| (*h).clone().binding()).collect();
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { launch_raw(device, kernel, grid, buffers, params) }
 }
 
 /// A `&'static str` for an entry-point name (interned: each name is leaked once).
