@@ -15,7 +15,7 @@ use burn_backend::{DType, tensor::FloatTensor, tensor::IntTensor};
 use burn_cubecl::{CubeBackend, FloatElement, IntElement};
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 
-use super::ops::{self, matmul_layout};
+use super::ops::{self, matmul_plan};
 use super::transfer::{UploadPath, upload_tensor};
 use super::{alloc_pinned, pinned};
 use crate::error::OffloadError;
@@ -64,12 +64,12 @@ impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, 
         lhs: FloatTensor<Self>,
         rhs: &HostTensor,
     ) -> Result<FloatTensor<Self>, FloatTensor<Self>> {
-        if lhs.dtype != rhs.dtype() || matmul_layout(&lhs.meta.shape().to_vec(), rhs).is_none() {
+        let Some(plan) = matmul_plan(&lhs.meta.shape().to_vec(), lhs.dtype, rhs) else {
             return Err(lhs);
-        }
-        // After the checks above only a failure of the driver itself is left (the kernel's own
-        // errors surface when the stream next synchronises, like any failed launch).
-        Ok(ops::matmul_host(lhs, rhs).unwrap_or_else(|e| panic!("zero-copy matmul: {e}")))
+        };
+        // With a plan only a failure of the driver itself is left (the kernel's own errors
+        // surface when the stream next synchronises, like any failed launch).
+        Ok(ops::matmul_host(lhs, rhs, plan).unwrap_or_else(|e| panic!("zero-copy matmul: {e}")))
     }
 
     fn host_embedding(

@@ -81,15 +81,29 @@ pub enum WeightLayout {
     },
 }
 
-/// Whether the zero-copy matmul can read `rhs` as the weight of `lhs [.., M, K] @ rhs`: pinned
-/// memory, a supported dtype, a broadcast-free batch, and one unit-stride dim.
-pub fn matmul_layout(
+/// How the zero-copy matmul will read its weight: the shapes and the weight's layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatmulHostPlan {
+    /// The shapes of the product.
+    pub shape: HostMatmulShape,
+    /// How the weight is laid out in host memory.
+    pub layout: WeightLayout,
+}
+
+/// Whether the zero-copy matmul can compute `lhs [.., M, K] @ rhs` reading `rhs` in place:
+/// pinned memory, a supported dtype equal to `lhs_dtype`, a broadcast-free batch, one
+/// unit-stride dim, and at most [`MAX_ROWS`] rows. `None` means: copy the weight instead.
+pub fn matmul_plan(
     lhs_dims: &[usize],
+    lhs_dtype: DType,
     rhs: &HostTensor,
-) -> Option<(HostMatmulShape, WeightLayout)> {
+) -> Option<MatmulHostPlan> {
     dtype_suffix(rhs.dtype())?;
     pinned::device_ptr(rhs.buffer())?;
     let shape = HostMatmulShape::new(lhs_dims, rhs)?;
+    if shape.m > MAX_ROWS || lhs_dtype != rhs.dtype() {
+        return None;
+    }
     let (sk, sn) = HostMatmulShape::rhs_strides(rhs);
     let layout = if sn == 1 && (shape.k <= 1 || sk >= shape.n as isize) {
         WeightLayout::RowMajor {
@@ -102,26 +116,20 @@ pub fn matmul_layout(
     } else {
         return None;
     };
-    Some((shape, layout))
+    Some(MatmulHostPlan { shape, layout })
 }
 
 /// `lhs @ rhs` with `rhs` read from pinned host memory by `matmul_host.cu`, queued on CubeCL's
-/// stream of the calling thread. `lhs` is made contiguous first; at most [`MAX_ROWS`] rows.
+/// stream of the calling thread, as `plan` (from [`matmul_plan`] for these operands) says.
+/// `lhs` is made contiguous first.
 pub fn matmul_host(
     lhs: CubeTensor<CudaRuntime>,
     rhs: &HostTensor,
+    plan: MatmulHostPlan,
 ) -> Result<CubeTensor<CudaRuntime>, CudaError> {
-    let (shape, layout) = matmul_layout(&lhs.meta.shape().to_vec(), rhs)
-        .ok_or_else(|| invalid("the host weight cannot be read in place".into()))?;
+    let MatmulHostPlan { shape, layout } = plan;
     let HostMatmulShape { m, k, n, .. } = shape;
-    if m > MAX_ROWS || lhs.dtype != rhs.dtype() {
-        return Err(invalid(format!(
-            "zero-copy matmul takes at most {MAX_ROWS} rows of the weight's dtype, got {m} rows of {:?} for {:?}",
-            lhs.dtype,
-            rhs.dtype()
-        )));
-    }
-    let suffix = dtype_suffix(rhs.dtype()).expect("checked by matmul_layout");
+    let suffix = dtype_suffix(rhs.dtype()).expect("checked by matmul_plan");
     let device = lhs.device.clone();
     let client = lhs.client.clone();
     let x = burn_cubecl::kernel::into_contiguous(lhs);
