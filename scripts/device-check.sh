@@ -1,40 +1,54 @@
 #!/usr/bin/env bash
 # One prepared run on the GPU machine (see scripts/gpu-bundle.sh): every GPU test, the example
-# in each mode with and without offload, and the benches. Writes logs and summary.json to $OUT.
-# GPU requirements are strict here: a missing driver or NVRTC fails instead of skipping.
+# in each mode with and without offload, and the benches. GPU requirements are strict here: a
+# missing driver or NVRTC fails instead of skipping.
+#
+# What comes back is limited to a few files, so every step's log is appended to $OUT/all.log
+# as it finishes (it survives a kill), and a one-line-per-step summary goes to
+# $OUT/summary.jsonl. Each step has its own time limit (STEP_TIMEOUT, seconds), so one hang
+# cannot eat the whole device lease. STEPS (a regex over step names, default all) picks steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=.gpu
 OUT=${OUT:-/tmp/device-check}
+STEPS=${STEPS:-.}
+STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 mkdir -p "$OUT"
+# gpu-bundle.sh packs the stripped binaries (the carried tree is limited to 64 MiB).
+if [ -f "$B/bin.tar.xz" ]; then tar xJf "$B/bin.tar.xz" -C "$B" || exit 1; fi
+logs=$(mktemp -d)
 export BURN_OFFLOAD_REQUIRE_GPU=1 BURN_OFFLOAD_REQUIRE_NVRTC=1 RUST_LOG=${RUST_LOG:-info}
-export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
+export RUST_BACKTRACE=1
+if [ -z "${CUDA_PATH:-}" ]; then
+  for c in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13 /opt/cuda; do
+    [ -f "$c/include/cuda.h" ] && export CUDA_PATH=$c && break
+  done
+fi
+echo "CUDA_PATH=${CUDA_PATH:-unset}"
 summary="$OUT/summary.jsonl"
 : > "$summary"
-run() { # name, command...
-  local name=$1; shift
+run() { # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  [[ $name =~ $STEPS ]] || return 0
   local start=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
   local rc=$?
   printf '{"step":"%s","rc":%d,"seconds":%d}\n' "$name" "$rc" "$((SECONDS - start))" >> "$summary"
-  printf '%-40s rc=%d (%ds)\n' "$name" "$rc" "$((SECONDS - start))"
-  tail -n 5 "$OUT/$name.log"
+  printf '%-32s rc=%d (%ds)\n' "$name" "$rc" "$((SECONDS - start))"
+  { echo "===== $name rc=$rc ($((SECONDS - start))s)"; cat "$logs/$name.log"; } >> "$OUT/all.log"
+  if [ "$rc" != 0 ]; then tail -n 25 "$logs/$name.log"; fi
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv > "$OUT/gpu.csv" 2>&1
-cat "$OUT/gpu.csv"
-for t in "$B"/tests/*; do
-  run "test-$(basename "$t")" "$t" --test-threads=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv 2>&1 | tee "$OUT/gpu.csv"
+for t in cuda_transfer cuda_target nvrtc burn_offload; do
+  [ -x "$B/tests/$t" ] && run "test-$t" "$STEP_TIMEOUT" "$B/tests/$t" --test-threads=1
 done
-for mode in uva copy auto; do
-  run "example-$mode" "$B/examples/llama" --device cuda --preset small --offload-gb 0.05 --mode "$mode"
+run example-resident 120 "$B/examples/llama" --device cuda --preset small --offload-gb 0
+for mode in uva copy prefetch auto; do
+  run "example-$mode" 120 "$B/examples/llama" --device cuda --preset small --offload-gb 0.05 --mode "$mode"
 done
-run "example-resident" "$B/examples/llama" --device cuda --preset small --offload-gb 0
-for b in "$B"/benches/*; do
-  run "bench-$(basename "$b")" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
-    OFFLOAD_BENCH_JSON="$OUT/offload_cuda.json" "$b" --bench
+for b in bandwidth offload_cuda offload_model big_model; do
+  [ -x "$B/benches/$b" ] && run "bench-$b" "$STEP_TIMEOUT" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
+    OFFLOAD_BENCH_JSON="$OUT/offload_cuda.json" MODEL_BENCH_JSON="$OUT/offload_model.json" \
+    "$B/benches/$b" --bench
 done
-python3 - "$summary" > "$OUT/summary.json" <<'PY'
-import json, sys
-print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))
-PY
 echo "failed steps: $(grep -vc '"rc":0' "$summary")"
