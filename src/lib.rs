@@ -29,6 +29,7 @@ pub mod host;
 pub mod mode;
 pub mod policy;
 pub mod prefetch;
+mod random;
 pub mod target;
 pub mod train;
 

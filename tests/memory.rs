@@ -331,3 +331,46 @@ fn lazy_host_params_retargeted_to_the_device_leave_no_host_memory() {
     assert_eq!(op_stats().device_created_bytes, NET_BYTES);
     assert_eq!(delta(start), (0, 0));
 }
+
+/// Random tensors created on `Host(d)` are drawn straight into one exact-size host buffer
+/// (several threads for a large one): nothing on the device, reproducible under a seed, and
+/// with the requested distribution.
+#[test]
+fn random_init_on_the_host_is_seeded_and_never_touches_the_device() {
+    use burn::tensor::backend::Backend as _;
+    let _guard = lock();
+    let shape = [1024, 1100]; // over a million elements: the parallel fill
+    let draw = |seed| {
+        B::seed(&host(), seed);
+        Tensor::<B, 2>::random(shape, Distribution::Normal(1.0, 0.5), &host())
+    };
+    reset_op_stats();
+    let start = host_memory_stats();
+    let a = draw(3);
+    assert!(a.device().is_host());
+    let stats = op_stats();
+    assert_eq!(stats.device_created_bytes, 0, "{stats:?}");
+    assert_eq!(stats.host_created_bytes, (1024 * 1100 * 4) as u64);
+    assert_eq!(delta(start), (1024 * 1100 * 4, 1));
+
+    let values = a.to_data().to_vec::<f32>().unwrap();
+    assert_eq!(values, draw(3).to_data().to_vec::<f32>().unwrap());
+    assert_ne!(values, draw(4).to_data().to_vec::<f32>().unwrap());
+    let n = values.len() as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = values
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    assert!((mean - 1.0).abs() < 0.01, "mean {mean}");
+    assert!((var - 0.25).abs() < 0.01, "variance {var}");
+
+    // A second tensor of the same seed's sequence differs from the first.
+    B::seed(&host(), 3);
+    let first = Tensor::<B, 1>::random([64], Distribution::Default, &host());
+    let second = Tensor::<B, 1>::random([64], Distribution::Default, &host());
+    assert_ne!(first.to_data(), second.to_data());
+    drop((a, first, second));
+    assert_eq!(delta(start), (0, 0));
+}

@@ -74,7 +74,11 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
         dtype: FloatDType,
     ) -> FloatTensor<Self> {
         if Self::creates_on_host(device) {
-            Self::create(host_random(shape, distribution, dtype), device)
+            let d = device.compute();
+            OffloadTensor::Offloaded {
+                host: host_random::<B>(shape, distribution, dtype, d),
+                device: d.clone(),
+            }
         } else {
             Self::created(B::float_random(
                 shape,

@@ -80,7 +80,7 @@ impl<B: OffloadTarget> Backend for OffloadBackend<B> {
     }
 
     fn seed(device: &Self::Device, seed: u64) {
-        tensor::seed_host_rng(seed);
+        crate::random::seed(seed);
         B::seed(device.compute(), seed)
     }
 

@@ -1,10 +1,8 @@
 //! The float primitive of [`OffloadBackend`](super::OffloadBackend).
 
-use std::sync::Mutex;
-
 use burn_backend::{DType, Distribution, Shape, TensorData, TensorMetadata};
 use burn_std::FloatDType;
-use burn_std::rand::{SeedableRng, StdRng, get_seeded_rng};
+use burn_std::rand::get_seeded_rng;
 
 use crate::host::HostTensor;
 use crate::target::OffloadTarget;
@@ -55,32 +53,28 @@ impl<B: OffloadTarget> TensorMetadata for OffloadTensor<B> {
     }
 }
 
-static HOST_RNG: Mutex<Option<StdRng>> = Mutex::new(None);
-
-/// Seeds the generator used for random tensors created in host memory.
-pub(crate) fn seed_host_rng(seed: u64) {
-    *HOST_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Some(StdRng::seed_from_u64(seed));
-}
-
-/// Random data generated on the host, so that a random tensor created on `Host(d)` never
-/// touches device memory.
-pub(crate) fn host_random(
+/// A random tensor created directly in new host memory for `device` (pinned if the device's
+/// config says so), filled in place by several threads ([`crate::random`]).
+pub(crate) fn host_random<B: OffloadTarget>(
     shape: Shape,
     distribution: Distribution,
     dtype: FloatDType,
-) -> TensorData {
-    let mut guard = HOST_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let rng = guard.get_or_insert_with(get_seeded_rng);
-    let data = match dtype {
-        FloatDType::F64 => TensorData::random::<f64, _, _>(shape, distribution, rng),
-        _ => TensorData::random::<f32, _, _>(shape, distribution, rng),
-    };
+    device: &B::Device,
+) -> HostTensor {
     let dtype: DType = dtype.into();
-    if data.dtype == dtype {
-        data
-    } else {
-        data.convert_dtype(dtype)
+    if !crate::random::supports(dtype) {
+        // Not reachable with Burn's float dtypes today; kept correct for new ones.
+        let data = TensorData::random::<f32, _, _>(shape, distribution, &mut get_seeded_rng())
+            .convert_dtype(dtype);
+        return host_from_data::<B>(data, device);
     }
+    let pin = crate::device::device_config(device).pin_memory;
+    let mut buffer = B::alloc_host(device, shape.num_elements() * dtype.size(), pin)
+        .unwrap_or_else(|e| panic!("{e}"));
+    crate::random::fill(buffer.as_mut_slice(), dtype, distribution);
+    let host = HostTensor::new(buffer, shape.to_vec(), dtype).expect("buffer sized for shape");
+    super::record(|s| s.host_created_bytes += host.size_bytes() as u64);
+    host
 }
 
 /// Stores `data` in new host memory for `device` (pinned if the device's config says so).

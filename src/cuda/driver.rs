@@ -177,6 +177,15 @@ pub fn multiprocessor_count(ordinal: usize) -> Result<u32, CudaError> {
     .map(|v| v.max(1) as u32)
 }
 
+/// Free and total device memory in bytes (`cuMemGetInfo`), as the driver sees it: memory
+/// held by CubeCL's pools counts as used even where no tensor occupies it.
+pub fn memory_info(ordinal: usize) -> Result<(u64, u64), CudaError> {
+    let (free, total) = primary_context(ordinal)?
+        .mem_get_info()
+        .map_err(|e| CudaError::driver("cuMemGetInfo", e))?;
+    Ok((free as u64, total as u64))
+}
+
 /// Waits until every stream of the context (CubeCL's included) has finished its work.
 pub(crate) fn synchronize_context(ctx: &CudaContext) -> Result<(), CudaError> {
     ctx.synchronize()

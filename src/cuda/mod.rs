@@ -29,7 +29,7 @@ pub mod ops;
 pub mod pinned;
 pub mod transfer;
 
-pub use driver::{DriverInfo, driver_available, probe};
+pub use driver::{DriverInfo, driver_available, memory_info, probe};
 pub use error::CudaError;
 pub use kernel::{RawKernel, launch_raw};
 pub use pinned::{alloc_pinned, note_device_reads, wait_pinned_releases};
