@@ -63,6 +63,15 @@ pub enum OffloadError {
         /// Bytes given.
         got: usize,
     },
+    /// Measuring the device for `OffloadMode::Auto` failed (`apply` then logs it and keeps the
+    /// target's static threshold; only a direct call of the measurement returns it).
+    #[error(
+        "measuring the device for `auto` mode failed: {reason}; choose `uva`, `copy` or `prefetch` explicitly"
+    )]
+    Calibration {
+        /// What failed.
+        reason: String,
+    },
     /// An error of the CUDA layer (feature `cuda`).
     #[cfg(feature = "cuda")]
     #[error(transparent)]

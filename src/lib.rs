@@ -20,6 +20,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod auto;
 pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -33,6 +34,7 @@ mod random;
 pub mod target;
 pub mod train;
 
+pub use auto::Calibration;
 pub use backend::{OffloadBackend, OffloadTensor, OpStats, op_stats, reset_op_stats};
 pub use device::{OffloadDevice, with_host_placement};
 pub use error::OffloadError;

@@ -274,8 +274,9 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
 }
 
 impl<B: OffloadTarget> OffloadBackend<B> {
-    /// `lhs @ rhs` with `rhs` in host memory: in place when the mode allows it, the target has
-    /// a kernel, and the row count is at most the target's threshold; else copy + B's GEMM.
+    /// `lhs @ rhs` with `rhs` in host memory: in place when the mode, the target's kernel and
+    /// (in `Auto`) the device's calibration say so ([`Self::matmul_in_place`]); else copy +
+    /// B's GEMM.
     pub(crate) fn matmul_host_rhs(
         lhs: FloatTensor<B>,
         host: &HostTensor,
@@ -286,7 +287,7 @@ impl<B: OffloadTarget> OffloadBackend<B> {
             .iter()
             .take(dims.num_dims().saturating_sub(1))
             .product();
-        let lhs = if Self::read_in_place(host, device) && rows <= B::zero_copy_max_rows(device) {
+        let lhs = if Self::matmul_in_place(host, device, rows) {
             match B::host_matmul(lhs, host) {
                 Ok(out) => {
                     record(|s| s.zero_copy_ops += 1);

@@ -183,6 +183,11 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         {
             return crate::prefetch::upload::<B>(host, device, lookahead_bytes);
         }
+        if let Some(lookahead_bytes) = crate::auto::prefetch_lookahead(device)
+            && device_config(device).mode == OffloadMode::Auto
+        {
+            return crate::prefetch::upload::<B>(host, device, lookahead_bytes);
+        }
         B::upload(host, device)
     }
 
@@ -205,6 +210,21 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         match device_config(device).mode {
             OffloadMode::Copy | OffloadMode::Prefetch { .. } => false,
             OffloadMode::Uva | OffloadMode::Auto => B::can_read_in_place(host, device),
+        }
+    }
+
+    /// Whether `lhs @ host` with `rows` rows in `lhs` should read `host` in place: `Uva` up to
+    /// the target's row threshold, `Auto` where the device's calibration predicts it faster
+    /// than a copy ([`crate::auto`]).
+    pub(crate) fn matmul_in_place(host: &HostTensor, device: &B::Device, rows: usize) -> bool {
+        let mode = device_config(device).mode;
+        let kernel = || B::can_read_in_place(host, device) && rows <= B::zero_copy_max_rows(device);
+        match mode {
+            OffloadMode::Copy | OffloadMode::Prefetch { .. } => false,
+            OffloadMode::Uva => kernel(),
+            OffloadMode::Auto => {
+                kernel() && crate::auto::zero_copy_pays(device, rows, host.size_bytes() as u64)
+            }
         }
     }
 }

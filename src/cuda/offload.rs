@@ -18,9 +18,27 @@ use cubecl::cuda::{CudaDevice, CudaRuntime};
 use super::ops::{self, matmul_plan};
 use super::transfer::{UploadPath, upload_tensor};
 use super::{alloc_pinned, pinned};
+use crate::auto::{Calibration, measure};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
-use crate::target::OffloadTarget;
+use crate::target::{DeviceMemory, OffloadTarget, TargetDevice};
+
+impl TargetDevice for CudaDevice {
+    fn memory(&self) -> Option<DeviceMemory> {
+        super::memory_info(self.index)
+            .map(|(free, total)| DeviceMemory { free, total })
+            .map_err(|e| log::warn!("cuda:{}: cuMemGetInfo failed ({e})", self.index))
+            .ok()
+    }
+
+    /// Measured with [`CudaBackend<f32>`](crate::CudaBackend) (rates are per byte, so they
+    /// carry over to half-precision weights). Uploads are DMAs on the copy engine, which run
+    /// beside the kernels of another stream, so `Auto` prefetches its copies.
+    fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
+        super::driver::probe()?;
+        measure::<CubeBackend<CudaRuntime, f32, i32, u8>>(self, pin, true)
+    }
+}
 
 impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, F, I, u8> {
     fn alloc_host(

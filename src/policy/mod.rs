@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 pub use report::{OffloadReport, ParamReport, Placement};
 pub(crate) use walk::{ParamAction, walk_params};
 
+use crate::auto::Calibration;
 use crate::error::OffloadError;
 use crate::mode::OffloadMode;
+use crate::target::{DeviceMemory, TargetDevice};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -224,7 +226,7 @@ impl OffloadPolicy {
     pub fn apply<B, D, M>(&self, module: M) -> Result<(M, OffloadReport), OffloadError>
     where
         B: burn::tensor::backend::Backend<Device = crate::OffloadDevice<D>>,
-        D: burn_backend::DeviceOps,
+        D: TargetDevice,
         M: burn::module::Module<B>,
     {
         use crate::device::{DeviceConfig, set_device_config};
@@ -235,15 +237,21 @@ impl OffloadPolicy {
             mode: effective_mode(self.mode),
             pin_memory: effective_pin_memory(self.pin_memory),
         };
-        let mut configured: Vec<D> = Vec::new();
+        // Per compute device: (device, offloaded bytes, all bytes).
+        let mut devices: Vec<(D, u64, u64)> = Vec::new();
         let mut total = 0u64;
         let mut eligible_bytes = 0u64;
         let (module, params) = walk_params(module, |info| {
             let device = info.device.compute();
-            if !configured.contains(device) {
-                set_device_config(device, config);
-                configured.push(device.clone());
-            }
+            let index = match devices.iter().position(|(d, ..)| d == device) {
+                Some(i) => i,
+                None => {
+                    set_device_config(device, config);
+                    devices.push((device.clone(), 0, 0));
+                    devices.len() - 1
+                }
+            };
+            devices[index].2 += info.bytes;
             let eligible = self.matches(&info.path) && info.bytes >= self.min_tensor_bytes;
             if !eligible {
                 return ParamAction::Device;
@@ -251,6 +259,7 @@ impl OffloadPolicy {
             eligible_bytes += info.bytes;
             if total < self.max_bytes {
                 total += info.bytes;
+                devices[index].1 += info.bytes;
                 ParamAction::Host
             } else {
                 ParamAction::Device
@@ -265,16 +274,132 @@ impl OffloadPolicy {
                 eligible_bytes as f64 / GIB
             ));
         }
+        let mut calibration = None;
+        let mut device_memory = None;
+        for (device, offloaded, all) in &devices {
+            if *offloaded == 0 {
+                continue;
+            }
+            let measured = (config.mode == OffloadMode::Auto)
+                .then(|| calibrate(device, config.pin_memory))
+                .flatten();
+            let memory = device.memory();
+            if let Some(memory) = memory
+                && let Some(w) = offload_not_needed(
+                    &format!("{device:?}"),
+                    *offloaded,
+                    *all,
+                    memory,
+                    measured.as_deref(),
+                )
+            {
+                warnings.push(w);
+            }
+            calibration = calibration.or(measured);
+            device_memory = device_memory.or(memory);
+        }
         let report = OffloadReport {
             params,
             max_bytes: self.max_bytes,
             mode: config.mode,
             warnings,
+            calibration: calibration.map(|c| (*c).clone()),
+            device_memory,
         };
         for w in &report.warnings {
             log::warn!("{w}");
         }
         log::info!("{}", report.summary());
         Ok((module, report))
+    }
+}
+
+/// The device's calibration for `Auto`, measured now if it has none yet (once per process). A
+/// failed measurement is logged and leaves `Auto` on the target's static threshold.
+fn calibrate<D: TargetDevice>(device: &D, pin: bool) -> Option<std::sync::Arc<Calibration>> {
+    if let Some(c) = crate::auto::calibration(device) {
+        return Some(c);
+    }
+    match device.calibrate(pin) {
+        Ok(c) => {
+            log::info!("auto mode on {device:?}: {c}");
+            crate::auto::set_calibration(device, c);
+            crate::auto::calibration(device)
+        }
+        Err(e) => {
+            log::warn!("{e}");
+            None
+        }
+    }
+}
+
+/// Share of a device's free memory a model may fill before offloading is worth it: the rest
+/// is left for activations, caches and the backend's memory pools.
+const FIT_FRACTION: f64 = 0.9;
+
+/// The warning for a budget that offloads parameters although the whole model fits in the
+/// device's free memory (vLLM #57771: 19x slower for nothing), with the numbers.
+fn offload_not_needed(
+    device: &str,
+    offloaded: u64,
+    all: u64,
+    memory: DeviceMemory,
+    calibration: Option<&Calibration>,
+) -> Option<String> {
+    if offloaded == 0 || all as f64 > FIT_FRACTION * memory.free as f64 {
+        return None;
+    }
+    let cost = match calibration {
+        Some(c) => format!(
+            "; each forward then moves them over the bus again, about {:.1} ms at the {:.1} GB/s \
+             measured",
+            offloaded as f64 / c.upload_bytes_per_s * 1e3,
+            c.upload_bytes_per_s / 1e9
+        ),
+        None => "; each forward then moves them over the bus again".to_string(),
+    };
+    Some(format!(
+        "{:.3} GiB of parameters are offloaded although all {:.3} GiB of them fit in the {:.2} \
+         GiB free on {device} (of {:.2} GiB){cost}; use a budget of 0 (`--offload-gb 0`), or \
+         offload only what does not fit",
+        offloaded as f64 / GIB,
+        all as f64 / GIB,
+        memory.free as f64 / GIB,
+        memory.total as f64 / GIB,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 1 << 30;
+
+    #[test]
+    fn warns_only_when_the_whole_model_fits() {
+        let memory = DeviceMemory {
+            free: 70 * G,
+            total: 80 * G,
+        };
+        let w = offload_not_needed("Cuda(0)", 2 * G, 14 * G, memory, None).expect("fits");
+        assert!(w.contains("2.000 GiB") && w.contains("14.000 GiB"), "{w}");
+        assert!(
+            w.contains("70.00 GiB free on Cuda(0)") && w.contains("--offload-gb 0"),
+            "{w}"
+        );
+        // Too big for 90 % of the free memory, or nothing offloaded: no warning.
+        assert_eq!(offload_not_needed("d", 10 * G, 64 * G, memory, None), None);
+        assert_eq!(offload_not_needed("d", 0, 14 * G, memory, None), None);
+        // With a calibration, the cost per forward.
+        let c = Calibration {
+            upload_latency_s: 1e-5,
+            upload_bytes_per_s: 25e9,
+            rows: Vec::new(),
+            copies_overlap_compute: true,
+            weight_bytes: 1 << 24,
+            seconds: 0.1,
+        };
+        let w = offload_not_needed("d", 2 * G, 14 * G, memory, Some(&c)).expect("fits");
+        assert!(w.contains("about 85.9 ms at the 25.0 GB/s measured"), "{w}");
     }
 }

@@ -41,6 +41,12 @@ pub struct OffloadReport {
     pub mode: crate::OffloadMode,
     /// Warnings raised while applying (also logged).
     pub warnings: Vec<String>,
+    /// What `Auto` mode decides from on the (first) device with offloaded parameters, when the
+    /// mode is `Auto` and the measurement succeeded.
+    pub calibration: Option<crate::Calibration>,
+    /// Free and total memory of the (first) device with offloaded parameters, where the device
+    /// reports it (not on the CPU).
+    pub device_memory: Option<crate::target::DeviceMemory>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -124,6 +130,9 @@ impl std::fmt::Display for OffloadReport {
                     Placement::Device => "device",
                 }
             )?;
+        }
+        if let Some(c) = &self.calibration {
+            writeln!(f, "auto mode: {c}")?;
         }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;

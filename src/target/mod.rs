@@ -10,8 +10,9 @@
 #[cfg(feature = "ndarray")]
 pub mod ndarray;
 
-use burn_backend::{Backend, read_sync, tensor::FloatTensor, tensor::IntTensor};
+use burn_backend::{Backend, DeviceOps, read_sync, tensor::FloatTensor, tensor::IntTensor};
 
+use crate::auto::Calibration;
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
 
@@ -53,6 +54,30 @@ impl HostMatmulShape {
         let s = rhs.strides();
         (s[s.len() - 2], s[s.len() - 1])
     }
+}
+
+/// Free and total memory of a compute device, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceMemory {
+    /// Bytes free now (as the driver sees it: a backend's pooled memory counts as used).
+    pub free: u64,
+    /// Bytes in all.
+    pub total: u64,
+}
+
+/// The compute device of an offload target: what
+/// [`OffloadPolicy::apply`](crate::OffloadPolicy::apply) asks of a device before placing
+/// parameters (it knows the device type, not the wrapped backend).
+pub trait TargetDevice: DeviceOps {
+    /// Free and total device memory, where the device has memory of its own (`None` on the CPU,
+    /// where "offloading" does not free anything).
+    fn memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+
+    /// Measures what [`OffloadMode::Auto`](crate::OffloadMode::Auto) decides from, with host
+    /// memory pinned if `pin` (see [`crate::auto`]).
+    fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError>;
 }
 
 /// What a backend must provide to be wrapped by [`OffloadBackend`](crate::OffloadBackend).

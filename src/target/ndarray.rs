@@ -15,12 +15,22 @@ use burn_ndarray::{
     SharedArray,
 };
 
-use super::{HostMatmulShape, OffloadTarget};
+use super::{HostMatmulShape, OffloadTarget, TargetDevice};
+use crate::auto::{Calibration, measure};
+use crate::error::OffloadError;
 use crate::host::HostTensor;
 
 /// Rows up to which the in-place matmul beats copy + ndarray's GEMM on the CPU target
 /// (`cargo bench --bench overhead`, the `rows` table; see README).
 pub const CPU_ZERO_COPY_MAX_ROWS: usize = 16;
+
+impl TargetDevice for NdArrayDevice {
+    /// Measured with `NdArray<f32>`. Copies are memcpys on the op thread's own cores: they do
+    /// not overlap compute, so `Auto` does not prefetch here.
+    fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
+        measure::<NdArray<f32>>(self, pin, false)
+    }
+}
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> OffloadTarget
     for NdArray<E, I, Q>
