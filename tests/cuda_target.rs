@@ -25,14 +25,17 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn_offload::auto::{clear_calibration, set_calibration};
 use burn_offload::cuda::{self, driver, ops::MAX_ROWS};
 use burn_offload::device::{DeviceConfig, set_device_config};
 use burn_offload::mode::{
     ENV_DISABLE_PIN_MEMORY, ENV_DISABLE_UVA, effective_mode, effective_pin_memory,
 };
+use burn_offload::target::TargetDevice;
 use burn_offload::{
     CudaBackend, HostMemoryKind, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy,
-    OffloadReport, OpStats, host_memory_stats, op_stats, reset_op_stats,
+    OffloadReport, OpStats, host_memory_stats, op_stats, prefetch_stats, reset_op_stats,
+    reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
 
@@ -761,18 +764,37 @@ fn llama_generates_the_same_tokens_offloaded() {
         .apply(model.clone())
         .unwrap();
     assert_eq!(report.offloaded_bytes(), report.total_bytes());
-    for mode in MODES {
+    let prefetch = OffloadMode::Prefetch {
+        lookahead_bytes: 1 << 20,
+    };
+    for mode in [
+        OffloadMode::Uva,
+        OffloadMode::Copy,
+        prefetch,
+        OffloadMode::Auto,
+    ] {
         configure(&cuda, mode, true);
+        if mode == OffloadMode::Auto {
+            // What `apply` would measure: this card's rates decide per op.
+            set_calibration(&cuda, cuda.calibrate(true).expect("calibration"));
+        }
         reset_op_stats();
+        reset_prefetch_stats();
         // Fed the resident run's tokens: where every argmax matches, free generation would
         // give exactly these tokens.
         let (_, logits) = decode(&offloaded, &cuda, &prompt, Some(&tokens), steps);
         let stats = op_stats();
-        assert_eq!(
-            stats.zero_copy_ops > 0,
-            mode == OffloadMode::Uva,
-            "{mode}: {stats:?}"
-        );
+        match mode {
+            OffloadMode::Uva => assert!(stats.zero_copy_ops > 0, "{mode}: {stats:?}"),
+            OffloadMode::Auto => {}
+            _ => assert_eq!(stats.zero_copy_ops, 0, "{mode}: {stats:?}"),
+        }
+        if mode == prefetch {
+            // Prefill and decode read the weights in one order: copies come from the
+            // background stream after the first forward.
+            let prefetched = prefetch_stats();
+            assert!(prefetched.hits > 0, "{prefetched:?}");
+        }
         for (step, (got, want)) in logits.iter().zip(&reference).enumerate() {
             let ctx = format!("{mode} mode, step {step}");
             let diff = assert_near(&ctx, got, want, 2e-2);
@@ -792,4 +814,55 @@ fn llama_generates_the_same_tokens_offloaded() {
             }
         }
     }
+    clear_calibration(&cuda);
+}
+
+#[test]
+fn auto_mode_measures_the_card_and_warns_when_the_model_fits() {
+    let Some((cuda, _gpu)) = gpu("auto_mode_measures_the_card_and_warns_when_the_model_fits")
+    else {
+        return;
+    };
+    clear_calibration(&cuda);
+    let model: Linear<B> = LinearConfig::new(1024, 1024).init(&resident(&cuda));
+    let (model, report) = OffloadPolicy::from_bytes(u64::MAX).apply(model).unwrap();
+    eprintln!("{report}");
+    let c = report
+        .calibration
+        .clone()
+        .expect("auto mode measures the card");
+    assert!(
+        c.copies_overlap_compute,
+        "CUDA copies run on the copy engine"
+    );
+    assert_eq!(
+        c.rows.first().map(|r| r.rows),
+        Some(1),
+        "pinned memory reads in place"
+    );
+    assert!(c.rows.iter().all(|r| r.rows <= MAX_ROWS));
+    // Over PCIe or NVLink-C2C: between 1 and 1000 GB/s, whatever the card.
+    assert!((1e9..1e12).contains(&c.upload_bytes_per_s), "{c:?}");
+    // One row reads a 16 MiB weight in place faster than copying it.
+    assert!(c.prefers_zero_copy(1, 16 << 20), "{c}");
+    let memory = report.device_memory.expect("the card reports its memory");
+    assert!(memory.free <= memory.total && memory.total > 1 << 30);
+    // 4 MiB fit in any card's free memory: offloading them is pointless, and `apply` says so.
+    assert!(
+        report.warnings.iter().any(|w| w.contains("fit in the")),
+        "{:?}",
+        report.warnings
+    );
+    let x = Tensor::<B, 2>::from_data(
+        TensorData::new(values(1024, 5), [1, 1024]),
+        &resident(&cuda),
+    );
+    reset_op_stats();
+    let _ = model.forward(x).into_data();
+    assert_eq!(
+        op_stats().zero_copy_ops,
+        1,
+        "one row reads in place under auto"
+    );
+    clear_calibration(&cuda);
 }
