@@ -4,6 +4,9 @@
 //! ```text
 //! cargo run --release --example llama -- --preset tiny --offload-gb 0.0005 --mode uva
 //! cargo run --release --example llama -- --preset small --offload-gb 0.05 --offload-params mlp
+//! # larger than an 80 GB card (100.7 GB in bf16), 40 GiB of it in host memory:
+//! cargo run --release --features cuda --example llama -- --device cuda --dtype bf16 \
+//!     --preset 50b --offload-gb 40 --no-check --prompt-len 16 --gen-tokens 4
 //! ```
 //!
 //! Flow: the model is created lazily on `OffloadDevice::Device`, the policy retargets the
@@ -11,12 +14,20 @@
 //! loaded (`--weights`) or randomly initialised, each offloaded tensor created once, directly in
 //! host memory. Generation (prefill + greedy decode with a KV cache) is timed, then repeated on a
 //! fully resident copy of the same weights to check that the tokens match.
+//!
+//! On CUDA the example first estimates whether the part left on the device fits the card's free
+//! memory (else it says which `--offload-gb` would), runs the resident reference only when the
+//! whole model would fit too, and samples the device memory in use every 10 ms from before the
+//! model is created to the end of generation, to print its peak.
 
 mod model;
 
 use std::error::Error;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use burn::backend::NdArray;
@@ -41,13 +52,48 @@ enum DeviceKind {
     Cuda,
 }
 
+/// Float type of the weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// Free and total bytes of the compute device's memory (CUDA only).
+type MemoryInfo = fn() -> Result<(u64, u64), String>;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
 /// LLaMA-style greedy generation with parameters offloaded to host memory.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Model shape: tiny, small, 1b or 7b.
+    /// Model shape: tiny, small, 1b, 7b or 50b (100.7 GB in bf16).
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// Float type of weights and activations; bf16 and f16 need `--device cuda`.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     /// GiB of parameters to keep in host memory (vLLM's --cpu-offload-gb).
     #[arg(long, default_value_t = 0.0)]
     offload_gb: f64,
@@ -78,7 +124,8 @@ struct Args {
     /// Seed of the random weights and of the prompt.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Skip the reference run with every parameter resident.
+    /// Skip the reference run with every parameter resident (it needs the whole model in
+    /// device memory; on CUDA it is skipped anyway when the model would not fit).
     #[arg(long)]
     no_check: bool,
 }
@@ -101,11 +148,25 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
     match args.device {
-        DeviceKind::Cpu => run_on::<NdArray>(args, NdArrayDevice::Cpu),
+        DeviceKind::Cpu if args.dtype != Dtype::F32 => Err(format!(
+            "--dtype {} needs --device cuda: the CPU target (burn-ndarray) runs in f32",
+            args.dtype
+        )
+        .into()),
+        DeviceKind::Cpu => run_on::<NdArray>(args, NdArrayDevice::Cpu, None),
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => {
+            use burn::tensor::{bf16, f16};
+            use burn_offload::CudaBackend;
             burn_offload::cuda::probe().map_err(|e| format!("--device cuda: {e}"))?;
-            run_on::<burn_offload::CudaBackend>(args, cubecl::cuda::CudaDevice::new(0))
+            let device = cubecl::cuda::CudaDevice::new(0);
+            let memory: MemoryInfo =
+                || burn_offload::cuda::memory_info(0).map_err(|e| e.to_string());
+            match args.dtype {
+                Dtype::F32 => run_on::<CudaBackend>(args, device, Some(memory)),
+                Dtype::Bf16 => run_on::<CudaBackend<bf16>>(args, device, Some(memory)),
+                Dtype::F16 => run_on::<CudaBackend<f16>>(args, device, Some(memory)),
+            }
         }
         #[cfg(not(feature = "cuda"))]
         DeviceKind::Cuda => {
@@ -118,8 +179,16 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
     }
 }
 
-/// The whole run on the target `T` (`OffloadBackend<T>` on compute device `compute`).
-fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode, Box<dyn Error>> {
+/// The whole run on the target `T` (`OffloadBackend<T>` on compute device `compute`);
+/// `memory` reads the device's free and total memory where the target has device memory.
+fn run_on<T: OffloadTarget>(
+    args: &Args,
+    compute: T::Device,
+    memory: Option<MemoryInfo>,
+) -> Result<ExitCode, Box<dyn Error>>
+where
+    T::Device: burn_offload::target::TargetDevice,
+{
     type B<T> = OffloadBackend<T>;
     if args.batch == 0 || args.prompt_len == 0 {
         return Err("--batch and --prompt-len must be at least 1".into());
@@ -135,8 +204,10 @@ fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode,
     let device = OffloadDevice::device(compute);
     B::<T>::seed(&device, args.seed);
     println!(
-        "preset {}: dim {}, {} layers, {} heads ({} kv), ffn {}, vocab {}, {} head, {:.1} M params",
+        "preset {} ({}): dim {}, {} layers, {} heads ({} kv), ffn {}, vocab {}, {} head, {:.1} M \
+         params",
         args.preset,
+        args.dtype,
         config.dim,
         config.n_layers,
         config.n_heads,
@@ -151,11 +222,18 @@ fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode,
         config.num_params() as f64 / 1e6,
     );
 
+    // Device memory in use, sampled from here (before the model exists) to the end of
+    // generation.
+    let sampler = memory.map(MemorySampler::start).transpose()?;
+
     // Lazy init, then the policy retargets the chosen parameters to host memory: nothing has
     // been allocated for them yet.
     let model: Llama<B<T>> = config.init(&device);
     let (model, report) = policy.apply(model)?;
     println!("{report}");
+    if let Some(memory) = memory {
+        check_fits(memory, args, &config, &policy, &report)?;
+    }
 
     // Materialise: offloaded tensors are created once, directly in host memory.
     reset_op_stats();
@@ -165,15 +243,18 @@ fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode,
         load_weights(&mut model, path)?;
     }
     materialize(&model, &report);
+    B::<T>::sync(&device)?;
     let init_stats = op_stats();
+    let elapsed = start.elapsed();
     println!(
-        "weights {} in {:.2?}: {} created in host memory, {} in device memory",
+        "weights {} (materialised) in {elapsed:.2?}, {}/s: {} created in host memory, {} in \
+         device memory",
         if args.weights.is_some() {
             "loaded"
         } else {
             "initialised"
         },
-        start.elapsed(),
+        HumanBytes((report.total_bytes() as f64 / elapsed.as_secs_f64().max(1e-9)) as u64),
         HumanBytes(init_stats.host_created_bytes),
         HumanBytes(init_stats.device_created_bytes),
     );
@@ -187,6 +268,7 @@ fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode,
     reset_op_stats();
     let run = generate(&model, &prompt, args, &device);
     let gen_stats = op_stats();
+    let peak = sampler.map(MemorySampler::finish).transpose()?;
     println!(
         "{} run: prefill {:.1} tok/s ({:.2?}), decode {:.1} tok/s ({:.2?})",
         if report.offloaded_tensors() > 0 {
@@ -200,9 +282,20 @@ fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode,
         run.decode,
     );
     print_tokens(&run.tokens, args.batch);
+    if let Some(peak) = &peak {
+        println!("{peak}");
+    }
 
     let mut matched = None;
-    if !args.no_check && report.offloaded_tensors() > 0 {
+    let reference_skipped = match memory {
+        Some(memory) if !args.no_check && report.offloaded_tensors() > 0 => {
+            reference_does_not_fit(memory, args, &config, &report)?
+        }
+        _ => None,
+    };
+    if let Some(why) = reference_skipped {
+        println!("resident reference run skipped: {why}");
+    } else if !args.no_check && report.offloaded_tensors() > 0 {
         // The same weights, all in device memory: `to_device` uploads the host tensors of a
         // clone. (Applying a second, empty policy would too, but it would also reset the mode
         // of this compute device, which the offloaded model shares: the last policy wins.)
@@ -233,7 +326,7 @@ fn run_on<T: OffloadTarget>(args: &Args, compute: T::Device) -> Result<ExitCode,
         println!("nothing offloaded: reference run skipped");
     }
 
-    print_summary(args, &config, &report, &run, &gen_stats);
+    print_summary(args, &config, &report, &run, &gen_stats, peak.as_ref());
     Ok(match matched {
         Some(false) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
@@ -425,6 +518,7 @@ fn print_summary(
     report: &OffloadReport,
     run: &Generation,
     stats: &OpStats,
+    peak: Option<&MemoryPeak>,
 ) {
     println!("--- summary ---");
     println!("preset            {}", args.preset);
@@ -441,6 +535,7 @@ fn print_summary(
         report.offloaded_tensors(),
         report.params.len()
     );
+    println!("dtype             {}", args.dtype);
     println!("mode              {}", report.mode);
     println!(
         "batch x prompt    {} x {} (+{} decode steps)",
@@ -457,4 +552,225 @@ fn print_summary(
         HumanBytes(stats.device_created_bytes),
         HumanBytes(stats.host_created_bytes),
     );
+    if let Some(peak) = peak {
+        println!(
+            "device memory     peak {:.2} GiB used of {:.2} GiB ({:.2} GiB before init)",
+            peak.peak_used as f64 / GIB,
+            peak.total as f64 / GIB,
+            peak.baseline_used as f64 / GIB
+        );
+    }
+}
+
+/// Samples the device memory in use (`total - free`, as the driver sees it: CubeCL's pools
+/// count whole) every 10 ms on a background thread.
+struct MemorySampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(u64, usize), String>>>,
+    baseline_used: u64,
+    total: u64,
+    memory: MemoryInfo,
+}
+
+/// What [`MemorySampler`] saw.
+struct MemoryPeak {
+    peak_used: u64,
+    baseline_used: u64,
+    total: u64,
+    samples: usize,
+}
+
+impl std::fmt::Display for MemoryPeak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "device memory: peak {:.2} GiB used of {:.2} GiB; {:.2} GiB used before the model \
+             was created (sampled every 10 ms from before init to the end of generation, {} \
+             samples)",
+            self.peak_used as f64 / GIB,
+            self.total as f64 / GIB,
+            self.baseline_used as f64 / GIB,
+            self.samples
+        )
+    }
+}
+
+const MEMORY_SAMPLE_PERIOD: Duration = Duration::from_millis(10);
+
+impl MemorySampler {
+    fn start(memory: MemoryInfo) -> Result<Self, String> {
+        let (free, total) = memory().map_err(|e| format!("reading device memory: {e}"))?;
+        let baseline_used = total.saturating_sub(free);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("device-memory".into())
+            .spawn(move || {
+                let (mut peak, mut samples) = (baseline_used, 1);
+                loop {
+                    // One last sample after the stop request, so the end is covered.
+                    let stopping = flag.load(Ordering::Acquire);
+                    let (free, total) = memory()?;
+                    peak = peak.max(total.saturating_sub(free));
+                    samples += 1;
+                    if stopping {
+                        return Ok((peak, samples));
+                    }
+                    std::thread::sleep(MEMORY_SAMPLE_PERIOD);
+                }
+            })
+            .map_err(|e| format!("starting the memory sampler: {e}"))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            baseline_used,
+            total,
+            memory,
+        })
+    }
+
+    fn finish(mut self) -> Result<MemoryPeak, String> {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().expect("joined once");
+        let (peak, samples) = thread
+            .join()
+            .map_err(|_| "the memory sampler panicked".to_string())?
+            .map_err(|e| format!("reading device memory: {e}"))?;
+        // The thread's last sample came after the stop request; one more from here.
+        let (free, total) = (self.memory)()?;
+        Ok(MemoryPeak {
+            peak_used: peak.max(total.saturating_sub(free)),
+            baseline_used: self.baseline_used,
+            total: self.total,
+            samples: samples + 1,
+        })
+    }
+}
+
+impl Drop for MemorySampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// A rough estimate of the device bytes a run needs beside the resident parameters: CubeCL
+/// rounds allocations up into pages of up to 1/16 of the card (one more page may be needed
+/// at any time), the KV cache, the prefill's activations and attention scores, logits, the
+/// transient copies of offloaded weights, and 1 GiB for the runtime itself.
+fn device_overhead(
+    total_memory: u64,
+    args: &Args,
+    config: &LlamaConfig,
+    largest_offloaded: u64,
+    prefetch_lookahead: u64,
+) -> u64 {
+    let seq = args.prompt_len + args.gen_tokens;
+    let rows = args.batch * args.prompt_len;
+    let kv = 2 * config.n_layers * args.batch * seq * config.n_kv_heads * config.head_dim();
+    let repeated_kv = 2 * args.batch * config.n_heads * seq * config.head_dim();
+    let hidden = rows * (6 * config.dim + 3 * config.ffn_dim);
+    let scores = 3 * args.batch * config.n_heads * args.prompt_len * seq;
+    let logits = args.batch * config.vocab_size * (2 + args.gen_tokens);
+    let activations = (kv + repeated_kv + hidden + scores + logits) * args.dtype.size();
+    total_memory / 16
+        + activations as u64
+        + 2 * largest_offloaded
+        + prefetch_lookahead
+        + (1u64 << 30)
+}
+
+/// Device bytes for `resident` bytes of parameters: CubeCL's pools pack tensors into pages
+/// with some slack.
+fn with_pool_slack(resident: u64) -> u64 {
+    resident + resident / 12
+}
+
+fn prefetch_lookahead(report: &OffloadReport) -> u64 {
+    match report.mode {
+        OffloadMode::Prefetch { lookahead_bytes } => lookahead_bytes,
+        _ => 0,
+    }
+}
+
+/// Refuses (with the `--offload-gb` that would do) a run whose resident part would not fit
+/// the device's free memory.
+fn check_fits(
+    memory: MemoryInfo,
+    args: &Args,
+    config: &LlamaConfig,
+    policy: &OffloadPolicy,
+    report: &OffloadReport,
+) -> Result<(), Box<dyn Error>> {
+    let (free, total) = memory().map_err(|e| format!("reading device memory: {e}"))?;
+    let resident = report.total_bytes() - report.offloaded_bytes();
+    // Estimated with the largest parameter as the largest transient copy.
+    let largest = report.params.iter().map(|p| p.bytes).max().unwrap_or(0);
+    let overhead = device_overhead(total, args, config, largest, prefetch_lookahead(report));
+    let needed = with_pool_slack(resident) + overhead;
+    if needed <= free {
+        println!(
+            "device memory estimate: {:.2} GiB of parameters stay on the device, about {:.2} GiB \
+             with CubeCL's pools, activations and copies; {:.2} of {:.2} GiB are free",
+            resident as f64 / GIB,
+            needed as f64 / GIB,
+            free as f64 / GIB,
+            total as f64 / GIB
+        );
+        return Ok(());
+    }
+    // The most parameter bytes that fit, and so the least to offload.
+    let max_resident = free.saturating_sub(overhead) as f64 * 12.0 / 13.0;
+    let min_offload = (report.total_bytes() as f64 - max_resident).max(0.0);
+    let suggestion = ((min_offload / GIB) * 2.0).ceil() / 2.0;
+    let eligible: u64 = report
+        .params
+        .iter()
+        .filter(|p| policy.matches(&p.path) && p.bytes >= policy.min_tensor_bytes)
+        .map(|p| p.bytes)
+        .sum();
+    let advice = if max_resident <= 0.0 {
+        "the activations alone would not fit: lower --batch or --prompt-len".to_string()
+    } else if min_offload > eligible as f64 {
+        format!(
+            "even offloading all {:.2} GiB of the parameters that --offload-params selects is \
+             not enough: select more parameters (about {suggestion} GiB must be offloaded)",
+            eligible as f64 / GIB
+        )
+    } else {
+        format!("use --offload-gb {suggestion} or more")
+    };
+    Err(format!(
+        "the model does not fit on the device: with --offload-gb {}, {:.2} GiB of {} parameters \
+         stay in device memory, an estimated {:.2} GiB with CubeCL's memory pools, activations \
+         and copies, but only {:.2} of {:.2} GiB are free; {advice}",
+        args.offload_gb,
+        resident as f64 / GIB,
+        args.dtype,
+        needed as f64 / GIB,
+        free as f64 / GIB,
+        total as f64 / GIB,
+    )
+    .into())
+}
+
+/// Why the resident reference run cannot run (it moves every offloaded parameter to the
+/// device), or `None` when it fits the free device memory.
+fn reference_does_not_fit(
+    memory: MemoryInfo,
+    args: &Args,
+    config: &LlamaConfig,
+    report: &OffloadReport,
+) -> Result<Option<String>, Box<dyn Error>> {
+    let (free, total) = memory().map_err(|e| format!("reading device memory: {e}"))?;
+    let needed =
+        with_pool_slack(report.offloaded_bytes()) + device_overhead(total, args, config, 0, 0);
+    Ok((needed > free).then(|| {
+        format!(
+            "it needs every parameter in device memory: another {:.2} GiB (estimated, with the \
+             memory pools and activations), but only {:.2} GiB are free (pass --no-check to \
+             skip it)",
+            needed as f64 / GIB,
+            free as f64 / GIB
+        )
+    }))
 }

@@ -60,14 +60,16 @@ impl std::error::Error for ConfigError {}
 
 impl LlamaConfig {
     /// The preset names accepted by [`preset`](Self::preset).
-    pub const PRESETS: &'static [&'static str] = &["tiny", "small", "1b", "7b"];
+    pub const PRESETS: &'static [&'static str] = &["tiny", "small", "1b", "7b", "50b"];
 
     /// A named preset:
     /// - `tiny`: 2 layers, dim 64, vocab 256, GQA and a tied head (runs in well under a second);
     /// - `small`: 4 layers, dim 512, vocab 8192, ~21 M parameters (CPU benchmarking);
     /// - `1b`: Llama-3.2-1B-shaped (dim 2048, 16 layers, GQA 32/8, ffn 8192, tied) with a
     ///   32000 vocabulary;
-    /// - `7b`: LLaMA-2-7B (dim 4096, 32 layers, 32 heads, ffn 11008, vocab 32000, untied).
+    /// - `7b`: LLaMA-2-7B (dim 4096, 32 layers, 32 heads, ffn 11008, vocab 32000, untied);
+    /// - `50b`: larger than an 80 GB card in bf16 (50.4 B parameters, 100.7 GB): dim 8192, 72
+    ///   layers, GQA 64/8, ffn 22016, vocab 32000, untied.
     pub fn preset(name: &str) -> Result<Self, ConfigError> {
         let config = match name.trim().to_ascii_lowercase().as_str() {
             "tiny" => Self {
@@ -115,6 +117,18 @@ impl LlamaConfig {
                 ffn_dim: 11_008,
                 max_seq_len: 4096,
                 rope_theta: 10_000.0,
+                norm_eps: 1e-5,
+                tie_embeddings: false,
+            },
+            "50b" => Self {
+                vocab_size: 32_000,
+                dim: 8192,
+                n_layers: 72,
+                n_heads: 64,
+                n_kv_heads: 8,
+                ffn_dim: 22_016,
+                max_seq_len: 4096,
+                rope_theta: 500_000.0,
                 norm_eps: 1e-5,
                 tie_embeddings: false,
             },

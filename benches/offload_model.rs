@@ -1,0 +1,950 @@
+//! A whole LLaMA model with part of its weights offloaded, against plain burn-cuda and the
+//! card's transfer limits, on one CUDA device in one run (feature `cuda`).
+//!
+//! `cargo bench --features cuda --bench offload_model` prints the card's name and, measured in
+//! the same run, the two physical limits (256 MiB from pinned host memory, median GB/s): the
+//! copy engine's DMA (`cuda::upload_dma`) and a kernel reading host-mapped memory
+//! (`cuda::upload_sm_copy`, what the zero-copy kernels do). Then, for the `1b` and `7b`
+//! presets of `examples/llama/model.rs` with bf16 weights:
+//! - `plain`: `CudaBackend<bf16>` (burn-cuda without fusion), every weight resident;
+//! - `offload 0%`: `OffloadBackend<CudaBackend<bf16>>` with nothing offloaded (the decorator);
+//! - `offload F% <mode>`: `OffloadPolicy::from_bytes(F × total weight bytes)` (the offloaded
+//!   bytes reported are the `OffloadReport`'s: whole tensors, so a little more than F), read in
+//!   `uva`, `copy` and `prefetch` mode (default lookahead). The modes are switched on the same
+//!   offloaded model with `set_device_config`; the policy is applied once per fraction;
+//!
+//! each for three workloads: one decode step at batch 1 and at batch 8 (KV cache primed by a
+//! 32-token prompt; every sample decodes the same position from a clone of that cache), and a
+//! prefill of 512 tokens at batch 1. It prints one markdown table: median ms per step (one
+//! decode step, i.e. one token per sequence, or the whole prefill), tokens/s, the ratio to
+//! `plain`, the lower bound `max(plain, offloaded bytes / DMA GB/s)` and the efficiency
+//! `bound / measured`; for `uva` at batch 1 also the bound through the kernel read
+//! `max(plain, offloaded bytes / kernel-read GB/s)`.
+//!
+//! Same weights, checked: the offloaded models are `policy.apply` of clones of one
+//! materialised, resident `OffloadBackend` model (the policy moves the selected parameters to
+//! pinned host memory), so every offloaded variant's logits (the last sample of each workload)
+//! are compared with that resident model's own (= `offload 0%`): max |difference| within 5 %
+//! of the largest |logit| (bf16), argmax agreement reported. A failed check exits 1 after the
+//! table and the JSON are written. (The `plain` model has its own random weights.)
+//!
+//! Timing: every sample runs from an idle stream to the end of a stream sync (`cuda::sync`);
+//! 2 warm-up runs first (prefetch mode learns its read cycle, CubeCL autotunes), then the median
+//! of `MODEL_BENCH_SAMPLES` samples (default 5; at most 3 when a warm step took over 0.2 s, 1
+//! over 1 s). Memory stays bounded: the plain model is dropped before the offloaded ones are
+//! built, each fraction's offloaded clone is dropped (and its pinned memory freed) before the
+//! next one.
+//!
+//! Environment: `MODEL_BENCH_JSON=path` also writes everything as JSON (rewritten after each
+//! preset, so a killed run leaves the finished presets); `MODEL_BENCH_SAMPLES` (default 5);
+//! `MODEL_BENCH_PRESETS` (default `1b,7b`); `MODEL_BENCH_FRACTIONS` (default `0,0.25,0.5,1`);
+//! `MODEL_BENCH_BUDGET_S` (default 195): no measurement starts after that many seconds since
+//! start, and each preset gets an equal share of what is left when it starts (so a slow `1b`
+//! cannot starve `7b`); the skipped ones are listed, so the table still comes out under a 240 s
+//! limit.
+//! Without a CUDA driver it prints why and exits 0.
+//!
+//! Run time (an estimate: this bench has not run on a GPU yet). Per preset 11 variants × 3
+//! workloads, each 2 + (1..=5) forwards. Transfers dominate: per mode and workload the three
+//! fractions move 1.75 × the model's bytes per forward. On an H100 with 25 GB/s (50 GB/s) of
+//! DMA: `7b` (13.5 GB of weights; 0.54 s (0.27 s) per forward fully offloaded in copy mode)
+//! ≈ 45 s (25 s), `1b` (2.5 GB) ≈ 10 s (6 s); set-up ≈ 15–30 s (random init, moving 1.75 ×
+//! the weights to pinned memory per preset, dropping them), CubeCL's autotuning in the first
+//! runs ≈ 10–30 s, limits ≈ 2 s: about 1.5–2.5 minutes. One known slow path: `1b` has a tied
+//! LM head, whose copy (copy and prefetch mode, and the 512-row prefill in uva mode) is a
+//! transposed view of the embedding that the CPU gathers element by element before uploading
+//! it (`HostTensor::to_data`: ~1 s for this 131 MB view on a 2-core VM), so those 21 `1b`
+//! measurements take ~1 s per forward and 3 forwards each (~60–70 s); the adaptive sample
+//! count and the per-preset budget absorb it.
+
+#[path = "../examples/llama/model.rs"]
+mod model;
+
+use std::error::Error;
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData, bf16};
+use burn_offload::cuda::{self, CudaError, driver};
+use burn_offload::device::{DeviceConfig, set_device_config};
+use burn_offload::{
+    CudaBackend, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OpStats, PrefetchStats,
+    op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
+};
+use cubecl::cuda::CudaDevice;
+use model::{Cache, Llama, LlamaConfig};
+use serde_json::{Value, json};
+
+/// burn-cuda without fusion, bf16 weights and activations.
+type Plain = CudaBackend<bf16>;
+type Off = OffloadBackend<Plain>;
+
+const MIB: usize = 1 << 20;
+const WARMUP: usize = 2;
+/// Seed of the random weights (each model is initialised after seeding).
+const SEED: u64 = 5;
+/// Prompt tokens in the KV cache before a decode step.
+const PROMPT: usize = 32;
+/// Tokens of the prefill workload.
+const PREFILL: usize = 512;
+/// A warm step slower than this gets at most 3 samples; slower than `VERY_SLOW_STEP_S`, 1.
+const SLOW_STEP_S: f64 = 0.2;
+const VERY_SLOW_STEP_S: f64 = 1.0;
+/// Largest |logit difference| accepted, relative to the largest |logit| (bf16 rounding).
+const CHECK_TOLERANCE: f32 = 5e-2;
+
+type BenchResult<T> = Result<T, Box<dyn Error>>;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+/// After a section: frees its pinned memory once the device is done with it.
+fn release(cuda: &CudaDevice) -> Result<(), CudaError> {
+    cuda::release_upload_sources(cuda)?;
+    cuda::sync(cuda)?;
+    cuda::wait_pinned_releases();
+    Ok(())
+}
+
+/// Seconds of one run of `f`, from an idle stream to the end of a stream sync.
+fn timed(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<f64, CudaError> {
+    cuda::sync(cuda)?;
+    let start = Instant::now();
+    f();
+    cuda::sync(cuda)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// GB/s of a pinned host→device DMA and of a kernel reading host-mapped memory (256 MiB,
+/// medians after `WARMUP` runs).
+fn limits(cuda: &CudaDevice, samples: usize) -> Result<[f64; 2], CudaError> {
+    let len = 256 * MIB;
+    let mut host = cuda::alloc_pinned(cuda.index, len)?;
+    for (i, chunk) in host.as_mut_slice().chunks_mut(4096).enumerate() {
+        chunk.fill(i as u8);
+    }
+    let host = Arc::new(host);
+    let secs = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
+        let mut failed = None;
+        let mut run = || {
+            if let Err(e) = f() {
+                failed = Some(e);
+            }
+        };
+        for _ in 0..WARMUP {
+            timed(cuda, &mut run)?;
+        }
+        let times = (0..samples.max(5))
+            .map(|_| timed(cuda, &mut run))
+            .collect::<Result<Vec<_>, _>>()?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(median(times)),
+        }
+    };
+    let dma = secs(&mut || {
+        black_box(cuda::upload_dma(cuda, &host, 0..len)?);
+        Ok(())
+    })?;
+    let sm = secs(&mut || {
+        black_box(cuda::upload_sm_copy(cuda, &host, 0..len)?);
+        Ok(())
+    })?;
+    drop(host);
+    release(cuda)?;
+    Ok([gbps(len, dma), gbps(len, sm)])
+}
+
+/// Reads every parameter once, which initialises the lazy ones where they are placed.
+struct Materialize;
+
+impl<Bk: Backend> ModuleVisitor<Bk> for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Bk, D>>) {
+        black_box(param.val());
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    Decode1,
+    Decode8,
+    Prefill,
+}
+
+impl Workload {
+    const ALL: [Self; 3] = [Self::Decode1, Self::Decode8, Self::Prefill];
+
+    fn name(self) -> String {
+        match self {
+            Self::Decode1 => "decode b1".into(),
+            Self::Decode8 => "decode b8".into(),
+            Self::Prefill => format!("prefill {PREFILL}"),
+        }
+    }
+
+    fn batch(self) -> usize {
+        match self {
+            Self::Decode1 | Self::Prefill => 1,
+            Self::Decode8 => 8,
+        }
+    }
+
+    /// Tokens one step produces (decode: one per sequence) or processes (prefill).
+    fn tokens(self) -> usize {
+        match self {
+            Self::Decode1 | Self::Decode8 => self.batch(),
+            Self::Prefill => PREFILL,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Deterministic token ids `[batch, len]`.
+fn ids<Bk: Backend>(
+    batch: usize,
+    len: usize,
+    vocab: usize,
+    salt: u64,
+    device: &Bk::Device,
+) -> Tensor<Bk, 2, Int> {
+    let values: Vec<i64> = (0..(batch * len) as u64)
+        .map(|i| ((i * 7919 + salt * 104_729 + 17) % vocab as u64) as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(values, [batch, len]), device)
+}
+
+/// The inputs of the workloads: token ids, and KV caches primed with a `PROMPT`-token
+/// prefill. Built once per backend, so every offloaded variant decodes from the same cache.
+struct Inputs<Bk: Backend> {
+    /// `(next token, primed cache)` for batch 1 and batch 8.
+    decode: [(Tensor<Bk, 2, Int>, Cache<Bk>); 2],
+    prefill: Tensor<Bk, 2, Int>,
+}
+
+impl<Bk: Backend> Inputs<Bk> {
+    fn new(model: &Llama<Bk>, vocab: usize, device: &Bk::Device) -> Self {
+        let decode = [1, 8].map(|batch| {
+            let mut cache = Cache::for_model(model);
+            black_box(model.forward_last(ids::<Bk>(batch, PROMPT, vocab, 1, device), &mut cache));
+            (ids::<Bk>(batch, 1, vocab, 2, device), cache)
+        });
+        Self {
+            decode,
+            prefill: ids::<Bk>(1, PREFILL, vocab, 3, device),
+        }
+    }
+
+    /// One step of `workload`: logits `[batch, vocab]` of the last position.
+    fn run(&self, model: &Llama<Bk>, workload: Workload) -> Tensor<Bk, 2> {
+        match workload {
+            Workload::Decode1 | Workload::Decode8 => {
+                let (next, cache) = &self.decode[usize::from(workload == Workload::Decode8)];
+                model.forward_last(next.clone(), &mut cache.clone())
+            }
+            Workload::Prefill => {
+                model.forward_last(self.prefill.clone(), &mut Cache::for_model(model))
+            }
+        }
+    }
+}
+
+/// One measured workload.
+struct Measured {
+    median_s: f64,
+    samples_s: Vec<f64>,
+    warmup_s: Vec<f64>,
+    /// Logits of the last sample, `[batch, vocab]` row-major.
+    logits: Vec<f32>,
+    /// What the last sample's ops did.
+    stats: OpStats,
+    /// Prefetch counters over the warm-ups and samples.
+    prefetch: PrefetchStats,
+}
+
+/// `WARMUP` runs of `step`, then the median of up to `samples` (fewer for slow steps).
+fn measure<Bk: Backend>(
+    cuda: &CudaDevice,
+    samples: usize,
+    mut step: impl FnMut() -> Tensor<Bk, 2>,
+) -> Result<Measured, CudaError> {
+    let mut out = None;
+    let mut run = || out = Some(step());
+    reset_prefetch_stats();
+    let warmup_s = (0..WARMUP)
+        .map(|_| timed(cuda, &mut run))
+        .collect::<Result<Vec<_>, _>>()?;
+    let warm = warmup_s.iter().copied().fold(f64::INFINITY, f64::min);
+    let n = if warm > VERY_SLOW_STEP_S {
+        1
+    } else if warm > SLOW_STEP_S {
+        samples.min(3)
+    } else {
+        samples
+    };
+    let mut samples_s = Vec::with_capacity(n);
+    for i in 0..n {
+        if i + 1 == n {
+            reset_op_stats();
+        }
+        samples_s.push(timed(cuda, &mut run)?);
+    }
+    let stats = op_stats();
+    let prefetch = prefetch_stats();
+    let logits = out
+        .expect("the step ran")
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    Ok(Measured {
+        median_s: median(samples_s.clone()),
+        samples_s,
+        warmup_s,
+        logits,
+        stats,
+        prefetch,
+    })
+}
+
+/// An offloaded variant's logits against the resident model's.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    max_abs_diff: f32,
+    max_abs_logit: f32,
+    argmax_equal: usize,
+    rows: usize,
+    ok: bool,
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 { (i, v) } else { best }
+        })
+        .0
+}
+
+fn check(logits: &[f32], reference: &[f32], batch: usize) -> Check {
+    let vocab = reference.len() / batch.max(1);
+    let max_abs_logit = reference.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let finite = logits.iter().all(|v| v.is_finite());
+    let max_abs_diff = logits
+        .iter()
+        .zip(reference)
+        .fold(0.0f32, |a, (x, r)| a.max((x - r).abs()));
+    let argmax_equal = logits
+        .chunks(vocab)
+        .zip(reference.chunks(vocab))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    Check {
+        max_abs_diff,
+        max_abs_logit,
+        argmax_equal,
+        rows: batch,
+        ok: finite
+            && logits.len() == reference.len()
+            && max_abs_diff <= CHECK_TOLERANCE * max_abs_logit,
+    }
+}
+
+/// One row of the table (and of the JSON).
+struct Row {
+    preset: String,
+    workload: Workload,
+    variant: String,
+    fraction: Option<f64>,
+    mode: Option<OffloadMode>,
+    offloaded_bytes: u64,
+    offloaded_tensors: usize,
+    /// `None`: skipped (time budget).
+    measured: Option<Measured>,
+    check: Option<Check>,
+    /// Device memory in use (driver's view) after the measurement.
+    device_used_bytes: Option<u64>,
+}
+
+/// What the table's columns are computed from.
+struct Limits {
+    dma_gbps: f64,
+    kernel_read_gbps: f64,
+}
+
+impl Row {
+    fn plain_s(&self, rows: &[Row]) -> Option<f64> {
+        rows.iter()
+            .find(|r| {
+                r.preset == self.preset && r.workload == self.workload && r.fraction.is_none()
+            })
+            .and_then(|r| r.measured.as_ref())
+            .map(|m| m.median_s)
+    }
+
+    /// `max(plain, offloaded bytes / DMA)`.
+    fn bound_s(&self, rows: &[Row], limits: &Limits) -> Option<f64> {
+        let plain = self.plain_s(rows)?;
+        Some(plain.max(self.offloaded_bytes as f64 / (limits.dma_gbps * 1e9)))
+    }
+
+    /// `max(plain, offloaded bytes / kernel read)`, for uva at batch 1.
+    fn uva_bound_s(&self, rows: &[Row], limits: &Limits) -> Option<f64> {
+        if self.mode != Some(OffloadMode::Uva) || self.workload != Workload::Decode1 {
+            return None;
+        }
+        let plain = self.plain_s(rows)?;
+        Some(plain.max(self.offloaded_bytes as f64 / (limits.kernel_read_gbps * 1e9)))
+    }
+
+    fn json(&self, rows: &[Row], limits: &Limits) -> Value {
+        let m = self.measured.as_ref();
+        let median = m.map(|m| m.median_s);
+        let bound = self.bound_s(rows, limits);
+        json!({
+            "preset": self.preset,
+            "workload": self.workload.name(),
+            "batch": self.workload.batch(),
+            "tokens_per_step": self.workload.tokens(),
+            "variant": self.variant,
+            "fraction": self.fraction,
+            "mode": self.mode.map(|m| m.to_string()),
+            "offloaded_bytes": self.offloaded_bytes,
+            "offloaded_tensors": self.offloaded_tensors,
+            "skipped": m.is_none().then_some("time budget (MODEL_BENCH_BUDGET_S)"),
+            "median_s": median,
+            "samples_s": m.map(|m| &m.samples_s),
+            "warmup_s": m.map(|m| &m.warmup_s),
+            "tokens_per_s": median.map(|s| self.workload.tokens() as f64 / s),
+            "ratio_to_plain": median.zip(self.plain_s(rows)).map(|(s, p)| s / p),
+            "bound_s": bound,
+            "efficiency": median.zip(bound).map(|(s, b)| b / s),
+            "uva_bound_s": self.uva_bound_s(rows, limits),
+            "check": self.check.map(|c| json!({
+                "max_abs_diff": c.max_abs_diff, "max_abs_logit": c.max_abs_logit,
+                "argmax_equal": c.argmax_equal, "rows": c.rows, "ok": c.ok,
+            })),
+            "op_stats_last_sample": m.map(|m| json!(m.stats)),
+            "prefetch_stats": m
+                .filter(|_| matches!(self.mode, Some(OffloadMode::Prefetch { .. })))
+                .map(|m| json!(m.prefetch)),
+            "device_used_bytes": self.device_used_bytes,
+        })
+    }
+}
+
+/// The whole run's state.
+struct Bench {
+    cuda: CudaDevice,
+    samples: usize,
+    fractions: Vec<f64>,
+    /// No measurement starts after this (the whole run's budget).
+    deadline: Instant,
+    /// The current preset's share of it: an equal part of what is left per preset left, so
+    /// a slow preset cannot starve the next one (an early finish passes its rest on).
+    preset_deadline: Instant,
+    limits: Limits,
+    rows: Vec<Row>,
+    /// Wall-clock seconds of set-up sections (init, policy application), by name.
+    sections: Vec<(String, f64)>,
+    presets: Vec<Value>,
+}
+
+fn pct(fraction: f64) -> String {
+    format!("{}%", (fraction * 1000.0).round() / 10.0)
+}
+
+fn device_used(cuda: &CudaDevice) -> Option<u64> {
+    cuda::memory_info(cuda.index)
+        .ok()
+        .map(|(free, total)| total.saturating_sub(free))
+}
+
+impl Bench {
+    fn out_of_time(&self) -> bool {
+        Instant::now() >= self.preset_deadline.min(self.deadline)
+    }
+
+    /// Measures (or, past the deadline, skips) `workload` and adds its row.
+    #[allow(clippy::too_many_arguments)]
+    fn add<Bk: Backend>(
+        &mut self,
+        preset: &str,
+        variant: &str,
+        (fraction, mode): (Option<f64>, Option<OffloadMode>),
+        (offloaded_bytes, offloaded_tensors): (u64, usize),
+        workload: Workload,
+        run: impl FnMut() -> Tensor<Bk, 2>,
+        reference: Option<&[Vec<f32>; 3]>,
+    ) -> Result<(), CudaError> {
+        let measured = if self.out_of_time() {
+            None
+        } else {
+            Some(measure(&self.cuda, self.samples, run)?)
+        };
+        let check = measured
+            .as_ref()
+            .zip(reference)
+            .map(|(m, r)| check(&m.logits, &r[workload.index()], workload.batch()));
+        let row = Row {
+            preset: preset.to_string(),
+            workload,
+            variant: variant.to_string(),
+            fraction,
+            mode,
+            offloaded_bytes,
+            offloaded_tensors,
+            measured,
+            check,
+            device_used_bytes: device_used(&self.cuda),
+        };
+        match &row.measured {
+            Some(m) => println!(
+                "  {preset} {} {variant}: {:.3} ms (median of {}; warm-up {:.3?} s){}",
+                workload.name(),
+                m.median_s * 1e3,
+                m.samples_s.len(),
+                m.warmup_s,
+                match row.check {
+                    Some(c) if c.ok => format!(
+                        ", logits match the resident model (max |diff| {:.3e} of {:.3e}, argmax \
+                         {}/{})",
+                        c.max_abs_diff, c.max_abs_logit, c.argmax_equal, c.rows
+                    ),
+                    Some(c) => format!(
+                        ", CHECK FAILED: max |logit diff| {:.3e} > {CHECK_TOLERANCE} x {:.3e} \
+                         (or non-finite logits), argmax {}/{}",
+                        c.max_abs_diff, c.max_abs_logit, c.argmax_equal, c.rows
+                    ),
+                    None => String::new(),
+                }
+            ),
+            None => println!(
+                "  {preset} {} {variant}: skipped (time budget)",
+                workload.name()
+            ),
+        }
+        let _ = std::io::stdout().flush();
+        self.rows.push(row);
+        Ok(())
+    }
+
+    fn lap(&mut self, name: String, start: Instant) {
+        self.sections.push((name, start.elapsed().as_secs_f64()));
+    }
+
+    fn preset(&mut self, name: &str) -> BenchResult<()> {
+        let config = LlamaConfig::preset(name)?;
+        println!(
+            "\n{name}: {:.2} B parameters, {:.2} GB in bf16",
+            config.num_params() as f64 / 1e9,
+            config.num_params() as f64 * 2.0 / 1e9
+        );
+        if self.out_of_time() {
+            println!("  skipped (time budget)");
+            for w in Workload::ALL {
+                self.skip(name, "plain", (None, None), w);
+            }
+            return Ok(());
+        }
+        let cuda = self.cuda.clone();
+        let vocab = config.vocab_size;
+
+        // Plain burn-cuda, all weights resident.
+        let start = Instant::now();
+        <Plain as Backend>::seed(&cuda, SEED);
+        let plain: Llama<Plain> = config.init(&cuda);
+        plain.visit(&mut Materialize);
+        let inputs = Inputs::new(&plain, vocab, &cuda);
+        cuda::sync(&cuda)?;
+        self.lap(format!("{name}/plain_init"), start);
+        for w in Workload::ALL {
+            self.add(
+                name,
+                "plain",
+                (None, None),
+                (0, 0),
+                w,
+                || inputs.run(&plain, w),
+                None,
+            )?;
+        }
+        drop(inputs);
+        drop(plain);
+        <Plain as Backend>::memory_cleanup(&cuda);
+        release(&cuda)?;
+
+        // OffloadBackend: one resident model, materialised once; each fraction offloads a
+        // clone of it (same weights), so its logits can be compared with the resident ones.
+        let start = Instant::now();
+        let device = OffloadDevice::device(cuda.clone());
+        <Off as Backend>::seed(&device, SEED);
+        let resident: Llama<Off> = config.init(&device);
+        resident.visit(&mut Materialize);
+        let inputs = Inputs::new(&resident, vocab, &device);
+        let reference: [Vec<f32>; 3] =
+            Workload::ALL.map(|w| inputs.run(&resident, w).into_data().iter::<f32>().collect());
+        let (_, report) = OffloadPolicy::from_bytes(0).apply(resident.clone())?;
+        let total = report.total_bytes();
+        cuda::sync(&cuda)?;
+        self.lap(format!("{name}/offload_init"), start);
+        self.presets.push(json!({
+            "preset": name, "params": config.num_params(), "weight_bytes": total,
+            "tensors": report.params.len(),
+        }));
+
+        let prefetch = "prefetch".parse::<OffloadMode>().expect("a valid mode");
+        for fraction in self.fractions.clone() {
+            let modes: &[OffloadMode] = if fraction == 0.0 {
+                &[OffloadMode::Uva]
+            } else {
+                &[OffloadMode::Uva, OffloadMode::Copy, prefetch]
+            };
+            if self.out_of_time() {
+                for &mode in modes {
+                    let (variant, mode) = variant_name(fraction, mode);
+                    for w in Workload::ALL {
+                        self.skip(name, &variant, (Some(fraction), mode), w);
+                    }
+                }
+                continue;
+            }
+            let start = Instant::now();
+            let policy = OffloadPolicy::from_bytes((fraction * total as f64).round() as u64)
+                .mode(OffloadMode::Uva);
+            let (model, report) = policy.apply(resident.clone())?;
+            cuda::sync(&cuda)?;
+            self.lap(format!("{name}/apply_{}", pct(fraction)), start);
+            let offloaded = (report.offloaded_bytes(), report.offloaded_tensors());
+            println!(
+                "  {}: {:.3} GB in {} of {} tensors offloaded ({:.1} s to move them)",
+                pct(fraction),
+                offloaded.0 as f64 / 1e9,
+                offloaded.1,
+                report.params.len(),
+                start.elapsed().as_secs_f64()
+            );
+            for &mode in modes {
+                set_device_config(
+                    &cuda,
+                    DeviceConfig {
+                        mode,
+                        pin_memory: true,
+                    },
+                );
+                let (variant, mode) = variant_name(fraction, mode);
+                for w in Workload::ALL {
+                    self.add(
+                        name,
+                        &variant,
+                        (Some(fraction), mode),
+                        offloaded,
+                        w,
+                        || inputs.run(&model, w),
+                        Some(&reference),
+                    )?;
+                }
+            }
+            // Back to uva: drops the prefetcher and its copies before the host memory goes.
+            set_device_config(
+                &cuda,
+                DeviceConfig {
+                    mode: OffloadMode::Uva,
+                    pin_memory: true,
+                },
+            );
+            drop(model);
+            release(&cuda)?;
+            std::thread::sleep(burn_offload::prefetch::LIVENESS_CHECK);
+        }
+        drop(inputs);
+        drop(resident);
+        <Off as Backend>::memory_cleanup(&device);
+        release(&cuda)?;
+        Ok(())
+    }
+
+    fn skip(
+        &mut self,
+        preset: &str,
+        variant: &str,
+        (fraction, mode): (Option<f64>, Option<OffloadMode>),
+        workload: Workload,
+    ) {
+        println!(
+            "  {preset} {} {variant}: skipped (time budget)",
+            workload.name()
+        );
+        self.rows.push(Row {
+            preset: preset.to_string(),
+            workload,
+            variant: variant.to_string(),
+            fraction,
+            mode,
+            offloaded_bytes: 0,
+            offloaded_tensors: 0,
+            measured: None,
+            check: None,
+            device_used_bytes: None,
+        });
+    }
+
+    fn checks_ok(&self) -> bool {
+        self.rows.iter().all(|r| r.check.is_none_or(|c| c.ok))
+    }
+
+    fn table(&self) -> String {
+        let fmt = |v: Option<f64>, digits: usize| match v {
+            Some(v) => format!("{v:.digits$}"),
+            None => "–".to_string(),
+        };
+        let mut out = String::from(
+            "| model | workload | variant | offloaded GB | ms/step | tokens/s | ratio to plain \
+             | bound ms | efficiency | uva bound ms |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        // Grouped by model and workload; variants in the order they ran.
+        let mut order: Vec<&Row> = self.rows.iter().collect();
+        let preset_pos = |r: &Row| self.rows.iter().position(|o| o.preset == r.preset);
+        order.sort_by_key(|r| (preset_pos(r), r.workload.index()));
+        for r in order {
+            let median = r.measured.as_ref().map(|m| m.median_s);
+            let bound = r.bound_s(&self.rows, &self.limits);
+            let uva = r.uva_bound_s(&self.rows, &self.limits);
+            out += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.preset,
+                r.workload.name(),
+                r.variant,
+                if r.measured.is_some() || r.offloaded_bytes > 0 {
+                    format!("{:.2}", r.offloaded_bytes as f64 / 1e9)
+                } else {
+                    "–".into()
+                },
+                match median {
+                    Some(s) => format!("{:.2}", s * 1e3),
+                    None => "skipped".into(),
+                },
+                fmt(median.map(|s| r.workload.tokens() as f64 / s), 1),
+                fmt(median.zip(r.plain_s(&self.rows)).map(|(s, p)| s / p), 2),
+                fmt(bound.map(|b| b * 1e3), 2),
+                fmt(median.zip(bound).map(|(s, b)| b / s), 2),
+                if median.is_some() {
+                    uva.map(|b| format!("{:.2}", b * 1e3)).unwrap_or_default()
+                } else {
+                    String::new()
+                },
+            );
+        }
+        out
+    }
+
+    fn json(&self, device: Value, elapsed: f64) -> Value {
+        let sections: serde_json::Map<String, Value> = self
+            .sections
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        json!({
+            "device": device,
+            "gb": "1e9 bytes",
+            "dtype": "bf16",
+            "samples": self.samples,
+            "warmup": WARMUP,
+            "prompt_tokens_before_decode": PROMPT,
+            "prefill_tokens": PREFILL,
+            "fractions": self.fractions,
+            "check_tolerance_rel": CHECK_TOLERANCE,
+            "limits": {
+                "dma_pinned_gbps": self.limits.dma_gbps,
+                "kernel_read_mapped_gbps": self.limits.kernel_read_gbps,
+                "bytes": 256 * MIB,
+            },
+            "presets": self.presets,
+            "rows": self.rows.iter().map(|r| r.json(&self.rows, &self.limits)).collect::<Vec<_>>(),
+            "section_seconds": sections,
+            "checks_ok": self.checks_ok(),
+            "elapsed_s": elapsed,
+        })
+    }
+}
+
+/// The table's label and the row's mode (`None` for the 0 % variant, whose mode is moot).
+fn variant_name(fraction: f64, mode: OffloadMode) -> (String, Option<OffloadMode>) {
+    if fraction == 0.0 {
+        ("offload 0%".into(), None)
+    } else {
+        let label = match mode {
+            OffloadMode::Prefetch { .. } => "prefetch".to_string(),
+            other => other.to_string(),
+        };
+        (format!("offload {} {label}", pct(fraction)), Some(mode))
+    }
+}
+
+fn write_json(path: &str, value: &Value) {
+    let text = serde_json::to_string_pretty(value).expect("serialisable");
+    match std::fs::write(path, text) {
+        Ok(()) => println!("wrote {path}"),
+        Err(e) => eprintln!("offload_model: could not write {path}: {e}"),
+    }
+}
+
+/// Returns whether every check passed.
+fn run() -> BenchResult<bool> {
+    let started = Instant::now();
+    let samples = env_usize("MODEL_BENCH_SAMPLES", 5);
+    let presets = env_list("MODEL_BENCH_PRESETS", "1b,7b");
+    for p in &presets {
+        LlamaConfig::preset(p)?;
+    }
+    let fractions = env_list("MODEL_BENCH_FRACTIONS", "0,0.25,0.5,1")
+        .iter()
+        .map(|f| match f.parse::<f64>() {
+            Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+            _ => Err(format!(
+                "MODEL_BENCH_FRACTIONS: {f:?} is not a fraction in [0, 1]"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let budget = std::env::var("MODEL_BENCH_BUDGET_S")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .unwrap_or(195.0);
+    let json_path = std::env::var("MODEL_BENCH_JSON").ok();
+    let info = cuda::probe()?;
+
+    let cuda = CudaDevice::new(0);
+    let name = driver::device_name(cuda.index)?;
+    let (major, minor) = driver::compute_capability(cuda.index)?;
+    let memory = cuda::memory_info(cuda.index)?;
+    let device = json!({
+        "name": name, "compute_capability": [major, minor],
+        "driver_version": info.driver_version, "memory_total_bytes": memory.1,
+    });
+    println!(
+        "offload_model bench on {name} (compute capability {major}.{minor}, driver CUDA {}.{}, \
+         {:.1} GB): presets {}, fractions {fractions:?}, up to {samples} samples, budget {budget} s",
+        info.driver_version / 1000,
+        info.driver_version % 1000 / 10,
+        memory.1 as f64 / 1e9,
+        presets.join(","),
+    );
+    let [dma, sm] = limits(&cuda, samples)?;
+    let mut bench = Bench {
+        cuda,
+        samples,
+        fractions,
+        deadline: started + Duration::from_secs_f64(budget),
+        preset_deadline: started + Duration::from_secs_f64(budget),
+        limits: Limits {
+            dma_gbps: dma,
+            kernel_read_gbps: sm,
+        },
+        rows: Vec::new(),
+        sections: Vec::new(),
+        presets: Vec::new(),
+    };
+    bench.lap("limits".into(), started);
+    for (i, preset) in presets.iter().enumerate() {
+        let left = bench.deadline.saturating_duration_since(Instant::now());
+        bench.preset_deadline = Instant::now() + left / (presets.len() - i) as u32;
+        bench.preset(preset)?;
+        if let Some(path) = &json_path {
+            write_json(
+                path,
+                &bench.json(device.clone(), started.elapsed().as_secs_f64()),
+            );
+        }
+    }
+
+    println!("\ncard: {name}");
+    println!("DMA from pinned host memory (256 MiB): {dma:.1} GB/s");
+    println!("kernel read of host-mapped memory (256 MiB): {sm:.1} GB/s");
+    println!(
+        "bf16 weights; GB = 1e9 bytes; ms/step: one decode step (one token per sequence) or the \
+         whole prefill; bound = max(plain, offloaded bytes / DMA GB/s); efficiency = bound / \
+         measured; uva bound = max(plain, offloaded bytes / kernel-read GB/s)\n"
+    );
+    print!("{}", bench.table());
+    let skipped = bench.rows.iter().filter(|r| r.measured.is_none()).count();
+    if skipped > 0 {
+        println!(
+            "\n{skipped} measurements skipped: the time budget of {budget} s \
+             (MODEL_BENCH_BUDGET_S) ran out"
+        );
+    }
+    let checked = bench.rows.iter().filter(|r| r.check.is_some()).count();
+    let failed = bench
+        .rows
+        .iter()
+        .filter(|r| r.check.is_some_and(|c| !c.ok))
+        .count();
+    if failed == 0 {
+        println!(
+            "\nchecks: the logits of all {checked} measured offloaded variants match the \
+             resident model's (same weights) within {CHECK_TOLERANCE} of the largest |logit|"
+        );
+    } else {
+        println!(
+            "\nCHECK FAILED: {failed} of {checked} offloaded variants differ from the resident \
+             model (see the lines above)"
+        );
+    }
+    let seconds: Vec<String> = bench
+        .sections
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.1}"))
+        .collect();
+    println!(
+        "set-up seconds: {}; total {:.1} s",
+        seconds.join(", "),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(path) = &json_path {
+        write_json(path, &bench.json(device, started.elapsed().as_secs_f64()));
+    }
+    Ok(failed == 0)
+}
+
+fn main() {
+    match run() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => match e.downcast_ref::<CudaError>() {
+            Some(e) if e.is_no_driver() => println!("offload_model: skipped, {e}"),
+            _ => {
+                eprintln!("offload_model: failed: {e}");
+                std::process::exit(1);
+            }
+        },
+    }
+}
