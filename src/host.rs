@@ -348,6 +348,48 @@ impl HostTensor {
         }
     }
 
+    /// When this strided view is a permutation of a contiguous block of its buffer (possibly
+    /// with size-1 dims inserted), e.g. the transposed weight of a tied LM head: that block as
+    /// a contiguous view, and the axes that, applied to the block with a permute, give this
+    /// view's dims of size > 1 in order. A device can then upload the block in one DMA and
+    /// permute it there, instead of gathering element by element on the host. `None` for
+    /// broadcast (stride 0), reversed or gapped views.
+    pub fn permuted_block(&self) -> Option<(HostTensor, Vec<usize>)> {
+        let dims: Vec<(usize, isize)> = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .filter(|(d, _)| **d != 1)
+            .map(|(d, s)| (*d, *s))
+            .collect();
+        if dims.iter().any(|&(_, s)| s <= 0) {
+            return None;
+        }
+        // Block axes: the view's axes from the largest stride to the smallest.
+        let mut order: Vec<usize> = (0..dims.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(dims[i].1));
+        let mut expected = 1isize;
+        for &i in order.iter().rev() {
+            if dims[i].1 != expected {
+                return None;
+            }
+            expected *= dims[i].0 as isize;
+        }
+        let shape: Vec<usize> = order.iter().map(|&i| dims[i].0).collect();
+        let mut axes = vec![0; dims.len()];
+        for (block_axis, &view_axis) in order.iter().enumerate() {
+            axes[view_axis] = block_axis;
+        }
+        let block = Self {
+            buffer: self.buffer.clone(),
+            offset: self.offset,
+            strides: contiguous_strides(&shape),
+            shape,
+            dtype: self.dtype,
+        };
+        Some((block, axes))
+    }
+
     /// Reshape without copying: any reshape of a contiguous view, and inserting or removing
     /// size-1 dims of a strided one (e.g. `unsqueeze` of a transposed weight); `None` otherwise.
     pub fn reshape(&self, shape: Vec<usize>) -> Option<Self> {
@@ -545,5 +587,49 @@ mod tests {
         );
         assert!(tr.reshape(vec![2, 6]).is_none());
         assert_eq!(values(&t.reshape(vec![4, 6]).unwrap()), values(&t));
+    }
+
+    /// Permuting the block by the returned axes gives the view's values, checked against
+    /// ndarray-style reads of the view itself.
+    #[test]
+    fn permuted_blocks_rebuild_the_view() {
+        let t = iota(&[2, 3, 4]);
+        let offset = iota(&[5, 4]).slice(&[(1..4, 1), (0..4, 1)]); // rows 1..4: a block at 4
+        let cases = [
+            t.permute(&[2, 0, 1]),
+            t.swap_dims(0, 1),
+            iota(&[3, 4])
+                .swap_dims(0, 1)
+                .reshape(vec![1, 4, 1, 3])
+                .unwrap(),
+            offset.swap_dims(0, 1),
+        ];
+        for view in &cases {
+            let (block, axes) = view.permuted_block().expect("a permuted block");
+            assert!(block.is_contiguous());
+            assert_eq!(block.num_elements(), view.num_elements());
+            let squeezed: Vec<usize> = view.dims().iter().copied().filter(|&d| d != 1).collect();
+            let rebuilt = block.permute(&axes);
+            assert_eq!(rebuilt.dims(), squeezed.as_slice());
+            assert_eq!(values(&rebuilt), values(view), "{view:?}");
+        }
+        // Gapped (a strided slice), reversed and broadcast views are not blocks.
+        assert!(
+            t.slice(&[(0..2, 1), (0..3, 1), (0..4, 2)])
+                .permuted_block()
+                .is_none()
+        );
+        assert!(
+            t.slice(&[(0..2, 1), (0..3, 1), (0..4, -1)])
+                .permuted_block()
+                .is_none()
+        );
+        assert!(
+            iota(&[1, 3])
+                .expand(vec![2, 3])
+                .unwrap()
+                .permuted_block()
+                .is_none()
+        );
     }
 }

@@ -178,6 +178,25 @@ impl<B: OffloadTarget> OffloadBackend<B> {
             s.transient_uploads += 1;
             s.transient_upload_bytes += host.size_bytes() as u64;
         });
+        // A permuted view (a transposed tied head): upload its contiguous block in one copy and
+        // permute on the device, instead of gathering it element by element on the host.
+        if !host.is_contiguous()
+            && let Some((block, axes)) = host.permuted_block()
+        {
+            let tensor = B::float_permute(Self::upload_contiguous(&block, device), &axes);
+            // The permute gives the view's dims of size > 1; a reshape puts the 1s back.
+            return if host.dims().contains(&1) {
+                B::float_reshape(tensor, host.shape())
+            } else {
+                tensor
+            };
+        }
+        Self::upload_contiguous(host, device)
+    }
+
+    /// [`upload`](Self::upload) of a view without the permuted-block shortcut: through the
+    /// prefetcher where the mode prefetches, else the target's upload.
+    fn upload_contiguous(host: &HostTensor, device: &B::Device) -> FloatTensor<B> {
         if crate::device::any_prefetch()
             && let OffloadMode::Prefetch { lookahead_bytes } = device_config(device).mode
         {
