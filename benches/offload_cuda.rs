@@ -21,8 +21,9 @@
 #[path = "../examples/llama/model.rs"]
 mod model;
 
+mod cuda_common;
+
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -34,46 +35,23 @@ use burn_offload::{
     CudaBackend, OffloadBackend, OffloadDevice, OffloadMode, op_stats, reset_op_stats,
 };
 use cubecl::cuda::CudaDevice;
+use cuda_common::{MIB, WARMUP, env_usize, gbps, limits, median, release, timed};
 use model::{Cache, Llama, LlamaConfig};
 use serde_json::{Value, json};
 
 type B = OffloadBackend<CudaBackend>;
 
-const MIB: usize = 1 << 20;
-const WARMUP: usize = 2;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-        .max(1)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-/// Seconds of one run of `f`, from an idle stream to the end of a stream sync.
-fn timed(cuda: &CudaDevice, f: &mut dyn FnMut()) -> f64 {
-    cuda::sync(cuda).expect("stream sync");
-    let start = Instant::now();
-    f();
-    cuda::sync(cuda).expect("stream sync");
-    start.elapsed().as_secs_f64()
+/// Seconds of one run of `f` (see `cuda_common::timed`); a failed stream sync ends the bench.
+fn timed_s(cuda: &CudaDevice, f: &mut dyn FnMut()) -> f64 {
+    timed(cuda, f).expect("stream sync")
 }
 
 /// Median seconds of `f` over `samples` runs after `WARMUP` runs.
 fn median_secs(cuda: &CudaDevice, samples: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..WARMUP {
-        timed(cuda, &mut f);
+        timed_s(cuda, &mut f);
     }
-    median((0..samples).map(|_| timed(cuda, &mut f)).collect())
-}
-
-fn gbps(bytes: usize, secs: f64) -> f64 {
-    bytes as f64 / secs / 1e9
+    median((0..samples).map(|_| timed_s(cuda, &mut f)).collect())
 }
 
 /// Cheap deterministic values in [-0.5, 0.5).
@@ -81,38 +59,6 @@ fn fill(len: usize) -> Vec<f32> {
     (0..len)
         .map(|i| ((i as u64).wrapping_mul(2_654_435_761) % 1000) as f32 / 1000.0 - 0.5)
         .collect()
-}
-
-/// After a section: frees its pinned memory once the device is done with it.
-fn release(cuda: &CudaDevice) -> Result<(), CudaError> {
-    cuda::release_upload_sources(cuda)?;
-    cuda::sync(cuda)?;
-    cuda::wait_pinned_releases();
-    Ok(())
-}
-
-/// (a) GB/s of a pinned host→device DMA and of a kernel reading host-mapped memory.
-fn limits(cuda: &CudaDevice, samples: usize) -> Result<[f64; 2], CudaError> {
-    let len = 256 * MIB;
-    let mut host = cuda::alloc_pinned(cuda.index, len)?;
-    for (i, chunk) in host.as_mut_slice().chunks_mut(4096).enumerate() {
-        chunk.fill(i as u8);
-    }
-    let host = Arc::new(host);
-    let dma = median_secs(cuda, samples, || {
-        black_box(cuda::upload_dma(cuda, &host, 0..len).expect("DMA upload"));
-    });
-    let sm = median_secs(cuda, samples, || {
-        black_box(cuda::upload_sm_copy(cuda, &host, 0..len).expect("SM copy"));
-    });
-    drop(host);
-    release(cuda)?;
-    let [dma, sm] = [gbps(len, dma), gbps(len, sm)];
-    println!(
-        "\n(a) limits, 256 MiB from pinned host memory: DMA {dma:.1} GB/s, kernel read of \
-         host-mapped memory {sm:.1} GB/s"
-    );
-    Ok([dma, sm])
 }
 
 /// (b) `linear` with offloaded weights; one JSON object per measurement.
@@ -251,7 +197,7 @@ fn decorator_overhead(cuda: &CudaDevice, rounds: usize) -> Value {
         // Rotate the order every round so that no variant always follows the same one.
         for i in 0..6 {
             let j = (i + round) % 6;
-            let secs = timed(cuda, &mut runs[j / 2][j % 2]);
+            let secs = timed_s(cuda, &mut runs[j / 2][j % 2]);
             if round >= WARMUP {
                 samples[j].push(secs);
             }
@@ -309,6 +255,10 @@ fn run() -> Result<(), CudaError> {
         section = Instant::now();
     };
     let [dma, sm] = limits(&cuda, samples)?;
+    println!(
+        "\n(a) limits, 256 MiB from pinned host memory: DMA {dma:.1} GB/s, kernel read of \
+         host-mapped memory {sm:.1} GB/s"
+    );
     lap("limits");
     let linear_rows = offloaded_linear(&cuda, [dma, sm], samples)?;
     lap("linear");

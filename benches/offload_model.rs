@@ -60,10 +60,11 @@
 #[path = "../examples/llama/model.rs"]
 mod model;
 
+mod cuda_common;
+
 use std::error::Error;
 use std::hint::black_box;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -76,6 +77,7 @@ use burn_offload::{
     op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
+use cuda_common::{MIB, WARMUP, env_usize, limits, median, release, timed};
 use model::{Cache, Llama, LlamaConfig};
 use serde_json::{Value, json};
 
@@ -83,8 +85,6 @@ use serde_json::{Value, json};
 type Plain = CudaBackend<bf16>;
 type Off = OffloadBackend<Plain>;
 
-const MIB: usize = 1 << 20;
-const WARMUP: usize = 2;
 /// Seed of the random weights (each model is initialised after seeding).
 const SEED: u64 = 5;
 /// Prompt tokens in the KV cache before a decode step.
@@ -99,14 +99,6 @@ const CHECK_TOLERANCE: f32 = 5e-2;
 
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-        .max(1)
-}
-
 fn env_list(name: &str, default: &str) -> Vec<String> {
     std::env::var(name)
         .unwrap_or_else(|_| default.to_string())
@@ -114,72 +106,6 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn gbps(bytes: usize, secs: f64) -> f64 {
-    bytes as f64 / secs / 1e9
-}
-
-/// After a section: frees its pinned memory once the device is done with it.
-fn release(cuda: &CudaDevice) -> Result<(), CudaError> {
-    cuda::release_upload_sources(cuda)?;
-    cuda::sync(cuda)?;
-    cuda::wait_pinned_releases();
-    Ok(())
-}
-
-/// Seconds of one run of `f`, from an idle stream to the end of a stream sync.
-fn timed(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<f64, CudaError> {
-    cuda::sync(cuda)?;
-    let start = Instant::now();
-    f();
-    cuda::sync(cuda)?;
-    Ok(start.elapsed().as_secs_f64())
-}
-
-/// GB/s of a pinned host→device DMA and of a kernel reading host-mapped memory (256 MiB,
-/// medians after `WARMUP` runs).
-fn limits(cuda: &CudaDevice, samples: usize) -> Result<[f64; 2], CudaError> {
-    let len = 256 * MIB;
-    let mut host = cuda::alloc_pinned(cuda.index, len)?;
-    for (i, chunk) in host.as_mut_slice().chunks_mut(4096).enumerate() {
-        chunk.fill(i as u8);
-    }
-    let host = Arc::new(host);
-    let secs = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
-        let mut failed = None;
-        let mut run = || {
-            if let Err(e) = f() {
-                failed = Some(e);
-            }
-        };
-        for _ in 0..WARMUP {
-            timed(cuda, &mut run)?;
-        }
-        let times = (0..samples.max(5))
-            .map(|_| timed(cuda, &mut run))
-            .collect::<Result<Vec<_>, _>>()?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(median(times)),
-        }
-    };
-    let dma = secs(&mut || {
-        black_box(cuda::upload_dma(cuda, &host, 0..len)?);
-        Ok(())
-    })?;
-    let sm = secs(&mut || {
-        black_box(cuda::upload_sm_copy(cuda, &host, 0..len)?);
-        Ok(())
-    })?;
-    drop(host);
-    release(cuda)?;
-    Ok([gbps(len, dma), gbps(len, sm)])
 }
 
 /// Reads every parameter once, which initialises the lazy ones where they are placed.

@@ -1,0 +1,92 @@
+//! What the CUDA benches share: timing from an idle stream to a stream sync, medians, the
+//! card's transfer limits, and freeing pinned memory between sections.
+// Each bench uses a different subset.
+#![allow(dead_code)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn_offload::cuda::{self, CudaError};
+use cubecl::cuda::CudaDevice;
+
+pub const MIB: usize = 1 << 20;
+/// Untimed runs before the samples (they also let CubeCL autotune its kernels).
+pub const WARMUP: usize = 2;
+
+/// A positive integer from the environment, else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// 10^9 bytes per second.
+pub fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+/// After a section: frees its pinned memory once the device is done with it.
+pub fn release(cuda: &CudaDevice) -> Result<(), CudaError> {
+    cuda::release_upload_sources(cuda)?;
+    cuda::sync(cuda)?;
+    cuda::wait_pinned_releases();
+    Ok(())
+}
+
+/// Seconds of one run of `f`, from an idle stream to the end of a stream sync.
+pub fn timed(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<f64, CudaError> {
+    cuda::sync(cuda)?;
+    let start = Instant::now();
+    f();
+    cuda::sync(cuda)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// GB/s of a pinned host→device DMA (`cuda::upload_dma`, the copy engine) and of a kernel
+/// reading host-mapped memory (`cuda::upload_sm_copy`, what the zero-copy kernels do): 256 MiB,
+/// medians of at least 5 samples after `WARMUP` runs.
+pub fn limits(cuda: &CudaDevice, samples: usize) -> Result<[f64; 2], CudaError> {
+    let len = 256 * MIB;
+    let mut host = cuda::alloc_pinned(cuda.index, len)?;
+    for (i, chunk) in host.as_mut_slice().chunks_mut(4096).enumerate() {
+        chunk.fill(i as u8);
+    }
+    let host = Arc::new(host);
+    let secs = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
+        let mut failed = None;
+        let mut run = || {
+            if let Err(e) = f() {
+                failed = Some(e);
+            }
+        };
+        for _ in 0..WARMUP {
+            timed(cuda, &mut run)?;
+        }
+        let times = (0..samples.max(5))
+            .map(|_| timed(cuda, &mut run))
+            .collect::<Result<Vec<_>, _>>()?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(median(times)),
+        }
+    };
+    let dma = secs(&mut || {
+        black_box(cuda::upload_dma(cuda, &host, 0..len)?);
+        Ok(())
+    })?;
+    let sm = secs(&mut || {
+        black_box(cuda::upload_sm_copy(cuda, &host, 0..len)?);
+        Ok(())
+    })?;
+    drop(host);
+    release(cuda)?;
+    Ok([gbps(len, dma), gbps(len, sm)])
+}
