@@ -50,12 +50,9 @@
 //! DMA: `7b` (13.5 GB of weights; 0.54 s (0.27 s) per forward fully offloaded in copy mode)
 //! ≈ 45 s (25 s), `1b` (2.5 GB) ≈ 10 s (6 s); set-up ≈ 15–30 s (random init, moving 1.75 ×
 //! the weights to pinned memory per preset, dropping them), CubeCL's autotuning in the first
-//! runs ≈ 10–30 s, limits ≈ 2 s: about 1.5–2.5 minutes. One known slow path: `1b` has a tied
-//! LM head, whose copy (copy and prefetch mode, and the 512-row prefill in uva mode) is a
-//! transposed view of the embedding that the CPU gathers element by element before uploading
-//! it (`HostTensor::to_data`: ~1 s for this 131 MB view on a 2-core VM), so those 21 `1b`
-//! measurements take ~1 s per forward and 3 forwards each (~60–70 s); the adaptive sample
-//! count and the per-preset budget absorb it.
+//! runs ≈ 10–30 s, limits ≈ 2 s: about 1.5–2.5 minutes. `1b` has a tied LM head: its copy
+//! (copy and prefetch mode, and the 512-row prefill in uva mode) is a transposed view of the
+//! embedding, uploaded as the contiguous table in one DMA and transposed on the device.
 
 #[path = "../examples/llama/model.rs"]
 mod model;
