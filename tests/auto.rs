@@ -160,9 +160,11 @@ fn auto_prefetches_copies_where_copies_overlap_compute() {
         }
         let stats = prefetch_stats();
         if overlap {
+            // Predicted from the learned cycle: prefetched, or late where the background
+            // thread had not got to it yet (a loaded 2-core CI machine).
             assert!(
-                stats.hits >= 3,
-                "a repeating order of copies is prefetched: {stats:?}"
+                stats.hits + stats.late >= 6 && stats.relearns >= 1,
+                "a repeating order of copies goes through the prefetcher: {stats:?}"
             );
         } else {
             assert_eq!(stats.hits + stats.misses, 0, "plain copies: {stats:?}");
