@@ -846,8 +846,13 @@ fn auto_mode_measures_the_card_and_warns_when_the_model_fits() {
     assert!(c.rows.iter().all(|r| r.rows <= MAX_ROWS));
     // Over PCIe or NVLink-C2C: between 1 and 1000 GB/s, whatever the card.
     assert!((1e9..1e12).contains(&c.upload_bytes_per_s), "{c:?}");
-    // One row reads a 16 MiB weight in place faster than copying it.
-    assert!(c.prefers_zero_copy(1, 16 << 20), "{c}");
+    // One row of a 1 MiB weight: the upload's fixed cost makes reading in place pay on any
+    // card whose kernel reads host memory at half the DMA rate or better.
+    assert!(
+        c.rows[0].zero_copy_bytes_per_s > 0.5 * c.upload_bytes_per_s,
+        "{c}"
+    );
+    assert!(c.prefers_zero_copy(1, 1 << 20), "{c}");
     let memory = report.device_memory.expect("the card reports its memory");
     assert!(memory.free <= memory.total && memory.total > 1 << 30);
     // 4 MiB fit in any card's free memory: offloading them is pointless, and `apply` says so.
@@ -862,10 +867,11 @@ fn auto_mode_measures_the_card_and_warns_when_the_model_fits() {
     );
     reset_op_stats();
     let _ = model.forward(x).into_data();
+    // The op follows the calibration's decision for this weight (4 MiB) and row count.
     assert_eq!(
         op_stats().zero_copy_ops,
-        1,
-        "one row reads in place under auto"
+        u64::from(c.prefers_zero_copy(1, 4 << 20)),
+        "{c}"
     );
     clear_calibration(&cuda);
 }

@@ -688,6 +688,15 @@ fn with_pool_slack(resident: u64) -> u64 {
 fn prefetch_lookahead(report: &OffloadReport) -> u64 {
     match report.mode {
         OffloadMode::Prefetch { lookahead_bytes } => lookahead_bytes,
+        // `auto` prefetches its copies with the default lookahead where copies overlap compute.
+        OffloadMode::Auto
+            if report
+                .calibration
+                .as_ref()
+                .is_some_and(|c| c.copies_overlap_compute) =>
+        {
+            burn_offload::mode::DEFAULT_PREFETCH_LOOKAHEAD_BYTES
+        }
         _ => 0,
     }
 }

@@ -139,17 +139,17 @@ impl CubeTask<CudaCompiler> for RawKernel {
 
 /// What the launchers need to know about a device, read once.
 #[derive(Debug, Clone, Copy)]
-struct DeviceFacts {
+pub(crate) struct DeviceFacts {
     /// Whether cubecl-cuda passes the info words by value (compute capability >= 7.0,
     /// `comp_opts.supports_features.grid_constants` in cubecl-cuda's `runtime.rs`).
     grid_constants: bool,
     /// Streaming multiprocessors.
-    multiprocessors: u32,
+    pub(crate) multiprocessors: u32,
 }
 
 static DEVICE_FACTS: OnceLock<Mutex<HashMap<usize, DeviceFacts>>> = OnceLock::new();
 
-fn device_facts(ordinal: usize) -> Result<DeviceFacts, CudaError> {
+pub(crate) fn device_facts(ordinal: usize) -> Result<DeviceFacts, CudaError> {
     let cache = DEVICE_FACTS.get_or_init(Default::default);
     let known = cache
         .lock()

@@ -36,7 +36,13 @@ impl TargetDevice for CudaDevice {
     /// beside the kernels of another stream, so `Auto` prefetches its copies.
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
         super::driver::probe()?;
-        measure::<CubeBackend<CudaRuntime, f32, i32, u8>>(self, pin, true)
+        let calibration = measure::<CubeBackend<CudaRuntime, f32, i32, u8>>(self, pin, true)?;
+        // The DMA uploads keep their pinned sources alive in this thread's queue: free them
+        // now, as `measure` promises, rather than in the middle of later work.
+        super::release_upload_sources(self)?;
+        super::sync(self)?;
+        super::wait_pinned_releases();
+        Ok(calibration)
     }
 }
 

@@ -14,7 +14,7 @@ use cubecl::server::Handle;
 
 use super::error::CudaError;
 use super::kernel::{RawKernel, launch_raw};
-use super::{driver, pinned};
+use super::pinned;
 use crate::host::HostTensor;
 use crate::target::HostMatmulShape;
 
@@ -174,7 +174,8 @@ pub fn matmul_host(
                     128
                 };
                 let tiles = n.div_ceil(tn);
-                let sms = driver::multiprocessor_count(device.index)? as usize;
+                // Cached per device: this runs for every zero-copy matmul.
+                let sms = super::kernel::device_facts(device.index)?.multiprocessors as usize;
                 let want = (2 * sms).div_ceil(tiles);
                 let mut splits = 1;
                 if want > 1 && k > 64 {
