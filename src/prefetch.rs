@@ -534,11 +534,27 @@ fn spawn_worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) -> 
 /// The background thread: makes the next copies of the cycle, within the lookahead.
 fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
     let mut st = shared.lock();
+    // Whether uploads were made since the target last released their sources.
+    let mut unreleased = false;
     loop {
         if st.shutdown {
+            drop(st);
+            if unreleased {
+                B::release_uploads(&device);
+            }
             return;
         }
         let Some((pos, view, bytes)) = st.next_job() else {
+            if unreleased {
+                // Before idling: the target may still hold the host buffers of the copies
+                // just made (CUDA: this thread's stream queue), which would keep a dropped
+                // model's pinned memory alive.
+                drop(st);
+                B::release_uploads(&device);
+                unreleased = false;
+                st = shared.lock();
+                continue;
+            }
             if st.holds_anything() {
                 st = shared
                     .changed
@@ -557,6 +573,7 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
         let copy = view
             .upgrade()
             .map(|host| catch_unwind(AssertUnwindSafe(|| B::upload(&host, &device))));
+        unreleased |= matches!(copy, Some(Ok(_)));
         st = shared.lock();
         st.in_flight = None;
         let current = st.generation == generation && !st.shutdown;

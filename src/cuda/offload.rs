@@ -75,6 +75,12 @@ impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, 
         <Self as burn_backend::ops::FloatTensorOps<Self>>::float_from_data(host.to_data(), device)
     }
 
+    fn release_uploads(device: &CudaDevice) {
+        if let Err(e) = super::release_upload_sources(device) {
+            log::warn!("releasing upload sources on cuda:{}: {e}", device.index);
+        }
+    }
+
     fn can_read_in_place(host: &HostTensor, _device: &CudaDevice) -> bool {
         matches!(host.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && pinned::device_ptr(host.buffer()).is_some()

@@ -116,6 +116,14 @@ pub trait OffloadTarget: Backend {
         Self::float_from_data(host.to_data(), device)
     }
 
+    /// Lets go of the host memory that uploads made from the calling thread still hold (e.g.
+    /// sources kept alive in a stream's queue until it is flushed). The prefetch thread calls
+    /// it before it goes idle, so that a dropped model's host memory is not kept by copies
+    /// it made.
+    fn release_uploads(device: &Self::Device) {
+        let _ = device;
+    }
+
     /// Whether this target's host-reading kernels can read `host` on `device` in place (e.g.
     /// on CUDA only pinned, device-mapped memory can be).
     fn can_read_in_place(host: &HostTensor, device: &Self::Device) -> bool {
