@@ -201,9 +201,7 @@ fn run(ordinal: usize) -> Result<(), CudaError> {
             });
         }
         drop(inputs);
-        cuda::release_upload_sources(&device)?;
-        cuda::sync(&device)?;
-        cuda::wait_pinned_releases();
+        cuda::free_upload_sources(&device)?;
         size *= 2;
     }
 

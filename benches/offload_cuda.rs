@@ -35,7 +35,7 @@ use burn_offload::{
     CudaBackend, OffloadBackend, OffloadDevice, OffloadMode, op_stats, reset_op_stats,
 };
 use cubecl::cuda::CudaDevice;
-use cuda_common::{MIB, WARMUP, env_usize, gbps, limits, median, release, timed};
+use cuda_common::{MIB, WARMUP, env_usize, gbps, limits, median, timed};
 use model::{Cache, Llama, LlamaConfig};
 use serde_json::{Value, json};
 
@@ -136,7 +136,7 @@ fn offloaded_linear(
                 );
             }
             drop(w);
-            release(cuda)?;
+            cuda::free_upload_sources(cuda)?;
         }
     }
     Ok(rows)

@@ -74,7 +74,7 @@ use burn_offload::{
     op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
-use cuda_common::{MIB, WARMUP, env_usize, limits, median, release, timed};
+use cuda_common::{MIB, WARMUP, env_usize, limits, median, timed};
 use model::{Cache, Llama, LlamaConfig};
 use serde_json::{Value, json};
 
@@ -523,7 +523,7 @@ impl Bench {
         drop(inputs);
         drop(plain);
         <Plain as Backend>::memory_cleanup(&cuda);
-        release(&cuda)?;
+        cuda::free_upload_sources(&cuda)?;
 
         // OffloadBackend: one resident model, materialised once; each fraction offloads a
         // clone of it (same weights), so its logits can be compared with the resident ones.
@@ -605,13 +605,13 @@ impl Bench {
                 },
             );
             drop(model);
-            release(&cuda)?;
+            cuda::free_upload_sources(&cuda)?;
             std::thread::sleep(burn_offload::prefetch::LIVENESS_CHECK);
         }
         drop(inputs);
         drop(resident);
         <Off as Backend>::memory_cleanup(&device);
-        release(&cuda)?;
+        cuda::free_upload_sources(&cuda)?;
         Ok(())
     }
 

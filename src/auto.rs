@@ -204,9 +204,15 @@ fn update_prefetching(was: bool, now: bool) {
     }
 }
 
+/// Whether some device's calibration makes `Auto` prefetch (one atomic load).
+#[inline]
+pub(crate) fn any_prefetching() -> bool {
+    PREFETCHING.load(Ordering::Acquire) > 0
+}
+
 /// The lookahead `Auto` prefetches `device`'s copies with, if it does.
 pub(crate) fn prefetch_lookahead<D: DeviceOps>(device: &D) -> Option<u64> {
-    if PREFETCHING.load(Ordering::Acquire) == 0 {
+    if !any_prefetching() {
         return None;
     }
     calibration(device)

@@ -16,7 +16,8 @@
 
 use std::sync::Mutex;
 
-use burn_backend::{DType, Distribution};
+use burn_backend::Distribution;
+use burn_std::FloatDType;
 use burn_std::{bf16, f16};
 
 /// Tensors smaller than this many elements are filled on the calling thread.
@@ -216,28 +217,26 @@ fn fill_typed<E: Element>(out: &mut [E], distribution: Distribution, key: u64) {
     });
 }
 
-/// Whether [`fill`] can write `dtype`.
-pub(crate) fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::F64 | DType::F32 | DType::F16 | DType::BF16)
-}
-
 /// Fills `bytes` (a whole contiguous tensor of `dtype`) with values drawn from `distribution`,
 /// as the next random tensor of the seeded sequence.
 ///
+/// Every Burn float dtype is covered; `Flex32` is stored as `f32`.
+///
 /// # Panics
-/// If `dtype` is not supported ([`supports`]) or `bytes` is not a whole number of aligned
-/// elements: both are the caller's invariants.
-pub(crate) fn fill(bytes: &mut [u8], dtype: DType, distribution: Distribution) {
+/// If `bytes` is not a whole number of aligned elements (the caller's invariant).
+pub(crate) fn fill(bytes: &mut [u8], dtype: FloatDType, distribution: Distribution) {
     fill_with_key(bytes, dtype, distribution, next_key());
 }
 
-fn fill_with_key(bytes: &mut [u8], dtype: DType, distribution: Distribution, key: u64) {
+fn fill_with_key(bytes: &mut [u8], dtype: FloatDType, distribution: Distribution, key: u64) {
+    use bytemuck::cast_slice_mut as elements;
     match dtype {
-        DType::F64 => fill_typed::<f64>(bytemuck::cast_slice_mut(bytes), distribution, key),
-        DType::F32 => fill_typed::<f32>(bytemuck::cast_slice_mut(bytes), distribution, key),
-        DType::F16 => fill_typed::<f16>(bytemuck::cast_slice_mut(bytes), distribution, key),
-        DType::BF16 => fill_typed::<bf16>(bytemuck::cast_slice_mut(bytes), distribution, key),
-        other => panic!("host random fill of {other:?} is not supported"),
+        FloatDType::F64 => fill_typed::<f64>(elements(bytes), distribution, key),
+        FloatDType::F32 | FloatDType::Flex32 => {
+            fill_typed::<f32>(elements(bytes), distribution, key)
+        }
+        FloatDType::F16 => fill_typed::<f16>(elements(bytes), distribution, key),
+        FloatDType::BF16 => fill_typed::<bf16>(elements(bytes), distribution, key),
     }
 }
 
@@ -249,7 +248,7 @@ mod tests {
         let mut out = vec![0f32; n];
         fill_with_key(
             bytemuck::cast_slice_mut(&mut out),
-            DType::F32,
+            FloatDType::F32,
             distribution,
             key,
         );
@@ -308,7 +307,7 @@ mod tests {
         let mut half = vec![bf16::ZERO; n];
         fill_with_key(
             bytemuck::cast_slice_mut(&mut half),
-            DType::BF16,
+            FloatDType::BF16,
             Distribution::Normal(0.0, 1.0),
             9,
         );

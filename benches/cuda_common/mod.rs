@@ -33,14 +33,6 @@ pub fn gbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// After a section: frees its pinned memory once the device is done with it.
-pub fn release(cuda: &CudaDevice) -> Result<(), CudaError> {
-    cuda::release_upload_sources(cuda)?;
-    cuda::sync(cuda)?;
-    cuda::wait_pinned_releases();
-    Ok(())
-}
-
 /// Seconds of one run of `f`, from an idle stream to the end of a stream sync.
 pub fn timed(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<f64, CudaError> {
     cuda::sync(cuda)?;
@@ -87,6 +79,6 @@ pub fn limits(cuda: &CudaDevice, samples: usize) -> Result<[f64; 2], CudaError> 
         Ok(())
     })?;
     drop(host);
-    release(cuda)?;
+    cuda::free_upload_sources(cuda)?;
     Ok([gbps(len, dma), gbps(len, sm)])
 }

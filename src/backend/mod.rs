@@ -197,17 +197,24 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     /// [`upload`](Self::upload) of a view without the permuted-block shortcut: through the
     /// prefetcher where the mode prefetches, else the target's upload.
     fn upload_contiguous(host: &HostTensor, device: &B::Device) -> FloatTensor<B> {
-        if crate::device::any_prefetch()
-            && let OffloadMode::Prefetch { lookahead_bytes } = device_config(device).mode
-        {
-            return crate::prefetch::upload::<B>(host, device, lookahead_bytes);
+        match Self::prefetch_lookahead(device) {
+            Some(lookahead_bytes) => crate::prefetch::upload::<B>(host, device, lookahead_bytes),
+            None => B::upload(host, device),
         }
-        if let Some(lookahead_bytes) = crate::auto::prefetch_lookahead(device)
-            && device_config(device).mode == OffloadMode::Auto
-        {
-            return crate::prefetch::upload::<B>(host, device, lookahead_bytes);
+    }
+
+    /// The lookahead `device`'s copies are prefetched with: `Prefetch` mode's, or the default
+    /// where `Auto` prefetches ([`crate::auto`]). Without any prefetching device (the usual
+    /// case) two atomic loads and no lookup.
+    fn prefetch_lookahead(device: &B::Device) -> Option<u64> {
+        if !crate::device::any_prefetch() && !crate::auto::any_prefetching() {
+            return None;
         }
-        B::upload(host, device)
+        match device_config(device).mode {
+            OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
+            OffloadMode::Auto => crate::auto::prefetch_lookahead(device),
+            OffloadMode::Uva | OffloadMode::Copy => None,
+        }
     }
 
     pub(crate) fn fetch_primitive(tensor: TensorPrimitive<Self>) -> TensorPrimitive<B> {

@@ -2,7 +2,6 @@
 
 use burn_backend::{DType, Distribution, Shape, TensorData, TensorMetadata};
 use burn_std::FloatDType;
-use burn_std::rand::get_seeded_rng;
 
 use crate::host::HostTensor;
 use crate::target::OffloadTarget;
@@ -61,18 +60,12 @@ pub(crate) fn host_random<B: OffloadTarget>(
     dtype: FloatDType,
     device: &B::Device,
 ) -> HostTensor {
-    let dtype: DType = dtype.into();
-    if !crate::random::supports(dtype) {
-        // Not reachable with Burn's float dtypes today; kept correct for new ones.
-        let data = TensorData::random::<f32, _, _>(shape, distribution, &mut get_seeded_rng())
-            .convert_dtype(dtype);
-        return host_from_data::<B>(data, device);
-    }
     let pin = crate::device::device_config(device).pin_memory;
-    let mut buffer = B::alloc_host(device, shape.num_elements() * dtype.size(), pin)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let bytes = shape.num_elements() * DType::from(dtype).size();
+    let mut buffer = B::alloc_host(device, bytes, pin).unwrap_or_else(|e| panic!("{e}"));
     crate::random::fill(buffer.as_mut_slice(), dtype, distribution);
-    let host = HostTensor::new(buffer, shape.to_vec(), dtype).expect("buffer sized for shape");
+    let host =
+        HostTensor::new(buffer, shape.to_vec(), dtype.into()).expect("buffer sized for shape");
     super::record(|s| s.host_created_bytes += host.size_bytes() as u64);
     host
 }

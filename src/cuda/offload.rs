@@ -39,9 +39,7 @@ impl TargetDevice for CudaDevice {
         let calibration = measure::<CubeBackend<CudaRuntime, f32, i32, u8>>(self, pin, true)?;
         // The DMA uploads keep their pinned sources alive in this thread's queue: free them
         // now, as `measure` promises, rather than in the middle of later work.
-        super::release_upload_sources(self)?;
-        super::sync(self)?;
-        super::wait_pinned_releases();
+        super::free_upload_sources(self)?;
         Ok(calibration)
     }
 }

@@ -268,3 +268,13 @@ pub fn release_upload_sources(device: &CudaDevice) -> Result<(), CudaError> {
     UNFLUSHED_UPLOAD_BYTES.with(|c| c.set(0));
     Ok(())
 }
+
+/// [`release_upload_sources`], then a stream sync, then waits for the pinned frees: after it,
+/// pinned buffers that only the calling thread's uploads still held are freed (between
+/// benchmark sections, after a calibration).
+pub fn free_upload_sources(device: &CudaDevice) -> Result<(), CudaError> {
+    release_upload_sources(device)?;
+    sync(device)?;
+    super::wait_pinned_releases();
+    Ok(())
+}
