@@ -7,14 +7,17 @@
 #
 # What comes back is limited to a few files, so every step's log is appended to $OUT/all.log
 # as it finishes (it survives a kill), and a one-line-per-step summary goes to
-# $OUT/summary.jsonl. Each step has its own time limit (STEP_TIMEOUT, seconds), so one hang
-# cannot eat the whole device lease. STEPS (a regex over step names, default all) picks steps.
+# $OUT/summary.jsonl. Each step has its own time limit, so one hang cannot eat the whole device
+# lease, and the whole script a deadline (TOTAL_S seconds, default 540): a step gets at most
+# what is left, and none starts with under 20 s left. STEPS (a regex over step names, default
+# all) picks steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=.gpu
 OUT=${OUT:-/tmp/device-check}
 STEPS=${STEPS:-.}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
+TOTAL_S=${TOTAL_S:-540}
 mkdir -p "$OUT"
 # gpu-bundle.sh packs the stripped binaries (the carried tree is limited to 64 MiB).
 if [ -f "$B/bin.tar.xz" ]; then tar xJf "$B/bin.tar.xz" -C "$B" || exit 1; fi
@@ -32,6 +35,12 @@ summary="$OUT/summary.jsonl"
 run() { # name, timeout, command...
   local name=$1 limit=$2; shift 2
   [[ $name =~ $STEPS ]] || return 0
+  local left=$((TOTAL_S - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    printf '{"step":"%s","rc":-1,"seconds":0,"skipped":"deadline"}\n' "$name" >> "$summary"
+    echo "$name: skipped (TOTAL_S deadline)"; return 0
+  fi
+  [ "$limit" -gt $((left - 5)) ] && limit=$((left - 5))
   local start=$SECONDS
   timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
   local rc=$?
@@ -43,27 +52,41 @@ run() { # name, timeout, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv 2>&1 | tee "$OUT/gpu.csv"
 bench() { # name, timeout: one bench binary, every JSON path in its environment
   [ -x "$B/benches/$1" ] || return 0
-  run "bench-$1" "$2" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
+  # The model bench stops starting measurements 45 s before its (deadline-trimmed) limit, so
+  # its table is printed before the kill.
+  local limit=$2 left=$((TOTAL_S - SECONDS - 5))
+  [ "$limit" -gt "$left" ] && limit=$left
+  run "bench-$1" "$limit" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
     OFFLOAD_BENCH_JSON="$OUT/offload_cuda.json" MODEL_BENCH_JSON="$OUT/offload_model.json" \
-    MODEL_BENCH_BUDGET_S="${MODEL_BENCH_BUDGET_S:-$(($2 - 45))}" "$B/benches/$1" --bench
+    MODEL_BENCH_BUDGET_S="${MODEL_BENCH_BUDGET_S:-$((limit - 45))}" "$B/benches/$1" --bench
 }
-# Most valuable first: a lease that runs out cuts the tail.
-for t in cuda_transfer cuda_target nvrtc burn_offload; do
-  [ -x "$B/tests/$t" ] && run "test-$t" "$STEP_TIMEOUT" "$B/tests/$t" --test-threads=1
+# Most valuable first: the deadline cuts the tail.
+for t in cuda_transfer nvrtc burn_offload; do
+  [ -x "$B/tests/$t" ] && run "test-$t" 60 "$B/tests/$t" --test-threads=1
 done
-bench bandwidth 120
+# cuda_target one test at a time (a slow one cannot hide the others), progress shown; the
+# linear/matmul sweeps (many shapes, each autotuned by Burn's plain matmul) come last.
+target_tests=$("$B/tests/cuda_target" --list 2>/dev/null | sed -n 's/: test$//p')
+for t in $(grep -v '^linear_matmul' <<< "$target_tests"); do
+  run "cuda_target-$t" 120 "$B/tests/cuda_target" --exact "$t" --nocapture
+done
+# The example in uva mode first: warm-up vs steady state shows where the time goes.
+small=("$B/examples/llama" --device cuda --preset small --warmup 1)
+run example-uva 60 "${small[@]}" --offload-gb 0.05 --mode uva
 # 1b and 7b in bf16: plain burn-cuda vs 0/25/50/100 % offloaded in uva, copy and prefetch mode
-# (stops starting measurements after MODEL_BENCH_BUDGET_S, 195 s here, to print its table).
-bench offload_model 240
+# (stops starting measurements after MODEL_BENCH_BUDGET_S to print its table).
+bench offload_model "${MODEL_BENCH_TIMEOUT:-200}"
 # 50b (100.7 GB in bf16) on an 80 GB card: 40 GiB of weights created directly in pinned host
 # memory, 53.8 GiB resident; prints the materialisation time, tokens/s and peak device memory.
-run example-big 240 "$B/examples/llama" --device cuda --dtype bf16 --preset 50b --offload-gb 40 \
-  --no-check --prompt-len 16 --gen-tokens 4
-run example-resident 120 "$B/examples/llama" --device cuda --preset small --offload-gb 0
-for mode in uva copy prefetch auto; do
-  run "example-$mode" 120 "$B/examples/llama" --device cuda --preset small --offload-gb 0.05 --mode "$mode"
+run example-big 150 "$B/examples/llama" --device cuda --dtype bf16 --preset 50b --offload-gb 40 \
+  --no-check --prompt-len 16 --gen-tokens 4 --warmup 1
+for t in $(grep '^linear_matmul' <<< "$target_tests"); do
+  run "cuda_target-$t" 60 "$B/tests/cuda_target" --exact "$t" --nocapture
 done
-for b in offload_cuda; do
-  bench "$b" "$STEP_TIMEOUT"
+for mode in copy prefetch auto; do
+  run "example-$mode" 45 "${small[@]}" --offload-gb 0.05 --mode "$mode"
 done
+run example-resident 45 "${small[@]}" --offload-gb 0
+BANDWIDTH_REPS=${BANDWIDTH_REPS:-3} bench bandwidth 90
+bench offload_cuda "$STEP_TIMEOUT"
 echo "failed steps: $(grep -vc '"rc":0' "$summary")"

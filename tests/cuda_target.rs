@@ -374,6 +374,9 @@ fn linear_and_matmul(test: &str, dtype: DType) {
         let product = Exact::new(&x, &w, [m_max, k, n]);
         let affine = product.plus_bias(&b);
         for m in ROWS {
+            // Progress with times (shown with --nocapture): the first product of each shape
+            // compiles kernels and autotunes Burn's matmul, which takes seconds on a GPU.
+            let started = std::time::Instant::now();
             let x = TensorData::new(x[..m * k].to_vec(), [1, m, k]).convert_dtype(dtype);
             let x_plain = Tensor::<R, 3>::from_data(x.clone(), (&cuda, dtype));
             let mm_plain = read(
@@ -401,6 +404,10 @@ fn linear_and_matmul(test: &str, dtype: DType) {
                 assert_path(&format!("linear {ctx}"), op_stats(), zero_copy);
                 affine.check(&format!("linear {ctx}"), &got, &lin_plain, m, tols);
             }
+            eprintln!(
+                "{test}: {view:?} [{m}, {k}] x [{k}, {n}] checked in {:.2?}",
+                started.elapsed()
+            );
         }
     }
 }

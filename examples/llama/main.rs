@@ -12,8 +12,9 @@
 //! Flow: the model is created lazily on `OffloadDevice::Device`, the policy retargets the
 //! selected parameters to host memory *before* anything is allocated, and the weights are then
 //! loaded (`--weights`) or randomly initialised, each offloaded tensor created once, directly in
-//! host memory. Generation (prefill + greedy decode with a KV cache) is timed, then repeated on a
-//! fully resident copy of the same weights to check that the tokens match.
+//! host memory. Generation (prefill + greedy decode with a KV cache) runs `--warmup` times
+//! untimed (kernel compilation, autotuning, prefetch's first pass), then once timed, then the
+//! same on a fully resident copy of the same weights to check that the tokens match.
 //!
 //! On CUDA the example first estimates whether the part left on the device fits the card's free
 //! memory (else it says which `--offload-gb` would), runs the resident reference only when the
@@ -124,6 +125,11 @@ struct Args {
     /// Seed of the random weights and of the prompt.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Untimed generations before the timed one (each identical to it): the first compiles
+    /// the kernels, autotunes Burn's matmuls for these shapes and lets prefetch mode learn the
+    /// read order, none of which a steady-state token rate should include.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// Skip the reference run with every parameter resident (it needs the whole model in
     /// device memory; on CUDA it is skipped anyway when the model would not fit).
     #[arg(long)]
@@ -265,6 +271,12 @@ where
 
     let prompt = prompt_tokens(args.seed, args.batch, args.prompt_len, config.vocab_size);
 
+    let label = if report.offloaded_tensors() > 0 {
+        "offloaded"
+    } else {
+        "resident"
+    };
+    warm_up(label, &model, &prompt, args, &device);
     reset_op_stats();
     let run = generate(&model, &prompt, args, &device);
     let gen_stats = op_stats();
@@ -281,6 +293,9 @@ where
         run.decode_tok_s(args),
         run.decode,
     );
+    if let Some(steps) = run.step_summary() {
+        println!("decode steps:  {steps}");
+    }
     print_tokens(&run.tokens, args.batch);
     if let Some(peak) = &peak {
         println!("{peak}");
@@ -300,6 +315,7 @@ where
         // clone. (Applying a second, empty policy would too, but it would also reset the mode
         // of this compute device, which the offloaded model shares: the last policy wins.)
         let reference = model.clone().to_device(&device.to_resident());
+        warm_up("resident", &reference, &prompt, args, &device);
         let resident = generate(&reference, &prompt, args, &device);
         println!(
             "resident run:  prefill {:.1} tok/s ({:.2?}), decode {:.1} tok/s ({:.2?})",
@@ -434,6 +450,8 @@ struct Generation {
     logits: Vec<f32>,
     prefill: Duration,
     decode: Duration,
+    /// Each decode step's time (its argmax read back, so the step has finished).
+    step_times: Vec<Duration>,
 }
 
 impl Generation {
@@ -446,6 +464,43 @@ impl Generation {
             return 0.0;
         }
         (args.batch * args.gen_tokens) as f64 / self.decode.as_secs_f64()
+    }
+
+    /// Fastest, median and slowest decode step, if there were steps.
+    fn step_summary(&self) -> Option<String> {
+        let mut times = self.step_times.clone();
+        times.sort();
+        let (first, last) = (times.first()?, times.last()?);
+        Some(format!(
+            "fastest {first:.2?}, median {:.2?}, slowest {last:.2?} ({} steps)",
+            times[times.len() / 2],
+            times.len()
+        ))
+    }
+}
+
+/// `args.warmup` untimed generations, each timed as a whole and printed.
+fn warm_up<B: Backend>(
+    what: &str,
+    model: &Llama<B>,
+    prompt: &[i64],
+    args: &Args,
+    device: &B::Device,
+) {
+    for i in 0..args.warmup {
+        let start = Instant::now();
+        let _ = generate(model, prompt, args, device);
+        println!(
+            "{what} warm-up {}/{}: {:.2?}{}",
+            i + 1,
+            args.warmup,
+            start.elapsed(),
+            if i == 0 {
+                " (compiles kernels, autotunes, learns the read order)"
+            } else {
+                ""
+            }
+        );
     }
 }
 
@@ -473,12 +528,15 @@ fn generate<B: Backend>(
     steps.push(read_ids(&next));
     let prefill = start.elapsed();
 
+    let mut step_times = Vec::with_capacity(args.gen_tokens);
     let start = Instant::now();
     for _ in 0..args.gen_tokens {
+        let step_start = Instant::now();
         let step = model.forward_last(next, &mut cache);
         next = step.clone().argmax(1);
         logits.push(step);
         steps.push(read_ids(&next));
+        step_times.push(step_start.elapsed());
     }
     B::sync(device).expect("sync");
     let decode = start.elapsed();
@@ -495,6 +553,7 @@ fn generate<B: Backend>(
         logits,
         prefill,
         decode,
+        step_times,
     }
 }
 
