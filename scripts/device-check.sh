@@ -22,6 +22,18 @@ mkdir -p "$OUT"
 # gpu-bundle.sh packs the stripped binaries (the carried tree is limited to 64 MiB).
 if [ -f "$B/bin.tar.xz" ]; then tar xJf "$B/bin.tar.xz" -C "$B" || exit 1; fi
 logs=$(mktemp -d)
+# CubeCL tunes each new matmul/reduce shape (about 10 s a shape on an H100 with cubecl 0.10)
+# and compiles kernels with NVRTC. Both caches live under target/ (autotune/, cuda/ for PTX,
+# enabled by this cubecl.toml): restored from .gpu/cubecl-cache.tar.gz when carried, and saved
+# to $OUT after every step, so that a later lease can skip the tuning.
+[ -f cubecl.toml ] || printf '[compilation]\ncache = "target"\n' > cubecl.toml
+mkdir -p target
+if [ -f "$B/cubecl-cache.tar.gz" ]; then tar xzf "$B/cubecl-cache.tar.gz" -C target; fi
+save_cache() {
+  local dirs=()
+  for d in autotune cuda; do [ -d "target/$d" ] && dirs+=("$d"); done
+  [ "${#dirs[@]}" -gt 0 ] && tar czf "$OUT/cubecl-cache.tar.gz" -C target "${dirs[@]}"
+}
 export BURN_OFFLOAD_REQUIRE_GPU=1 BURN_OFFLOAD_REQUIRE_NVRTC=1 RUST_LOG=${RUST_LOG:-info}
 export RUST_BACKTRACE=1
 if [ -z "${CUDA_PATH:-}" ]; then
@@ -48,6 +60,7 @@ run() { # name, timeout, command...
   printf '%-32s rc=%d (%ds)\n' "$name" "$rc" "$((SECONDS - start))"
   { echo "===== $name rc=$rc ($((SECONDS - start))s)"; cat "$logs/$name.log"; } >> "$OUT/all.log"
   if [ "$rc" != 0 ]; then tail -n 25 "$logs/$name.log"; fi
+  save_cache
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv 2>&1 | tee "$OUT/gpu.csv"
 bench() { # name, timeout: one bench binary, every JSON path in its environment

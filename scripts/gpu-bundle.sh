@@ -36,4 +36,8 @@ strip .gpu/tests/* .gpu/examples/* .gpu/benches/*
 tar -C .gpu -cJf .gpu/bin.tar.xz tests examples benches
 rm -rf .gpu/tests .gpu/examples .gpu/benches
 cp scripts/device-check.sh .gpu/
+# CubeCL's autotune and PTX caches from an earlier device run (device-check.sh saves them to
+# $OUT/cubecl-cache.tar.gz): with them a run skips most of the ~10 s per matmul shape that
+# Burn spends tuning. CUBECL_CACHE=path/to/cubecl-cache.tar.gz bash scripts/gpu-bundle.sh
+if [ -n "${CUBECL_CACHE:-}" ]; then cp "$CUBECL_CACHE" .gpu/cubecl-cache.tar.gz; fi
 ls -la .gpu

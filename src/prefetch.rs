@@ -37,10 +37,15 @@
 //! **Threads.** One thread per device and backend type, started when the first cycle is
 //! learned; it parks on a condition variable when idle and never blocks process exit.
 //!
-//! **CUDA.** The thread calls the target's `upload` like the op thread does. CubeCL gives each
+//! **CUDA.** The thread makes its copies with the target's `prefetch_upload`. CubeCL gives each
 //! thread its own stream, so the copies run on a second stream and overlap the kernels of the
-//! op thread; a tensor written on one stream and read on another is ordered by CubeCL's
-//! cross-stream events, so the op thread may use a prefetched copy at once.
+//! op thread. Both directions are ordered on the device: a copy read on the op thread's stream
+//! waits for its DMA (CubeCL's cross-stream events), and each DMA waits for the work already
+//! queued on the op threads' streams ([`OffloadTarget::work_queue`]), because a dropped copy's
+//! memory goes back to the prefetch stream's pool while kernels that read it may still be
+//! queued: without that wait the next copy could overwrite it (seen on an H100 as logits that
+//! differed from copy mode's). A thread that requests copies for the first time makes the
+//! prefetcher drop its copies and relearn, so that no copy ordered without it is handed out.
 //!
 //! **Limitations.** One learned cycle per device: threads that run different models on one
 //! device interleave their requests and mostly miss. A view whose key changes every step (a
@@ -226,6 +231,9 @@ struct State<B: OffloadTarget> {
     generation: u64,
     worker_started: bool,
     shutdown: bool,
+    /// The work queues of the op threads that requested copies
+    /// ([`OffloadTarget::work_queue`]): every copy is ordered after their queued work.
+    consumers: Vec<u64>,
 }
 
 impl<B: OffloadTarget> State<B> {
@@ -241,6 +249,7 @@ impl<B: OffloadTarget> State<B> {
             generation: 0,
             worker_started: false,
             shutdown: false,
+            consumers: Vec::new(),
         }
     }
 
@@ -471,6 +480,18 @@ pub(crate) fn upload<B: OffloadTarget>(
     let shared = prefetcher::<B>(device);
     let mut st = shared.lock();
     st.lookahead = lookahead_bytes;
+    if let Some(queue) = B::work_queue(device)
+        && !st.consumers.contains(&queue)
+    {
+        // A new op thread: the copy in flight was ordered after the other threads' work only,
+        // and could reuse memory of a copy this thread is about to read. Drop the prefetched
+        // copies, wait for that copy to land (it is dropped too), and relearn.
+        st.consumers.push(queue);
+        st.cancel();
+        while st.in_flight.is_some() {
+            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
     let pos = match st.predict(Key::of(host), host) {
         Predicted::Yes(pos) => pos,
         Predicted::No { learned } => {
@@ -568,17 +589,20 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
             continue;
         };
         let generation = st.generation;
+        let consumers = st.consumers.clone();
         drop(st);
         // The strong reference lives only for the copy.
-        let copy = view
-            .upgrade()
-            .map(|host| catch_unwind(AssertUnwindSafe(|| B::upload(&host, &device))));
-        unreleased |= matches!(copy, Some(Ok(_)));
+        let copy = view.upgrade().map(|host| {
+            catch_unwind(AssertUnwindSafe(|| {
+                B::prefetch_upload(&host, &device, &consumers)
+            }))
+        });
+        unreleased |= matches!(copy, Some(Ok(Some(_))));
         st = shared.lock();
         st.in_flight = None;
         let current = st.generation == generation && !st.shutdown;
         match copy {
-            Some(Ok(tensor)) => {
+            Some(Ok(Some(tensor))) => {
                 bump(&PREFETCHED);
                 if current {
                     st.ready.push_back(Ready { pos, tensor, bytes });
@@ -587,8 +611,8 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
                     bump(&WASTED);
                 }
             }
-            Some(Err(_)) => {
-                log::warn!("a prefetch upload panicked: forgetting the learned order");
+            Some(Ok(None) | Err(_)) => {
+                log::warn!("a prefetch upload failed: forgetting the learned order");
                 st.sub_alive(bytes);
                 st.forget();
             }

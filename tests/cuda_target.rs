@@ -774,6 +774,7 @@ fn llama_generates_the_same_tokens_offloaded() {
     let prefetch = OffloadMode::Prefetch {
         lookahead_bytes: 1 << 20,
     };
+    let mut copy_logits = None;
     for mode in [
         OffloadMode::Uva,
         OffloadMode::Copy,
@@ -804,6 +805,18 @@ fn llama_generates_the_same_tokens_offloaded() {
             // The bound on prefetched copies alive, as the prefetcher counts them (device
             // memory itself is pooled by CubeCL, in pages larger than these tensors).
             assert!(prefetched.peak_alive_bytes <= 1 << 20, "{prefetched:?}");
+            // The same bytes through the same kernels as copy mode: any difference is a copy
+            // overwritten while it was still read (memory reused across streams too early).
+            let copied: &Vec<Vec<f32>> = copy_logits.as_ref().expect("copy mode ran first");
+            for (step, (got, want)) in logits.iter().zip(copied).enumerate() {
+                assert!(
+                    got == want,
+                    "prefetch mode, step {step}: logits differ from copy mode's"
+                );
+            }
+        }
+        if mode == OffloadMode::Copy {
+            copy_logits = Some(logits.clone());
         }
         for (step, (got, want)) in logits.iter().zip(&reference).enumerate() {
             let ctx = format!("{mode} mode, step {step}");

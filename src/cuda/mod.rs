@@ -34,6 +34,6 @@ pub use error::CudaError;
 pub use kernel::{RawKernel, launch_raw};
 pub use pinned::{alloc_pinned, note_device_reads, wait_pinned_releases};
 pub use transfer::{
-    UploadPath, free_upload_sources, release_upload_sources, sync, upload, upload_dma,
-    upload_sm_copy, upload_tensor,
+    UploadPath, current_stream, free_upload_sources, release_upload_sources, sync, upload,
+    upload_dma, upload_dma_after, upload_sm_copy, upload_tensor, upload_tensor_after,
 };

@@ -73,6 +73,26 @@ impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, 
         <Self as burn_backend::ops::FloatTensorOps<Self>>::float_from_data(host.to_data(), device)
     }
 
+    fn work_queue(_device: &CudaDevice) -> Option<u64> {
+        Some(super::current_stream())
+    }
+
+    /// A DMA on the prefetch thread's stream, behind all the work already queued on the op
+    /// threads' streams ([`upload_tensor_after`]): the memory pool of the prefetch stream gets
+    /// back the copies the op threads dropped as soon as their last op was *queued*, so without
+    /// the wait the next copy could overwrite one that a queued kernel has not read yet.
+    ///
+    /// [`upload_tensor_after`]: super::upload_tensor_after
+    fn prefetch_upload(
+        host: &HostTensor,
+        device: &CudaDevice,
+        consumers: &[u64],
+    ) -> Option<FloatTensor<Self>> {
+        super::upload_tensor_after(device, host, consumers)
+            .map_err(|e| log::warn!("prefetch upload on cuda:{}: {e}", device.index))
+            .ok()
+    }
+
     fn release_uploads(device: &CudaDevice) {
         if let Err(e) = super::release_upload_sources(device) {
             log::warn!("releasing upload sources on cuda:{}: {e}", device.index);

@@ -139,6 +139,28 @@ pub fn upload_dma(
     host: &Arc<HostBuffer>,
     range: Range<usize>,
 ) -> Result<Handle, CudaError> {
+    upload_dma_after(device, host, range, &[])
+}
+
+/// [`upload_dma`] ordered after all the work already queued on the CubeCL streams `after`
+/// (the [`StreamId`] values of other threads): the new buffer is allocated, and the DMA queued,
+/// only behind that work on the device.
+///
+/// Why: the buffer comes from the memory pool of the calling thread's stream. When another
+/// thread's stream read an earlier buffer of that pool (a prefetched copy handed to an op on
+/// another thread) and dropped it, the pool may hand the same memory out again while those
+/// reads are still queued; CubeCL orders reuse within one stream only. The wait is CubeCL's
+/// own cross-stream alignment (`MultiStream::align_streams`): a one-byte token is allocated
+/// on each stream of `after`, then resolved on this stream, which records an event on that
+/// stream and makes this one wait for it. The token is fresh, so its cursor is newer than any
+/// earlier alignment and the wait always happens. Everything runs in one server task with the
+/// allocation and the DMA, so no buffer can be freed in between.
+pub fn upload_dma_after(
+    device: &CudaDevice,
+    host: &Arc<HostBuffer>,
+    range: Range<usize>,
+    after: &[u64],
+) -> Result<Handle, CudaError> {
     check_range(host, &range)?;
     let client = driver::cubecl_client(device)?;
     let len = range.len();
@@ -155,9 +177,24 @@ pub fn upload_dma(
     let handle = Handle::new(stream_id, len as u64);
     let memory = handle.memory.clone();
     let descriptor = CopyDescriptor::new(handle.clone().binding(), [len].into(), [1].into(), 1);
+    let after: Vec<StreamId> = after
+        .iter()
+        .map(|&value| StreamId { value })
+        .filter(|&other| other != stream_id)
+        .collect();
     // The same queue `client` submits to (one per device), so the task runs in order with the
-    // calling thread's other CubeCL work. Reserve and write in one task, as `do_create` does.
+    // calling thread's other CubeCL work. Wait, reserve and write in one task, as `do_create`
+    // reserves and writes.
     DeviceHandle::<CudaServer>::new(device.to_id()).submit(move |server| {
+        for other in after {
+            let token = Handle::new(other, 1);
+            server.initialize_memory(token.memory.clone(), 1, other);
+            if let Err(e) = server.get_resource(token.binding(), stream_id) {
+                // Only a stream already in an error state fails here; that error surfaces on
+                // its next sync.
+                log::warn!("ordering an upload after stream {}: {e:?}", other.value);
+            }
+        }
         server.initialize_memory(memory, len as u64, stream_id);
         server.write(vec![(descriptor, bytes)], stream_id);
     });
@@ -217,6 +254,55 @@ pub fn upload(
     }
 }
 
+/// The calling thread's CubeCL stream (its [`StreamId`] value), for [`upload_tensor_after`].
+pub fn current_stream() -> u64 {
+    StreamId::current().value
+}
+
+/// [`upload_tensor`] by DMA, ordered after all the work already queued on the CubeCL streams
+/// `after` (see [`upload_dma_after`]), for copies made on one thread and read on others.
+/// Non-contiguous views are gathered into pageable memory first.
+pub fn upload_tensor_after(
+    device: &CudaDevice,
+    host: &HostTensor,
+    after: &[u64],
+) -> Result<CubeTensor<CudaRuntime>, CudaError> {
+    let gathered;
+    let host = if host.is_contiguous() {
+        host
+    } else {
+        gathered = HostTensor::from_data(&host.to_data(), HostBuffer::pageable).map_err(|e| {
+            CudaError::InvalidArgument {
+                reason: format!("gathering a host view: {e}"),
+            }
+        })?;
+        &gathered
+    };
+    let handle = upload_dma_after(device, host.buffer(), byte_range(host), after)?;
+    into_tensor(device, host, handle)
+}
+
+/// The bytes of a contiguous view in its buffer.
+fn byte_range(host: &HostTensor) -> Range<usize> {
+    let start = host.offset() * host.dtype().size();
+    start..start + host.size_bytes()
+}
+
+/// A contiguous Burn tensor with `host`'s shape and dtype over the uploaded `handle`.
+fn into_tensor(
+    device: &CudaDevice,
+    host: &HostTensor,
+    handle: Handle,
+) -> Result<CubeTensor<CudaRuntime>, CudaError> {
+    Ok(CubeTensor::new_contiguous(
+        driver::cubecl_client(device)?,
+        device.clone(),
+        host.shape(),
+        handle,
+        host.dtype(),
+    ))
+}
+
 /// Uploads a contiguous host view into a new, contiguous Burn tensor of burn-cubecl on
 /// `device` (same shape and dtype). Non-contiguous views give [`CudaError::InvalidArgument`]
 /// (gather them first, e.g. with `HostTensor::to_data`).
@@ -234,20 +320,8 @@ pub fn upload_tensor(
             ),
         });
     }
-    let start = host.offset() * host.dtype().size();
-    let handle = upload(
-        device,
-        host.buffer(),
-        start..start + host.size_bytes(),
-        path,
-    )?;
-    Ok(CubeTensor::new_contiguous(
-        driver::cubecl_client(device)?,
-        device.clone(),
-        host.shape(),
-        handle,
-        host.dtype(),
-    ))
+    let handle = upload(device, host.buffer(), byte_range(host), path)?;
+    into_tensor(device, host, handle)
 }
 
 /// Waits until all work queued on CubeCL's stream of the calling thread for `device` has

@@ -124,6 +124,30 @@ pub trait OffloadTarget: Backend {
         let _ = device;
     }
 
+    /// Identifies the queue of device work that the calling thread's ops go to on `device`
+    /// (CUDA: the thread's CubeCL stream), for [`prefetch_upload`](Self::prefetch_upload).
+    /// `None` (the default) where every thread's work is ordered with every other's, e.g. the
+    /// CPU target, which runs each op to completion.
+    fn work_queue(device: &Self::Device) -> Option<u64> {
+        let _ = device;
+        None
+    }
+
+    /// The prefetch thread's [`upload`](Self::upload): a copy that ops on the queues
+    /// `consumers` (from [`work_queue`](Self::work_queue)) will read. Its device memory may be
+    /// memory that an earlier copy occupied and those queues still read, so a target with
+    /// several queues must order the copy after all the work already queued on them. `None`:
+    /// the copy could not be made (the prefetcher then forgets its learned order, and ops
+    /// upload on demand).
+    fn prefetch_upload(
+        host: &HostTensor,
+        device: &Self::Device,
+        consumers: &[u64],
+    ) -> Option<FloatTensor<Self>> {
+        let _ = consumers;
+        Some(Self::upload(host, device))
+    }
+
     /// Whether this target's host-reading kernels can read `host` on `device` in place (e.g.
     /// on CUDA only pinned, device-mapped memory can be).
     fn can_read_in_place(host: &HostTensor, device: &Self::Device) -> bool {
