@@ -274,6 +274,18 @@ impl<B: OffloadTarget> State<B> {
         self.cycle = None;
     }
 
+    /// Records the work queue of an op thread. A new one drops the prefetched copies and the
+    /// cycle (returns `true`): they were ordered after the other threads' work only, and
+    /// could reuse memory of a copy this thread is about to read.
+    fn add_consumer(&mut self, queue: u64) -> bool {
+        if self.consumers.contains(&queue) {
+            return false;
+        }
+        self.consumers.push(queue);
+        self.cancel();
+        true
+    }
+
     /// Forgets everything learned (and drops the prefetched copies).
     fn forget(&mut self) {
         self.cancel();
@@ -481,13 +493,10 @@ pub(crate) fn upload<B: OffloadTarget>(
     let mut st = shared.lock();
     st.lookahead = lookahead_bytes;
     if let Some(queue) = B::work_queue(device)
-        && !st.consumers.contains(&queue)
+        && st.add_consumer(queue)
     {
-        // A new op thread: the copy in flight was ordered after the other threads' work only,
-        // and could reuse memory of a copy this thread is about to read. Drop the prefetched
-        // copies, wait for that copy to land (it is dropped too), and relearn.
-        st.consumers.push(queue);
-        st.cancel();
+        // The copy in flight was ordered after the other threads' work only: wait for it to
+        // land (it is dropped, being of an older generation).
         while st.in_flight.is_some() {
             st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
@@ -622,5 +631,50 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
             }
         }
         shared.changed.notify_all();
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use burn_backend::TensorData;
+    use burn_backend::ops::FloatTensorOps;
+    use burn_ndarray::{NdArray, NdArrayDevice};
+
+    use super::*;
+
+    fn ready(pos: u64) -> Ready<FloatTensor<NdArray>> {
+        let tensor = <NdArray as FloatTensorOps<NdArray>>::float_from_data(
+            TensorData::new(vec![0f32; 4], [4]),
+            &NdArrayDevice::Cpu,
+        );
+        Ready {
+            pos,
+            tensor,
+            bytes: 16,
+        }
+    }
+
+    #[test]
+    fn a_new_consumer_drops_the_copies_made_without_it() {
+        let mut st = State::<NdArray>::new();
+        st.lookahead = 1 << 20;
+        for pos in 1..3 {
+            st.ready.push_back(ready(pos));
+            st.add_alive(16);
+        }
+        assert!(st.add_consumer(7));
+        assert!(st.ready.is_empty() && st.alive_bytes == 0 && st.cycle.is_none());
+        assert_eq!((st.generation, st.consumers.clone()), (1, vec![7]));
+
+        // A known consumer changes nothing.
+        st.ready.push_back(ready(3));
+        st.add_alive(16);
+        assert!(!st.add_consumer(7));
+        assert_eq!((st.ready.len(), st.alive_bytes, st.generation), (1, 16, 1));
+
+        // Another thread's queue is added to the set the copies wait for.
+        assert!(st.add_consumer(9));
+        assert_eq!((st.generation, st.consumers.clone()), (2, vec![7, 9]));
+        assert!(st.ready.is_empty());
     }
 }
