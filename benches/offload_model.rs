@@ -13,8 +13,9 @@
 //!   `uva`, `copy` and `prefetch` mode (default lookahead). The modes are switched on the same
 //!   offloaded model with `set_device_config`; the policy is applied once per fraction;
 //!
-//! each for three workloads: one decode step at batch 1 and at batch 8 (KV cache primed by a
-//! 32-token prompt; every sample decodes the same position from a clone of that cache), and a
+//! each for three workloads: one decode step at batch 1 and at batch 8 (after a KV cache of 32
+//! positions of random keys and values; every sample decodes the same position from a clone of
+//! that cache), and a
 //! prefill of 512 tokens at batch 1. It prints one markdown table: median ms per step (one
 //! decode step, i.e. one token per sequence, or the whole prefill), tokens/s, the ratio to
 //! `plain`, the lower bound `max(plain, offloaded bytes / DMA GB/s)` and the efficiency
@@ -44,13 +45,12 @@
 //! limit.
 //! Without a CUDA driver it prints why and exits 0.
 //!
-//! Run time (an estimate: this bench has not run on a GPU yet). Per preset 11 variants × 3
-//! workloads, each 2 + (1..=5) forwards. Transfers dominate: per mode and workload the three
-//! fractions move 1.75 × the model's bytes per forward. On an H100 with 25 GB/s (50 GB/s) of
-//! DMA: `7b` (13.5 GB of weights; 0.54 s (0.27 s) per forward fully offloaded in copy mode)
-//! ≈ 45 s (25 s), `1b` (2.5 GB) ≈ 10 s (6 s); set-up ≈ 15–30 s (random init, moving 1.75 ×
-//! the weights to pinned memory per preset, dropping them), CubeCL's autotuning in the first
-//! runs ≈ 10–30 s, limits ≈ 2 s: about 1.5–2.5 minutes. `1b` has a tied LM head: its copy
+//! Run time. Per preset 11 variants × 3 workloads, each 2 + (1..=5) forwards: for `1b` on an
+//! H100, 16 s of its 246 s run was everything but the first warm-ups. What dominates a cold run is
+//! CubeCL's tuning of every new matmul shape, 10 to 13 s a shape there: `1b` took 246 s, 228 s
+//! of it tuning (the set-up then still ran a 32-token prompt at batch 1 and 8, two more shapes,
+//! which the random caches now avoid: 121.6 s of set-up; the first 512-token prefill 93 s).
+//! CubeCL keeps its tuning results in `target/autotune/` for the next process. `1b` has a tied LM head: its copy
 //! (copy and prefetch mode, and the 512-row prefill in uva mode) is a transposed view of the
 //! embedding, uploaded as the contiguous table in one DMA and transposed on the device.
 
@@ -166,19 +166,21 @@ fn ids<Bk: Backend>(
     Tensor::from_data(TensorData::new(values, [batch, len]), device)
 }
 
-/// The inputs of the workloads: token ids, and KV caches primed with a `PROMPT`-token
-/// prefill. Built once per backend, so every offloaded variant decodes from the same cache.
+/// The inputs of the workloads: token ids, and KV caches of `PROMPT` positions of random keys
+/// and values. Built once per backend, so every offloaded variant decodes from the same cache.
 struct Inputs<Bk: Backend> {
-    /// `(next token, primed cache)` for batch 1 and batch 8.
+    /// `(next token, cache)` for batch 1 and batch 8.
     decode: [(Tensor<Bk, 2, Int>, Cache<Bk>); 2],
     prefill: Tensor<Bk, 2, Int>,
 }
 
 impl<Bk: Backend> Inputs<Bk> {
     fn new(model: &Llama<Bk>, vocab: usize, device: &Bk::Device) -> Self {
+        // Random keys and values rather than a prompt's: a prompt forward would run two more
+        // shapes (batch x 32 rows) through every matmul, and CubeCL tunes each new shape
+        // (10 to 13 s each on an H100).
         let decode = [1, 8].map(|batch| {
-            let mut cache = Cache::for_model(model);
-            black_box(model.forward_last(ids::<Bk>(batch, PROMPT, vocab, 1, device), &mut cache));
+            let cache = Cache::random(model, batch, PROMPT, device);
             (ids::<Bk>(batch, 1, vocab, 2, device), cache)
         });
         Self {
@@ -701,7 +703,7 @@ impl Bench {
             "dtype": "bf16",
             "samples": self.samples,
             "warmup": WARMUP,
-            "prompt_tokens_before_decode": PROMPT,
+            "random_cache_positions_before_decode": PROMPT,
             "prefill_tokens": PREFILL,
             "fractions": self.fractions,
             "check_tolerance_rel": CHECK_TOLERANCE,

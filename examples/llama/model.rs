@@ -319,6 +319,24 @@ impl<B: Backend> Cache<B> {
         Self::new(model.layers.len())
     }
 
+    /// A cache of `len` positions of standard-normal keys and values for `batch` sequences of
+    /// `model`, as if a prompt had been processed, without running one (a decode step then
+    /// costs what it costs after a real prompt; the benchmarks use it so that their set-up
+    /// runs no extra shapes through the backend).
+    pub fn random(model: &Llama<B>, batch: usize, len: usize, device: &B::Device) -> Self {
+        use burn::tensor::Distribution;
+        let layers = model
+            .layers
+            .iter()
+            .map(|layer| {
+                let shape = [batch, layer.attn.n_kv_heads, len, layer.attn.head_dim];
+                let kv = || Tensor::random(shape, Distribution::Normal(0.0, 1.0), device);
+                Some((kv(), kv()))
+            })
+            .collect();
+        Self { layers, len }
+    }
+
     /// Positions cached so far (the position of the next token).
     pub fn len(&self) -> usize {
         self.len
