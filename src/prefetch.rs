@@ -45,7 +45,7 @@
 //! memory goes back to the prefetch stream's pool while kernels that read it may still be
 //! queued: without that wait the next copy could overwrite it (seen on an H100 as logits that
 //! differed from copy mode's). A thread that requests copies for the first time makes the
-//! prefetcher drop its copies and relearn, so that no copy ordered without it is handed out.
+//! prefetcher drop its copies and relearn, so that no copy ordered without it is handed to it.
 //!
 //! **Limitations.** One learned cycle per device: threads that run different models on one
 //! device interleave their requests and mostly miss. A view whose key changes every step (a
@@ -275,8 +275,9 @@ impl<B: OffloadTarget> State<B> {
     }
 
     /// Records the work queue of an op thread. A new one drops the prefetched copies and the
-    /// cycle (returns `true`): they were ordered after the other threads' work only, and
-    /// could reuse memory of a copy this thread is about to read.
+    /// cycle (returns `true`): they were ordered after the other threads' work only. The list
+    /// only grows (a queue left out could still be reading a copy whose memory the next one
+    /// reuses), so each thread that ever requested a copy costs every later copy one wait.
     fn add_consumer(&mut self, queue: u64) -> bool {
         if self.consumers.contains(&queue) {
             return false;
@@ -492,14 +493,11 @@ pub(crate) fn upload<B: OffloadTarget>(
     let shared = prefetcher::<B>(device);
     let mut st = shared.lock();
     st.lookahead = lookahead_bytes;
-    if let Some(queue) = B::work_queue(device)
-        && st.add_consumer(queue)
-    {
-        // The copy in flight was ordered after the other threads' work only: wait for it to
-        // land (it is dropped, being of an older generation).
-        while st.in_flight.is_some() {
-            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+    if let Some(queue) = B::work_queue(device) {
+        // The copy in flight, if any, was made without this queue; it is of an older
+        // generation now, so it is dropped when it lands, and it was allocated before this
+        // thread could free any prefetched copy.
+        st.add_consumer(queue);
     }
     let pos = match st.predict(Key::of(host), host) {
         Predicted::Yes(pos) => pos,

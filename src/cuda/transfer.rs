@@ -154,7 +154,9 @@ pub fn upload_dma(
 /// on each stream of `after`, then resolved on this stream, which records an event on that
 /// stream and makes this one wait for it. The token is fresh, so its cursor is newer than any
 /// earlier alignment and the wait always happens. Everything runs in one server task with the
-/// allocation and the DMA, so no buffer can be freed in between.
+/// allocation and the DMA: a buffer the allocation finds free had its last read queued by an
+/// earlier task (queued launches hold their bindings until the server has processed them), so
+/// the event recorded here covers that read.
 pub fn upload_dma_after(
     device: &CudaDevice,
     host: &Arc<HostBuffer>,
@@ -190,8 +192,7 @@ pub fn upload_dma_after(
             let token = Handle::new(other, 1);
             server.initialize_memory(token.memory.clone(), 1, other);
             if let Err(e) = server.get_resource(token.binding(), stream_id) {
-                // Only a stream already in an error state fails here; that error surfaces on
-                // its next sync.
+                // The alignment has happened by then; only the token's lookup failed.
                 log::warn!("ordering an upload after stream {}: {e:?}", other.value);
             }
         }
