@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on the GPU machine (see scripts/gpu-bundle.sh), most valuable steps first:
-# every GPU test, the bandwidth bench, the offload_model bench (whole LLaMA models, offloaded vs
-# plain burn-cuda), the 50b example (a model larger than the card), then the example in each
-# mode with and without offload and the other benches. GPU requirements are strict here: a
-# missing driver or NVRTC fails instead of skipping.
+# the GPU tests (cuda_target one test at a time, its linear/matmul sweeps later), the example in
+# uva mode, the offload_model bench (whole LLaMA models, offloaded vs plain burn-cuda), the 50b
+# example (a model larger than the card), the sweeps, the example in the other modes and
+# without offload, then the bandwidth and offload_cuda benches. GPU requirements are strict
+# here: a missing driver or NVRTC fails instead of skipping.
 #
 # What comes back is limited to a few files, so every step's log is appended to $OUT/all.log
 # as it finishes (it survives a kill), and a one-line-per-step summary goes to
@@ -44,15 +45,17 @@ fi
 echo "CUDA_PATH=${CUDA_PATH:-unset}"
 summary="$OUT/summary.jsonl"
 : > "$summary"
+capped() { # a step's time limit, cut to what the TOTAL_S deadline leaves (less 5 s)
+  local left=$((TOTAL_S - SECONDS - 5))
+  echo $(($1 < left ? $1 : left))
+}
 run() { # name, timeout, command...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit; limit=$(capped "$2"); shift 2
   [[ $name =~ $STEPS ]] || return 0
-  local left=$((TOTAL_S - SECONDS))
-  if [ "$left" -lt 20 ]; then
+  if [ $((TOTAL_S - SECONDS)) -lt 20 ]; then
     printf '{"step":"%s","rc":-1,"seconds":0,"skipped":"deadline"}\n' "$name" >> "$summary"
     echo "$name: skipped (TOTAL_S deadline)"; return 0
   fi
-  [ "$limit" -gt $((left - 5)) ] && limit=$((left - 5))
   local start=$SECONDS
   timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
   local rc=$?
@@ -67,8 +70,7 @@ bench() { # name, timeout: one bench binary, every JSON path in its environment
   [ -x "$B/benches/$1" ] || return 0
   # The model bench stops starting measurements 45 s before its (deadline-trimmed) limit, so
   # its table is printed before the kill.
-  local limit=$2 left=$((TOTAL_S - SECONDS - 5))
-  [ "$limit" -gt "$left" ] && limit=$left
+  local limit; limit=$(capped "$2")
   run "bench-$1" "$limit" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
     OFFLOAD_BENCH_JSON="$OUT/offload_cuda.json" MODEL_BENCH_JSON="$OUT/offload_model.json" \
     MODEL_BENCH_BUDGET_S="${MODEL_BENCH_BUDGET_S:-$((limit - 45))}" "$B/benches/$1" --bench
@@ -78,7 +80,8 @@ for t in cuda_transfer nvrtc burn_offload; do
   [ -x "$B/tests/$t" ] && run "test-$t" 60 "$B/tests/$t" --test-threads=1
 done
 # cuda_target one test at a time (a slow one cannot hide the others), progress shown; the
-# linear/matmul sweeps (many shapes, each autotuned by Burn's plain matmul) come last.
+# linear/matmul sweeps (many shapes, each autotuned by Burn's plain matmul) come after the
+# whole-model steps.
 target_tests=$("$B/tests/cuda_target" --list 2>/dev/null | sed -n 's/: test$//p')
 for t in $(grep -v '^linear_matmul' <<< "$target_tests"); do
   run "cuda_target-$t" 120 "$B/tests/cuda_target" --exact "$t" --nocapture

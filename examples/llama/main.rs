@@ -282,12 +282,7 @@ where
     let gen_stats = op_stats();
     let peak = sampler.map(MemorySampler::finish).transpose()?;
     println!(
-        "{} run: prefill {:.1} tok/s ({:.2?}), decode {:.1} tok/s ({:.2?})",
-        if report.offloaded_tensors() > 0 {
-            "offloaded"
-        } else {
-            "resident "
-        },
+        "{label:<9} run: prefill {:.1} tok/s ({:.2?}), decode {:.1} tok/s ({:.2?})",
         run.prefill_tok_s(args),
         run.prefill,
         run.decode_tok_s(args),
