@@ -30,7 +30,14 @@
 //! dropped model's host memory is freed at once. The thread checks every
 //! [`LIVENESS_CHECK`] while it holds anything, and drops its prefetched copies and the learned
 //! order once a buffer of that order is gone (a request for a tensor of another model is a
-//! mismatch anyway). Changing a device's configuration
+//! mismatch anyway). Once it holds nothing more (no order, no history, no copies) it lets
+//! the target drop the host sources its uploads still hold
+//! ([`OffloadTarget::release_uploads`], counted in [`PrefetchStats::releases`]), and only
+//! then: on CUDA a release holds up CubeCL's device thread, which launches every thread's
+//! kernels, until all the copies queued on the prefetch stream are done; released whenever
+//! the lookahead is full (after nearly every copy) it would serialise copies and compute.
+//! While another model runs, the sources of a dropped one's copies are let go by the stream's
+//! periodic flushes instead (CUDA: every 256 MiB uploaded). Changing a device's configuration
 //! ([`set_device_config`](crate::device::set_device_config)) drops its prefetcher and ends its
 //! thread.
 //!
@@ -97,6 +104,12 @@ pub struct PrefetchStats {
     pub alive_bytes: u64,
     /// The most `alive_bytes` seen since the last [`reset_prefetch_stats`], summed over devices.
     pub peak_alive_bytes: u64,
+    /// Times a prefetch thread let go of the host sources its uploads still held
+    /// ([`OffloadTarget::release_uploads`]; on CUDA two flushes of its stream, the second of
+    /// which holds up CubeCL's device thread until every copy queued on that stream is done).
+    /// It happens only when the thread has nothing left to prefetch or learn (the model was
+    /// dropped), so it should not grow while a model runs.
+    pub releases: u64,
 }
 
 static HITS: AtomicU64 = AtomicU64::new(0);
@@ -108,6 +121,7 @@ static PREFETCHED: AtomicU64 = AtomicU64::new(0);
 static WASTED: AtomicU64 = AtomicU64::new(0);
 static ALIVE: AtomicU64 = AtomicU64::new(0);
 static PEAK: AtomicU64 = AtomicU64::new(0);
+static RELEASES: AtomicU64 = AtomicU64::new(0);
 
 /// Reads the process-wide [`PrefetchStats`].
 pub fn prefetch_stats() -> PrefetchStats {
@@ -121,6 +135,7 @@ pub fn prefetch_stats() -> PrefetchStats {
         wasted: WASTED.load(Ordering::Acquire),
         alive_bytes: ALIVE.load(Ordering::Acquire),
         peak_alive_bytes: PEAK.load(Ordering::Acquire),
+        releases: RELEASES.load(Ordering::Acquire),
     }
 }
 
@@ -135,6 +150,7 @@ pub fn reset_prefetch_stats() {
         &RELEARNS,
         &PREFETCHED,
         &WASTED,
+        &RELEASES,
     ] {
         c.store(0, Ordering::Release);
     }
@@ -546,6 +562,12 @@ pub(crate) fn upload<B: OffloadTarget>(
     }
 }
 
+/// [`OffloadTarget::release_uploads`], counted in [`PrefetchStats::releases`].
+fn release<B: OffloadTarget>(device: &B::Device) {
+    B::release_uploads(device);
+    bump(&RELEASES);
+}
+
 fn spawn_worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) -> bool {
     let spawned = std::thread::Builder::new()
         .name("burn-offload-prefetch".into())
@@ -568,31 +590,37 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
         if st.shutdown {
             drop(st);
             if unreleased {
-                B::release_uploads(&device);
+                release::<B>(&device);
             }
             return;
         }
         let Some((pos, view, bytes)) = st.next_job() else {
-            if unreleased {
-                // Before idling: the target may still hold the host buffers of the copies
-                // just made (CUDA: this thread's stream queue), which would keep a dropped
-                // model's pinned memory alive.
-                drop(st);
-                B::release_uploads(&device);
-                unreleased = false;
-                st = shared.lock();
-                continue;
-            }
             if st.holds_anything() {
+                // The lookahead is full (or the cycle is all prefetched): wait for a request
+                // to take a copy. No release here: this happens after nearly every copy
+                // while a model runs, and on CUDA a release waits (on CubeCL's device
+                // thread, which also launches the op threads' kernels) for every copy queued
+                // on this thread's stream, which would serialise copies and compute.
                 st = shared
                     .changed
                     .wait_timeout(st, LIVENESS_CHECK)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
                 st.drop_dead();
-            } else {
-                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
             }
+            if unreleased {
+                // Nothing learned or held any more (the model was dropped, or its order was
+                // forgotten): before idling, let the target drop the host buffers of the
+                // copies made (CUDA: this thread's stream queue), which would keep a dropped
+                // model's pinned memory alive.
+                drop(st);
+                release::<B>(&device);
+                unreleased = false;
+                st = shared.lock();
+                continue;
+            }
+            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             continue;
         };
         let generation = st.generation;

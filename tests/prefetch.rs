@@ -307,6 +307,51 @@ fn nothing_outlives_the_model() {
     }
 }
 
+/// Waits (up to 2 s) until no prefetch thread is left (Linux; elsewhere it returns at once).
+fn no_prefetch_threads() {
+    let start = Instant::now();
+    while prefetch_threads().is_some_and(|n| n > 0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "a prefetch thread is left"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_thread_releases_its_uploads_only_once_the_model_is_gone() {
+    let _guard = lock();
+    fresh();
+    // A thread of an earlier test may still be releasing on its way out.
+    no_prefetch_threads();
+    reset_prefetch_stats();
+    let base = base();
+    let xs = inputs(8);
+    let copy = run(&offloaded(&base, OffloadMode::Copy), &xs);
+    // The lookahead fills up again and again: the thread runs out of copies to make after
+    // nearly every copy. A release then (on CUDA: waiting for every copy queued on its
+    // stream, on the thread that also launches the ops) would serialise copies and compute.
+    let net = offloaded(&base, prefetch(1024));
+    assert_eq!(run(&net, &xs[..2]), copy[..2]);
+    warm();
+    assert_eq!(run(&net, &xs[2..]), copy[2..]);
+    let running = prefetch_stats();
+    assert!(running.hits > 0, "{running:?}");
+    assert_eq!(
+        running.releases, 0,
+        "released while the model ran: {running:?}"
+    );
+
+    // Once the model is dropped the thread forgets its order and releases, once.
+    drop(net);
+    drop(base);
+    eventually("the thread releases", |s| s.releases == 1);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(prefetch_stats().releases, 1, "{:?}", prefetch_stats());
+    fresh();
+}
+
 #[test]
 fn llama_greedy_tokens_match_in_prefetch_mode() {
     let _guard = lock();

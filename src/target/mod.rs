@@ -118,8 +118,9 @@ pub trait OffloadTarget: Backend {
 
     /// Lets go of the host memory that uploads made from the calling thread still hold (e.g.
     /// sources kept alive in a stream's queue until it is flushed). The prefetch thread calls
-    /// it before it goes idle, so that a dropped model's host memory is not kept by copies
-    /// it made.
+    /// it when it has nothing left to prefetch or learn (its model was dropped), so that a
+    /// dropped model's host memory is not kept by copies it made; never while a model runs,
+    /// so it may wait for the thread's queued copies.
     fn release_uploads(device: &Self::Device) {
         let _ = device;
     }
