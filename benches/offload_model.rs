@@ -30,6 +30,10 @@
 //! table and the JSON are written. (The `plain` model has its own random weights.)
 //!
 //! Timing: every sample runs from an idle stream to the end of a stream sync (`cuda::sync`);
+//! `queued ms` is the median time until the step had been queued (before the sync): close to
+//! `ms/step` it says the host side set the pace (the op thread, or CubeCL's device thread,
+//! which also runs the prefetch copies' tasks and holds at most 32 queued tasks), far below it
+//! that the device did;
 //! 2 warm-up runs first (prefetch mode learns its read cycle, CubeCL autotunes), then the median
 //! of `MODEL_BENCH_SAMPLES` samples (default 5; at most 3 when a warm step took over 0.2 s, 1
 //! over 1 s). Memory stays bounded: the plain model is dropped before the offloaded ones are
@@ -74,7 +78,7 @@ use burn_offload::{
     op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
-use cuda_common::{MIB, WARMUP, env_usize, limits, median, timed};
+use cuda_common::{MIB, WARMUP, env_usize, limits, median, timed, timed_queued};
 use model::{Cache, Llama, LlamaConfig};
 use serde_json::{Value, json};
 
@@ -207,6 +211,8 @@ impl<Bk: Backend> Inputs<Bk> {
 struct Measured {
     median_s: f64,
     samples_s: Vec<f64>,
+    /// Per sample: seconds until the step had been queued (before the sync).
+    queued_s: Vec<f64>,
     warmup_s: Vec<f64>,
     /// Logits of the last sample, `[batch, vocab]` row-major.
     logits: Vec<f32>,
@@ -237,11 +243,14 @@ fn measure<Bk: Backend>(
         samples
     };
     let mut samples_s = Vec::with_capacity(n);
+    let mut queued_s = Vec::with_capacity(n);
     for i in 0..n {
         if i + 1 == n {
             reset_op_stats();
         }
-        samples_s.push(timed(cuda, &mut run)?);
+        let (queued, total) = timed_queued(cuda, &mut run)?;
+        queued_s.push(queued);
+        samples_s.push(total);
     }
     let stats = op_stats();
     let prefetch = prefetch_stats();
@@ -253,6 +262,7 @@ fn measure<Bk: Backend>(
     Ok(Measured {
         median_s: median(samples_s.clone()),
         samples_s,
+        queued_s,
         warmup_s,
         logits,
         stats,
@@ -367,6 +377,8 @@ impl Row {
             "skipped": m.is_none().then_some("time budget (MODEL_BENCH_BUDGET_S)"),
             "median_s": median,
             "samples_s": m.map(|m| &m.samples_s),
+            "queued_median_s": m.map(|m| cuda_common::median(m.queued_s.clone())),
+            "queued_s": m.map(|m| &m.queued_s),
             "warmup_s": m.map(|m| &m.warmup_s),
             "tokens_per_s": median.map(|s| self.workload.tokens() as f64 / s),
             "ratio_to_plain": median.zip(self.plain_s(rows)).map(|(s, p)| s / p),
@@ -453,9 +465,11 @@ impl Bench {
         };
         match &row.measured {
             Some(m) => println!(
-                "  {preset} {} {variant}: {:.3} ms (median of {}; warm-up {:.3?} s){}",
+                "  {preset} {} {variant}: {:.3} ms, queued in {:.3} ms (medians of {}; warm-up \
+                 {:.3?} s){}",
                 workload.name(),
                 m.median_s * 1e3,
+                median(m.queued_s.clone()) * 1e3,
                 m.samples_s.len(),
                 m.warmup_s,
                 match row.check {
@@ -652,19 +666,21 @@ impl Bench {
             None => "–".to_string(),
         };
         let mut out = String::from(
-            "| model | workload | variant | offloaded GB | ms/step | tokens/s | ratio to plain \
-             | bound ms | efficiency | uva bound ms |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            "| model | workload | variant | offloaded GB | ms/step | queued ms | tokens/s | ratio \
+             to plain | bound ms | efficiency | uva bound ms |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         // Grouped by model and workload; variants in the order they ran.
         let mut order: Vec<&Row> = self.rows.iter().collect();
         let preset_pos = |r: &Row| self.rows.iter().position(|o| o.preset == r.preset);
         order.sort_by_key(|r| (preset_pos(r), r.workload.index()));
         for r in order {
-            let median = r.measured.as_ref().map(|m| m.median_s);
+            let median_s = r.measured.as_ref().map(|m| m.median_s);
+            let queued = r.measured.as_ref().map(|m| median(m.queued_s.clone()));
             let bound = r.bound_s(&self.rows, &self.limits);
             let uva = r.uva_bound_s(&self.rows, &self.limits);
             out += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.preset,
                 r.workload.name(),
                 r.variant,
@@ -673,15 +689,16 @@ impl Bench {
                 } else {
                     "–".into()
                 },
-                match median {
+                match median_s {
                     Some(s) => format!("{:.2}", s * 1e3),
                     None => "skipped".into(),
                 },
-                fmt(median.map(|s| r.workload.tokens() as f64 / s), 1),
-                fmt(median.zip(r.plain_s(&self.rows)).map(|(s, p)| s / p), 2),
+                fmt(queued.map(|s| s * 1e3), 2),
+                fmt(median_s.map(|s| r.workload.tokens() as f64 / s), 1),
+                fmt(median_s.zip(r.plain_s(&self.rows)).map(|(s, p)| s / p), 2),
                 fmt(bound.map(|b| b * 1e3), 2),
-                fmt(median.zip(bound).map(|(s, b)| b / s), 2),
-                if median.is_some() {
+                fmt(median_s.zip(bound).map(|(s, b)| b / s), 2),
+                if median_s.is_some() {
                     uva.map(|b| format!("{:.2}", b * 1e3)).unwrap_or_default()
                 } else {
                     String::new()

@@ -35,11 +35,20 @@ pub fn gbps(bytes: usize, secs: f64) -> f64 {
 
 /// Seconds of one run of `f`, from an idle stream to the end of a stream sync.
 pub fn timed(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<f64, CudaError> {
+    timed_queued(cuda, f).map(|(_, total)| total)
+}
+
+/// [`timed`], and the seconds until `f` returned, i.e. until the calling thread had queued its
+/// work (CubeCL's device queue holds 32 tasks: beyond that the caller waits for CubeCL's device
+/// thread). `(queued, total)`: `queued` close to `total` means the host side (the calling
+/// thread or CubeCL's device thread) set the pace, not the device.
+pub fn timed_queued(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<(f64, f64), CudaError> {
     cuda::sync(cuda)?;
     let start = Instant::now();
     f();
+    let queued = start.elapsed().as_secs_f64();
     cuda::sync(cuda)?;
-    Ok(start.elapsed().as_secs_f64())
+    Ok((queued, start.elapsed().as_secs_f64()))
 }
 
 /// GB/s of a pinned host→device DMA (`cuda::upload_dma`, the copy engine) and of a kernel
