@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# One prepared run on the GPU machine (see scripts/gpu-bundle.sh), most valuable steps first:
-# the GPU tests (cuda_target one test at a time, its linear/matmul sweeps later), the example in
-# uva mode, the offload_model bench (whole LLaMA models, offloaded vs plain burn-cuda), the 50b
-# example (a model larger than the card), the sweeps, the example in the other modes and
-# without offload, then the bandwidth and offload_cuda benches. GPU requirements are strict
-# here: a missing driver or NVRTC fails instead of skipping.
+# One prepared run on the GPU machine (see scripts/gpu-bundle.sh). The steps, declared below in
+# their default order (most valuable first): the GPU tests (cuda_target one test at a time, its
+# linear/matmul sweeps later), the example in uva mode, the offload_model bench (whole LLaMA
+# models, offloaded vs plain burn-cuda), the 50b example (a model larger than the card), the
+# sweeps, the example in the other modes and without offload, then the bandwidth and
+# offload_cuda benches. GPU requirements are strict here: a missing driver or NVRTC fails
+# instead of skipping.
 #
 # What comes back is limited to a few files, so every step's log is appended to $OUT/all.log
 # as it finishes (it survives a kill), and a one-line-per-step summary goes to
 # $OUT/summary.jsonl. Each step has its own time limit, so one hang cannot eat the whole device
 # lease, and the whole script a deadline (TOTAL_S seconds, default 540): a step gets at most
 # what is left, and none starts with under 20 s left. STEPS (a regex over step names, default
-# all) picks steps.
+# all) picks steps; ORDER (regexes separated by spaces, default ".") runs first the steps that
+# match its first regex, then those that match the second, and so on, each group in the
+# default order; steps that match none of them do not run. E.g.
+#   ORDER="bench-offload_model example-big cuda_target-llama ." bash .gpu/device-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=.gpu
 OUT=${OUT:-/tmp/device-check}
 STEPS=${STEPS:-.}
+ORDER=${ORDER:-.}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 TOTAL_S=${TOTAL_S:-540}
 mkdir -p "$OUT"
@@ -36,7 +41,7 @@ save_cache() {
   [ "${#dirs[@]}" -gt 0 ] && tar czf "$OUT/cubecl-cache.tar.gz" -C target "${dirs[@]}"
 }
 export BURN_OFFLOAD_REQUIRE_GPU=1 BURN_OFFLOAD_REQUIRE_NVRTC=1 RUST_LOG=${RUST_LOG:-info}
-export RUST_BACKTRACE=1
+export RUST_BACKTRACE=1 BANDWIDTH_REPS=${BANDWIDTH_REPS:-3}
 if [ -z "${CUDA_PATH:-}" ]; then
   for c in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13 /opt/cuda; do
     [ -f "$c/include/cuda.h" ] && export CUDA_PATH=$c && break
@@ -49,15 +54,21 @@ capped() { # a step's time limit, cut to what the TOTAL_S deadline leaves (less 
   local left=$((TOTAL_S - SECONDS - 5))
   echo $(($1 < left ? $1 : left))
 }
-run() { # name, timeout, command...
-  local name=$1 limit; limit=$(capped "$2"); shift 2
-  [[ $name =~ $STEPS ]] || return 0
+names=() limits=() cmds=()
+step() { # name, timeout, command...: declares a step (run later, in ORDER)
+  [[ $1 =~ $STEPS ]] || return 0
+  names+=("$1") limits+=("$2"); shift 2
+  cmds+=("$(printf '%q ' "$@")")
+}
+run() { # index of a declared step
+  local name=${names[$1]} limit; limit=$(capped "${limits[$1]}")
   if [ $((TOTAL_S - SECONDS)) -lt 20 ]; then
     printf '{"step":"%s","rc":-1,"seconds":0,"skipped":"deadline"}\n' "$name" >> "$summary"
     echo "$name: skipped (TOTAL_S deadline)"; return 0
   fi
   local start=$SECONDS
-  timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
+  # STEP_LIMIT: the step's own (deadline-trimmed) limit, for commands that pace themselves.
+  STEP_LIMIT=$limit timeout -k 10 "$limit" bash -c "${cmds[$1]}" > "$logs/$name.log" 2>&1
   local rc=$?
   printf '{"step":"%s","rc":%d,"seconds":%d}\n' "$name" "$rc" "$((SECONDS - start))" >> "$summary"
   printf '%-32s rc=%d (%ds)\n' "$name" "$rc" "$((SECONDS - start))"
@@ -70,39 +81,48 @@ bench() { # name, timeout: one bench binary, every JSON path in its environment
   [ -x "$B/benches/$1" ] || return 0
   # The model bench stops starting measurements 45 s before its (deadline-trimmed) limit, so
   # its table is printed before the kill.
-  local limit; limit=$(capped "$2")
-  run "bench-$1" "$limit" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
+  step "bench-$1" "$2" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
     OFFLOAD_BENCH_JSON="$OUT/offload_cuda.json" MODEL_BENCH_JSON="$OUT/offload_model.json" \
-    MODEL_BENCH_BUDGET_S="${MODEL_BENCH_BUDGET_S:-$((limit - 45))}" "$B/benches/$1" --bench
+    bash -c 'MODEL_BENCH_BUDGET_S=${MODEL_BENCH_BUDGET_S:-$((STEP_LIMIT - 45))} exec "$0" --bench' \
+    "$B/benches/$1"
 }
-# Most valuable first: the deadline cuts the tail.
+# The steps, most valuable first (the deadline cuts the tail; ORDER can change the order).
 for t in cuda_transfer nvrtc burn_offload; do
-  [ -x "$B/tests/$t" ] && run "test-$t" 60 "$B/tests/$t" --test-threads=1
+  [ -x "$B/tests/$t" ] && step "test-$t" 60 "$B/tests/$t" --test-threads=1
 done
 # cuda_target one test at a time (a slow one cannot hide the others), progress shown; the
 # linear/matmul sweeps (many shapes, each autotuned by Burn's plain matmul) come after the
 # whole-model steps.
 target_tests=$("$B/tests/cuda_target" --list 2>/dev/null | sed -n 's/: test$//p')
 for t in $(grep -v '^linear_matmul' <<< "$target_tests"); do
-  run "cuda_target-$t" 120 "$B/tests/cuda_target" --exact "$t" --nocapture
+  step "cuda_target-$t" 120 "$B/tests/cuda_target" --exact "$t" --nocapture
 done
 # The example in uva mode first: warm-up vs steady state shows where the time goes.
 small=("$B/examples/llama" --device cuda --preset small --warmup 1)
-run example-uva 60 "${small[@]}" --offload-gb 0.05 --mode uva
+step example-uva 60 "${small[@]}" --offload-gb 0.05 --mode uva
 # 1b and 7b in bf16: plain burn-cuda vs 0/25/50/100 % offloaded in uva, copy and prefetch mode
 # (stops starting measurements after MODEL_BENCH_BUDGET_S to print its table).
 bench offload_model "${MODEL_BENCH_TIMEOUT:-200}"
 # 50b (100.7 GB in bf16) on an 80 GB card: 40 GiB of weights created directly in pinned host
 # memory, 53.8 GiB resident; prints the materialisation time, tokens/s and peak device memory.
-run example-big 150 "$B/examples/llama" --device cuda --dtype bf16 --preset 50b --offload-gb 40 \
+step example-big 150 "$B/examples/llama" --device cuda --dtype bf16 --preset 50b --offload-gb 40 \
   --no-check --prompt-len 16 --gen-tokens 4 --warmup 1
 for t in $(grep '^linear_matmul' <<< "$target_tests"); do
-  run "cuda_target-$t" 60 "$B/tests/cuda_target" --exact "$t" --nocapture
+  step "cuda_target-$t" 60 "$B/tests/cuda_target" --exact "$t" --nocapture
 done
 for mode in copy prefetch auto; do
-  run "example-$mode" 45 "${small[@]}" --offload-gb 0.05 --mode "$mode"
+  step "example-$mode" 45 "${small[@]}" --offload-gb 0.05 --mode "$mode"
 done
-run example-resident 45 "${small[@]}" --offload-gb 0
-BANDWIDTH_REPS=${BANDWIDTH_REPS:-3} bench bandwidth 90
+step example-resident 45 "${small[@]}" --offload-gb 0
+bench bandwidth 90
 bench offload_cuda "$STEP_TIMEOUT"
+# Run the declared steps in ORDER.
+done_steps=()
+for pattern in $ORDER; do
+  for i in "${!names[@]}"; do
+    [[ -z ${done_steps[$i]:-} && ${names[$i]} =~ $pattern ]] || continue
+    done_steps[i]=1
+    run "$i"
+  done
+done
 echo "failed steps: $(grep -vc '"rc":0' "$summary")"
