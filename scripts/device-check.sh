@@ -102,10 +102,10 @@ small=("$B/examples/llama" --device cuda --preset small --warmup 1)
 step example-uva 60 "${small[@]}" --offload-gb 0.05 --mode uva
 # 1b and 7b in bf16: plain burn-cuda vs 0/25/50/100 % offloaded in uva, copy and prefetch mode
 # (stops starting measurements after MODEL_BENCH_BUDGET_S to print its table).
-bench offload_model "${MODEL_BENCH_TIMEOUT:-200}"
+bench offload_model "${MODEL_BENCH_TIMEOUT:-400}"
 # 50b (100.7 GB in bf16) on an 80 GB card: 40 GiB of weights created directly in pinned host
 # memory, 53.8 GiB resident; prints the materialisation time, tokens/s and peak device memory.
-step example-big 150 "$B/examples/llama" --device cuda --dtype bf16 --preset 50b --offload-gb 40 \
+step example-big 240 "$B/examples/llama" --device cuda --dtype bf16 --preset 50b --offload-gb 40 \
   --no-check --prompt-len 16 --gen-tokens 4 --warmup 1
 for t in $(grep '^linear_matmul' <<< "$target_tests"); do
   step "cuda_target-$t" 60 "$B/tests/cuda_target" --exact "$t" --nocapture
