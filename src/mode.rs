@@ -1,5 +1,7 @@
 //! Offload modes and the environment switches that override them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::OffloadError;
@@ -33,8 +35,10 @@ pub enum OffloadMode {
     /// Transient device copies like `Copy`, but made ahead of time on a background thread: the
     /// order in which offloaded tensors are read is learned during the first forward, and on
     /// later forwards the next tensors in that order are uploaded while the current op runs,
-    /// keeping at most `lookahead_bytes` of such copies alive. Never reads in place. See
-    /// [`crate::prefetch`].
+    /// keeping at most `lookahead_bytes` of such copies alive. Reads in place only to gather
+    /// an `embedding` lookup's rows where the target can read the table in place (a copy
+    /// would move the whole table, e.g. a tied LM head's, for a few rows), and never with
+    /// [`ENV_DISABLE_UVA`]. See [`crate::prefetch`].
     Prefetch {
         /// The most bytes of prefetched (uploaded, not yet used) copies alive per device.
         lookahead_bytes: u64,
@@ -83,14 +87,26 @@ fn env_flag(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether [`ENV_DISABLE_UVA`] was set when a mode was last resolved ([`effective_mode`]).
+static IN_PLACE_DISABLED: AtomicBool = AtomicBool::new(false);
+
 /// `mode` after the environment overrides ([`ENV_DISABLE_UVA`] turns `Uva` and `Auto` into
-/// `Copy`; `Prefetch` stays, since it never reads host memory in place).
+/// `Copy`; `Prefetch` stays a prefetch, but gathers embedding rows through copies too). Reads
+/// the environment, as policies do when applied.
 pub fn effective_mode(mode: OffloadMode) -> OffloadMode {
-    if env_flag(ENV_DISABLE_UVA) && !matches!(mode, OffloadMode::Prefetch { .. }) {
+    let disabled = env_flag(ENV_DISABLE_UVA);
+    IN_PLACE_DISABLED.store(disabled, Ordering::Release);
+    if disabled && !matches!(mode, OffloadMode::Prefetch { .. }) {
         OffloadMode::Copy
     } else {
         mode
     }
+}
+
+/// Whether reading host memory in place is switched off ([`ENV_DISABLE_UVA`], as read when a
+/// policy was last applied): what keeps `Prefetch` from gathering embedding rows in place.
+pub(crate) fn in_place_disabled() -> bool {
+    IN_PLACE_DISABLED.load(Ordering::Acquire)
 }
 
 /// `pin_memory` after the environment overrides ([`ENV_DISABLE_PIN_MEMORY`]).

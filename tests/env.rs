@@ -3,7 +3,7 @@
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn_offload::device::device_config;
 use burn_offload::mode::{ENV_DISABLE_PIN_MEMORY, ENV_DISABLE_UVA};
@@ -31,6 +31,26 @@ fn run_uva() -> (OffloadMode, u64, u64) {
     (report.mode, stats.zero_copy_ops, stats.transient_uploads)
 }
 
+/// Applies a Prefetch policy to an embedding, looks up two tokens, and returns the report's
+/// mode and the (zero-copy ops, transient uploads) of that lookup.
+fn run_prefetch_embedding() -> (OffloadMode, u64, u64) {
+    let device = OffloadDevice::Device(NdArrayDevice::Cpu);
+    let embedding: Embedding<B> = EmbeddingConfig::new(16, 4).init(&device);
+    let (embedding, report) = OffloadPolicy::from_gib(1.0)
+        .unwrap()
+        .mode(OffloadMode::Prefetch {
+            lookahead_bytes: 1 << 20,
+        })
+        .apply(embedding)
+        .unwrap();
+    assert_eq!(report.offloaded_tensors(), 1);
+    let ids = Tensor::<B, 2, Int>::from_data([[3, 7]], &device);
+    reset_op_stats();
+    let _ = embedding.forward(ids).into_data();
+    let stats = op_stats();
+    (report.mode, stats.zero_copy_ops, stats.transient_uploads)
+}
+
 #[test]
 fn environment_switches_override_the_policy() {
     let cpu = NdArrayDevice::Cpu;
@@ -48,6 +68,10 @@ fn environment_switches_override_the_policy() {
     assert_eq!(device_config(&cpu).mode, OffloadMode::Uva);
     assert!(device_config(&cpu).pin_memory);
     assert_eq!((zero_copy, uploads), (1, 1));
+    // Prefetch mode gathers embedding rows in place rather than copying the table.
+    let (mode, zero_copy, uploads) = run_prefetch_embedding();
+    assert!(matches!(mode, OffloadMode::Prefetch { .. }));
+    assert_eq!((zero_copy, uploads), (1, 0));
 
     // SAFETY: as above.
     unsafe {
@@ -62,6 +86,10 @@ fn environment_switches_override_the_policy() {
         "BURN_OFFLOAD_DISABLE_PIN_MEMORY=1"
     );
     assert_eq!((zero_copy, uploads), (0, 2), "weight and bias copied");
+    // Prefetch stays a prefetch, and copies the table for a lookup too.
+    let (mode, zero_copy, uploads) = run_prefetch_embedding();
+    assert!(matches!(mode, OffloadMode::Prefetch { .. }), "{mode}");
+    assert_eq!((zero_copy, uploads), (0, 1), "BURN_OFFLOAD_DISABLE_UVA=1");
     // The report says so too.
     let device = OffloadDevice::Device(cpu);
     let linear: Linear<B> = LinearConfig::new(8, 4).init(&device);

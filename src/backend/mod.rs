@@ -231,11 +231,18 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         }
     }
 
-    /// Whether an op with a host-reading kernel should read `host` in place on `device`.
-    pub(crate) fn read_in_place(host: &HostTensor, device: &B::Device) -> bool {
+    /// Whether an `embedding` lookup should gather its rows of the offloaded table `host` in
+    /// place on `device`: wherever the target can, except in `Copy` mode (vLLM's non-UVA
+    /// path) and, for `Prefetch`, with in-place reads switched off by the environment. A
+    /// prefetched copy would move the whole table (a tied LM head's, every step) for the few
+    /// rows a lookup reads.
+    pub(crate) fn gather_in_place(host: &HostTensor, device: &B::Device) -> bool {
         match device_config(device).mode {
-            OffloadMode::Copy | OffloadMode::Prefetch { .. } => false,
-            OffloadMode::Uva | OffloadMode::Auto => B::can_read_in_place(host, device),
+            OffloadMode::Copy => false,
+            OffloadMode::Prefetch { .. } if crate::mode::in_place_disabled() => false,
+            OffloadMode::Uva | OffloadMode::Auto | OffloadMode::Prefetch { .. } => {
+                B::can_read_in_place(host, device)
+            }
         }
     }
 

@@ -12,7 +12,7 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
     fn embedding(weights: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
         match weights {
             OffloadTensor::Offloaded { host, device } => {
-                let indices = if Self::read_in_place(&host, &device) {
+                let indices = if Self::gather_in_place(&host, &device) {
                     match B::host_embedding(&host, indices) {
                         Ok(out) => {
                             record(|s| s.zero_copy_ops += 1);
