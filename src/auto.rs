@@ -23,9 +23,12 @@
 //! are never faster), and reads in place when the first is not larger. Small weights tip
 //! towards zero-copy (the upload's fixed cost dominates), many rows towards the copy. Ops
 //! without a host-reading kernel always copy. When the target's copies overlap compute, the
-//! copies of `Auto` go through the [prefetcher](crate::prefetch) with the default lookahead
-//! ([`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]), so a repeating order of copies (a prefill, say) is
-//! uploaded ahead while the previous op runs.
+//! copies of `Auto` go through the [prefetcher](crate::prefetch), so a repeating order of
+//! copies (a prefill, say) is uploaded ahead while the previous op runs. Its lookahead is the
+//! default ([`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or twice the largest tensor `apply` offloaded
+//! to the device, whichever is larger: the prefetcher never prefetches a tensor larger than
+//! its lookahead, and a large model's biggest weights (344 MiB each for the example's `50b`
+//! preset in bf16) are the ones worth overlapping.
 //!
 //! Without a calibration (a device configured with
 //! [`set_device_config`](crate::device::set_device_config) alone, or a calibration that
@@ -210,14 +213,36 @@ pub(crate) fn any_prefetching() -> bool {
     PREFETCHING.load(Ordering::Acquire) > 0
 }
 
-/// The lookahead `Auto` prefetches `device`'s copies with, if it does.
-pub(crate) fn prefetch_lookahead<D: DeviceOps>(device: &D) -> Option<u64> {
+/// `Auto`'s lookahead per device, where `apply` raised it above the default.
+static LOOKAHEADS: LazyLock<RwLock<HashMap<DeviceId, u64>>> = LazyLock::new(Default::default);
+
+/// Raises `Auto`'s lookahead on `device` to twice `largest` (the largest tensor offloaded to
+/// it), if that is above the default; never lowers it (another model may still run there).
+pub(crate) fn fit_lookahead<D: DeviceOps>(device: &D, largest: u64) {
+    let want = largest.saturating_mul(2);
+    if want > DEFAULT_PREFETCH_LOOKAHEAD_BYTES {
+        let mut lookaheads = LOOKAHEADS.write().unwrap_or_else(|e| e.into_inner());
+        let lookahead = lookaheads.entry(device.to_id()).or_default();
+        *lookahead = (*lookahead).max(want);
+    }
+}
+
+/// The lookahead `Auto` prefetches `device`'s copies with, if it does: the default, or twice
+/// the largest tensor offloaded to `device` ([`fit_lookahead`]) where that is larger.
+pub fn prefetch_lookahead<D: DeviceOps>(device: &D) -> Option<u64> {
     if !any_prefetching() {
         return None;
     }
     calibration(device)
         .filter(|c| c.copies_overlap_compute)
-        .map(|_| DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
+        .map(|_| {
+            let fitted = LOOKAHEADS
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&device.to_id())
+                .copied();
+            fitted.unwrap_or(0).max(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
+        })
 }
 
 /// Whether `Auto` reads a `bytes`-byte weight in place for `rows` rows on `device`, given that
@@ -403,6 +428,22 @@ mod tests {
             Some(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
         );
         assert_eq!(prefetch_lookahead(&db), None);
+        // Raised to twice the largest offloaded tensor where that is larger, never lowered.
+        fit_lookahead(&da, 100 << 20);
+        assert_eq!(
+            prefetch_lookahead(&da),
+            Some(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
+        );
+        fit_lookahead(&da, 344 << 20);
+        assert_eq!(prefetch_lookahead(&da), Some(688 << 20));
+        fit_lookahead(&da, 200 << 20);
+        assert_eq!(prefetch_lookahead(&da), Some(688 << 20));
+        fit_lookahead(&db, 344 << 20);
+        assert_eq!(
+            prefetch_lookahead(&db),
+            None,
+            "not calibrated: no prefetching"
+        );
         c.copies_overlap_compute = false;
         set_calibration(&da, c);
         assert_eq!(prefetch_lookahead(&da), None);

@@ -418,6 +418,45 @@ fn report_totals_and_display() {
 }
 
 #[test]
+fn a_prefetch_lookahead_below_a_tensor_warns_with_the_fix() {
+    // The largest parameters (the mlp's, [8, 16] f32) are 512 bytes.
+    let prefetch = |lookahead_bytes| OffloadMode::Prefetch { lookahead_bytes };
+    let (_, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .mode(prefetch(256))
+        .apply(net())
+        .unwrap();
+    assert_eq!(report.prefetch_lookahead_bytes, Some(256));
+    let warned: Vec<_> = report
+        .warnings
+        .iter()
+        .filter(|w| w.contains("lookahead"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{:?}", report.warnings);
+    assert!(
+        warned[0].starts_with("4 offloaded tensors") && warned[0].contains("prefetch:1024"),
+        "{}",
+        warned[0]
+    );
+
+    let (_, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .mode(prefetch(512))
+        .apply(net())
+        .unwrap();
+    assert_eq!(report.prefetch_lookahead_bytes, Some(512));
+    assert!(
+        report.warnings.iter().all(|w| !w.contains("lookahead")),
+        "{:?}",
+        report.warnings
+    );
+    // Only copies are prefetched.
+    let (_, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .mode(OffloadMode::Uva)
+        .apply(net())
+        .unwrap();
+    assert_eq!(report.prefetch_lookahead_bytes, None);
+}
+
+#[test]
 fn report_round_trips_through_json() {
     let (_, report) = OffloadPolicy::from_bytes(100)
         .mode(OffloadMode::Uva)

@@ -739,22 +739,6 @@ fn with_pool_slack(resident: u64) -> u64 {
     resident + resident / 12
 }
 
-fn prefetch_lookahead(report: &OffloadReport) -> u64 {
-    match report.mode {
-        OffloadMode::Prefetch { lookahead_bytes } => lookahead_bytes,
-        // `auto` prefetches its copies with the default lookahead where copies overlap compute.
-        OffloadMode::Auto
-            if report
-                .calibration
-                .as_ref()
-                .is_some_and(|c| c.copies_overlap_compute) =>
-        {
-            burn_offload::mode::DEFAULT_PREFETCH_LOOKAHEAD_BYTES
-        }
-        _ => 0,
-    }
-}
-
 /// Refuses (with the `--offload-gb` that would do) a run whose resident part would not fit
 /// the device's free memory.
 fn check_fits(
@@ -768,7 +752,8 @@ fn check_fits(
     let resident = report.total_bytes() - report.offloaded_bytes();
     // Estimated with the largest parameter as the largest transient copy.
     let largest = report.params.iter().map(|p| p.bytes).max().unwrap_or(0);
-    let overhead = device_overhead(total, args, config, largest, prefetch_lookahead(report));
+    let lookahead = report.prefetch_lookahead_bytes.unwrap_or(0);
+    let overhead = device_overhead(total, args, config, largest, lookahead);
     let needed = with_pool_slack(resident) + overhead;
     if needed <= free {
         println!(

@@ -15,6 +15,7 @@ use crate::mode::OffloadMode;
 use crate::target::{DeviceMemory, TargetDevice};
 
 const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
 
 /// Which parameters to keep in host memory, and how ops read them.
 ///
@@ -237,8 +238,8 @@ impl OffloadPolicy {
             mode: effective_mode(self.mode),
             pin_memory: effective_pin_memory(self.pin_memory),
         };
-        // Per compute device: (device, offloaded bytes, all bytes).
-        let mut devices: Vec<(D, u64, u64)> = Vec::new();
+        // Per compute device: (device, offloaded bytes, all bytes, largest offloaded tensor).
+        let mut devices: Vec<(D, u64, u64, u64)> = Vec::new();
         let mut total = 0u64;
         let mut eligible_bytes = 0u64;
         let (module, params) = walk_params(module, |info| {
@@ -247,7 +248,7 @@ impl OffloadPolicy {
                 Some(i) => i,
                 None => {
                     set_device_config(device, config);
-                    devices.push((device.clone(), 0, 0));
+                    devices.push((device.clone(), 0, 0, 0));
                     devices.len() - 1
                 }
             };
@@ -260,6 +261,7 @@ impl OffloadPolicy {
             if total < self.max_bytes {
                 total += info.bytes;
                 devices[index].1 += info.bytes;
+                devices[index].3 = devices[index].3.max(info.bytes);
                 ParamAction::Host
             } else {
                 ParamAction::Device
@@ -276,13 +278,23 @@ impl OffloadPolicy {
         }
         let mut calibration = None;
         let mut device_memory = None;
-        for (device, offloaded, all) in &devices {
+        let mut prefetch_lookahead = None;
+        for (device, offloaded, all, largest) in &devices {
             if *offloaded == 0 {
                 continue;
             }
             let measured = (config.mode == OffloadMode::Auto)
                 .then(|| calibrate(device, config.pin_memory))
                 .flatten();
+            let lookahead = match config.mode {
+                OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
+                OffloadMode::Auto => {
+                    crate::auto::fit_lookahead(device, *largest);
+                    crate::auto::prefetch_lookahead(device)
+                }
+                OffloadMode::Uva | OffloadMode::Copy => None,
+            };
+            prefetch_lookahead = prefetch_lookahead.or(lookahead);
             let memory = device.memory();
             if let Some(memory) = memory
                 && let Some(w) = offload_not_needed(
@@ -298,6 +310,9 @@ impl OffloadPolicy {
             calibration = calibration.or(measured);
             device_memory = device_memory.or(memory);
         }
+        if let OffloadMode::Prefetch { lookahead_bytes } = config.mode {
+            warnings.extend(beyond_lookahead(&params, lookahead_bytes));
+        }
         let report = OffloadReport {
             params,
             max_bytes: self.max_bytes,
@@ -305,6 +320,7 @@ impl OffloadPolicy {
             warnings,
             calibration: calibration.map(|c| (*c).clone()),
             device_memory,
+            prefetch_lookahead_bytes: prefetch_lookahead,
         };
         for w in &report.warnings {
             log::warn!("{w}");
@@ -312,6 +328,28 @@ impl OffloadPolicy {
         log::info!("{}", report.summary());
         Ok((module, report))
     }
+}
+
+/// The warning for a `Prefetch` lookahead smaller than some offloaded tensors: those are never
+/// prefetched (each use copies on demand, without overlap).
+fn beyond_lookahead(params: &[ParamReport], lookahead: u64) -> Option<String> {
+    let (count, bytes, largest) = params
+        .iter()
+        .filter(|p| p.placement == Placement::Host && p.bytes > lookahead)
+        .fold((0usize, 0u64, 0u64), |(n, b, l), p| {
+            (n + 1, b + p.bytes, l.max(p.bytes))
+        });
+    (count > 0).then(|| {
+        format!(
+            "{count} offloaded tensors ({:.3} GiB) are larger than the prefetch lookahead of \
+             {:.1} MiB: they are never prefetched, every use copies them on demand without \
+             overlap; use prefetch:{} (twice the largest, {:.1} MiB) or more",
+            bytes as f64 / GIB,
+            lookahead as f64 / MIB,
+            largest.saturating_mul(2),
+            largest as f64 / MIB
+        )
+    })
 }
 
 /// The device's calibration for `Auto`, measured now if it has none yet (once per process). A

@@ -47,6 +47,11 @@ pub struct OffloadReport {
     /// Free and total memory of the (first) device with offloaded parameters, where the device
     /// reports it (not on the CPU).
     pub device_memory: Option<crate::target::DeviceMemory>,
+    /// The most bytes of prefetched copies kept alive on the (first) device with offloaded
+    /// parameters, where copies are prefetched: `Prefetch`'s lookahead, or `Auto`'s (the
+    /// default or twice the largest offloaded tensor, whichever is larger) where the
+    /// calibration found that copies overlap compute. Device memory to plan for.
+    pub prefetch_lookahead_bytes: Option<u64>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
