@@ -32,8 +32,8 @@
 //! Timing: every sample runs from an idle stream to the end of a stream sync (`cuda::sync`);
 //! `queued ms` is the median time until the step had been queued (before the sync): close to
 //! `ms/step` it says the host side set the pace (the op thread, or CubeCL's device thread,
-//! which also runs the prefetch copies' tasks and holds at most 32 queued tasks), far below it
-//! that the device did;
+//! which also runs the prefetch copies' tasks; a caller waits for it once two batches of 32
+//! tasks are queued), far below it that the device did;
 //! 2 warm-up runs first (prefetch mode learns its read cycle, CubeCL autotunes), then the median
 //! of `MODEL_BENCH_SAMPLES` samples (default 5; at most 3 when a warm step took over 0.2 s, 1
 //! over 1 s). Memory stays bounded: the plain model is dropped before the offloaded ones are

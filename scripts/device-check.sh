@@ -79,11 +79,11 @@ run() { # index of a declared step
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv 2>&1 | tee "$OUT/gpu.csv"
 bench() { # name, timeout: one bench binary, every JSON path in its environment
   [ -x "$B/benches/$1" ] || return 0
-  # The model bench stops starting measurements 45 s before its (deadline-trimmed) limit, so
-  # its table is printed before the kill.
+  # The model bench stops starting measurements 45 s before its (deadline-trimmed) limit (a
+  # quarter of it under 60 s), so its table is printed before the kill.
   step "bench-$1" "$2" env BANDWIDTH_JSON="$OUT/bandwidth.json" \
     OFFLOAD_BENCH_JSON="$OUT/offload_cuda.json" MODEL_BENCH_JSON="$OUT/offload_model.json" \
-    bash -c 'MODEL_BENCH_BUDGET_S=${MODEL_BENCH_BUDGET_S:-$((STEP_LIMIT - 45))} exec "$0" --bench' \
+    bash -c 'MODEL_BENCH_BUDGET_S=${MODEL_BENCH_BUDGET_S:-$((STEP_LIMIT > 60 ? STEP_LIMIT - 45 : STEP_LIMIT * 3 / 4))} exec "$0" --bench' \
     "$B/benches/$1"
 }
 # The steps, most valuable first (the deadline cuts the tail; ORDER can change the order).
@@ -118,7 +118,8 @@ bench bandwidth 90
 bench offload_cuda "$STEP_TIMEOUT"
 # Run the declared steps in ORDER.
 done_steps=()
-for pattern in $ORDER; do
+read -ra patterns <<< "$ORDER" # no glob expansion of the regexes
+for pattern in "${patterns[@]}"; do
   for i in "${!names[@]}"; do
     [[ -z ${done_steps[$i]:-} && ${names[$i]} =~ $pattern ]] || continue
     done_steps[i]=1

@@ -2,7 +2,7 @@
 //! `Host(d)` (host memory that device `d` reads).
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{LazyLock, RwLock};
 
@@ -164,6 +164,29 @@ pub fn set_device_config<D: DeviceOps>(device: &D, config: DeviceConfig) {
     if old != Some(config) {
         crate::prefetch::forget_device(id);
     }
+}
+
+/// Devices on which the last policy applied found in-place reads switched off
+/// ([`crate::mode::in_place_disabled`]).
+static IN_PLACE_OFF: LazyLock<RwLock<HashSet<DeviceId>>> = LazyLock::new(Default::default);
+
+/// Records whether in-place reads are switched off on compute device `device` (by `apply`,
+/// from the environment).
+pub(crate) fn set_in_place_off<D: DeviceOps>(device: &D, off: bool) {
+    let mut devices = IN_PLACE_OFF.write().unwrap_or_else(|e| e.into_inner());
+    if off {
+        devices.insert(device.to_id());
+    } else {
+        devices.remove(&device.to_id());
+    }
+}
+
+/// Whether the last policy applied to `device` found in-place reads switched off.
+pub(crate) fn in_place_off<D: DeviceOps>(device: &D) -> bool {
+    IN_PLACE_OFF
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&device.to_id())
 }
 
 /// Whether some device is in prefetch mode (one atomic load).

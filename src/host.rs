@@ -527,6 +527,12 @@ impl WeakHostTensor {
     pub(crate) fn is_alive(&self) -> bool {
         self.buffer.strong_count() > 0
     }
+
+    /// The buffer's identity (its `Arc` pointer): unique while this `Weak` exists, since the
+    /// allocation is not reused before its last `Weak` goes.
+    pub(crate) fn buffer_id(&self) -> usize {
+        self.buffer.as_ptr() as usize
+    }
 }
 
 impl HostTensor {

@@ -1,7 +1,5 @@
 //! Offload modes and the environment switches that override them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::OffloadError;
@@ -87,26 +85,21 @@ fn env_flag(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether [`ENV_DISABLE_UVA`] was set when a mode was last resolved ([`effective_mode`]).
-static IN_PLACE_DISABLED: AtomicBool = AtomicBool::new(false);
-
 /// `mode` after the environment overrides ([`ENV_DISABLE_UVA`] turns `Uva` and `Auto` into
-/// `Copy`; `Prefetch` stays a prefetch, but gathers embedding rows through copies too). Reads
-/// the environment, as policies do when applied.
+/// `Copy`; `Prefetch` stays a prefetch, but gathers embedding rows through copies too, see
+/// [`in_place_disabled`]).
 pub fn effective_mode(mode: OffloadMode) -> OffloadMode {
-    let disabled = env_flag(ENV_DISABLE_UVA);
-    IN_PLACE_DISABLED.store(disabled, Ordering::Release);
-    if disabled && !matches!(mode, OffloadMode::Prefetch { .. }) {
+    if in_place_disabled() && !matches!(mode, OffloadMode::Prefetch { .. }) {
         OffloadMode::Copy
     } else {
         mode
     }
 }
 
-/// Whether reading host memory in place is switched off ([`ENV_DISABLE_UVA`], as read when a
-/// policy was last applied): what keeps `Prefetch` from gathering embedding rows in place.
-pub(crate) fn in_place_disabled() -> bool {
-    IN_PLACE_DISABLED.load(Ordering::Acquire)
+/// Whether [`ENV_DISABLE_UVA`] switches reading host memory in place off. `apply` records it
+/// per device (what keeps `Prefetch` from gathering embedding rows in place).
+pub fn in_place_disabled() -> bool {
+    env_flag(ENV_DISABLE_UVA)
 }
 
 /// `pin_memory` after the environment overrides ([`ENV_DISABLE_PIN_MEMORY`]).

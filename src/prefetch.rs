@@ -36,8 +36,9 @@
 //! then: on CUDA a release holds up CubeCL's device thread, which launches every thread's
 //! kernels, until all the copies queued on the prefetch stream are done; released whenever
 //! the lookahead is full (after nearly every copy) it would serialise copies and compute.
-//! While another model runs, the sources of a dropped one's copies are let go by the stream's
-//! periodic flushes instead (CUDA: every 256 MiB uploaded). Changing a device's configuration
+//! It also releases once when a buffer it copied from has died while another model keeps it
+//! busy (that model's requests replaced the dropped one's order, so it never holds nothing):
+//! it keeps weak references to the buffers of the copies made since its last release. Changing a device's configuration
 //! ([`set_device_config`](crate::device::set_device_config)) drops its prefetcher and ends its
 //! thread.
 //!
@@ -584,8 +585,10 @@ fn spawn_worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) -> 
 /// The background thread: makes the next copies of the cycle, within the lookahead.
 fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
     let mut st = shared.lock();
-    // Whether uploads were made since the target last released their sources.
+    // Whether uploads were made since the target last released their sources, and the host
+    // buffers they were made from (weak, by identity).
     let mut unreleased = false;
+    let mut sources: HashMap<usize, WeakHostTensor> = HashMap::new();
     loop {
         if st.shutdown {
             drop(st);
@@ -607,6 +610,16 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
                 st.drop_dead();
+                // A model dropped while another one keeps the thread busy (its requests
+                // replaced the learned order): the target may still hold the dropped model's
+                // buffers (CUDA: until two flushes of this thread's stream), so release once.
+                if unreleased && sources.values().any(|s| !s.is_alive()) {
+                    drop(st);
+                    release::<B>(&device);
+                    unreleased = false;
+                    sources.clear();
+                    st = shared.lock();
+                }
                 continue;
             }
             if unreleased {
@@ -617,6 +630,7 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
                 drop(st);
                 release::<B>(&device);
                 unreleased = false;
+                sources.clear();
                 st = shared.lock();
                 continue;
             }
@@ -632,7 +646,10 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
                 B::prefetch_upload(&host, &device, &consumers)
             }))
         });
-        unreleased |= matches!(copy, Some(Ok(Some(_))));
+        if matches!(copy, Some(Ok(Some(_)))) {
+            unreleased = true;
+            sources.entry(view.buffer_id()).or_insert(view);
+        }
         st = shared.lock();
         st.in_flight = None;
         let current = st.generation == generation && !st.shutdown;

@@ -412,8 +412,8 @@ fn linear_and_matmul(test: &str, dtype: DType) {
     }
 }
 
-/// Table views for `embedding`: the transposed one has no contiguous rows, so even `uva` mode
-/// copies it.
+/// Table views for `embedding`: the transposed one has no contiguous rows, so even `uva` and
+/// `prefetch` mode copy it.
 const EMBEDDING_VIEWS: [View; 4] = [View::Whole, View::Rows(5), View::Cols(8), View::Transposed];
 
 fn embedding_rows(test: &str, dtype: DType) {
@@ -439,13 +439,17 @@ fn embedding_rows(test: &str, dtype: DType) {
             plain == expected,
             "{dtype:?} {view:?}: the plain CUDA embedding is wrong"
         );
-        for mode in MODES {
+        // Prefetch mode gathers rows in place too (a copy would move the whole table).
+        let prefetch = OffloadMode::Prefetch {
+            lookahead_bytes: 1 << 20,
+        };
+        for mode in MODES.into_iter().chain([prefetch]) {
             configure(&cuda, mode, true);
             let ctx = format!("embedding {dtype:?} {view:?} in {mode} mode");
             let ids = Tensor::<B, 2, Int>::from_data(ids.clone(), &device);
             reset_op_stats();
             let got = read(embedding(w_off.clone(), ids), dtype);
-            let zero_copy = mode == OffloadMode::Uva && !matches!(view, View::Transposed);
+            let zero_copy = mode != OffloadMode::Copy && !matches!(view, View::Transposed);
             assert_path(&ctx, op_stats(), zero_copy);
             assert!(got == expected, "{ctx}: rows differ from the table");
         }

@@ -353,6 +353,43 @@ fn the_thread_releases_its_uploads_only_once_the_model_is_gone() {
 }
 
 #[test]
+fn a_model_dropped_while_another_runs_is_released_once() {
+    let _guard = lock();
+    fresh();
+    no_prefetch_threads();
+    let xs = inputs(8);
+    let (base_a, base_b) = (base(), base());
+    let copy_b = run(&offloaded(&base_b, OffloadMode::Copy), &xs);
+    let a = offloaded(&base_a, prefetch(1024));
+    // The same configuration again: the device keeps its prefetcher.
+    let b = offloaded(&base_b, prefetch(1024));
+    reset_prefetch_stats();
+    let _ = run(&a, &xs[..2]);
+    warm();
+    let _ = run(&a, &xs[2..]);
+    assert!(prefetch_stats().hits > 0, "{:?}", prefetch_stats());
+    drop(a);
+    drop(base_a);
+    // The other model at once: its requests replace the dropped one's order (mostly before
+    // the thread's liveness check notices the dead buffers) and keep the thread busy, so it
+    // never holds nothing; the dead sources of its copies still make it release, once.
+    for _ in 0..20 {
+        assert_eq!(run(&b, &xs), copy_b);
+    }
+    eventually("the dropped model's copies are released", |s| {
+        s.releases == 1
+    });
+    for _ in 0..5 {
+        assert_eq!(run(&b, &xs), copy_b);
+    }
+    let stats = prefetch_stats();
+    assert_eq!(stats.releases, 1, "{stats:?}");
+    assert!(stats.hits > 0, "{stats:?}");
+    drop(b);
+    fresh();
+}
+
+#[test]
 fn llama_greedy_tokens_match_in_prefetch_mode() {
     let _guard = lock();
     fresh();

@@ -38,10 +38,11 @@ pub fn timed(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<f64, CudaError> {
     timed_queued(cuda, f).map(|(_, total)| total)
 }
 
-/// [`timed`], and the seconds until `f` returned, i.e. until the calling thread had queued its
-/// work (CubeCL's device queue holds 32 tasks: beyond that the caller waits for CubeCL's device
-/// thread). `(queued, total)`: `queued` close to `total` means the host side (the calling
-/// thread or CubeCL's device thread) set the pace, not the device.
+/// [`timed`], and the seconds until `f` returned, i.e. until the calling thread had handed its
+/// work to CubeCL's device thread (whose queue takes tasks in batches of 32, double-buffered:
+/// a caller waits only while both batches are full). `(queued, total)`: `queued` close to
+/// `total` means the host side (the calling thread or CubeCL's device thread) set the pace,
+/// not the device.
 pub fn timed_queued(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<(f64, f64), CudaError> {
     cuda::sync(cuda)?;
     let start = Instant::now();

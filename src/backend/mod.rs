@@ -239,7 +239,7 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     pub(crate) fn gather_in_place(host: &HostTensor, device: &B::Device) -> bool {
         match device_config(device).mode {
             OffloadMode::Copy => false,
-            OffloadMode::Prefetch { .. } if crate::mode::in_place_disabled() => false,
+            OffloadMode::Prefetch { .. } if crate::device::in_place_off(device) => false,
             OffloadMode::Uva | OffloadMode::Auto | OffloadMode::Prefetch { .. } => {
                 B::can_read_in_place(host, device)
             }

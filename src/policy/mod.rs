@@ -238,6 +238,7 @@ impl OffloadPolicy {
             mode: effective_mode(self.mode),
             pin_memory: effective_pin_memory(self.pin_memory),
         };
+        let in_place_off = crate::mode::in_place_disabled();
         // Per compute device: (device, offloaded bytes, all bytes, largest offloaded tensor).
         let mut devices: Vec<(D, u64, u64, u64)> = Vec::new();
         let mut total = 0u64;
@@ -248,6 +249,7 @@ impl OffloadPolicy {
                 Some(i) => i,
                 None => {
                     set_device_config(device, config);
+                    crate::device::set_in_place_off(device, in_place_off);
                     devices.push((device.clone(), 0, 0, 0));
                     devices.len() - 1
                 }
