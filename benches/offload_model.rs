@@ -213,6 +213,7 @@ struct Measured {
     samples_s: Vec<f64>,
     /// Per sample: seconds until the step had been queued (before the sync).
     queued_s: Vec<f64>,
+    queued_median_s: f64,
     warmup_s: Vec<f64>,
     /// Logits of the last sample, `[batch, vocab]` row-major.
     logits: Vec<f32>,
@@ -262,6 +263,7 @@ fn measure<Bk: Backend>(
     Ok(Measured {
         median_s: median(samples_s.clone()),
         samples_s,
+        queued_median_s: median(queued_s.clone()),
         queued_s,
         warmup_s,
         logits,
@@ -377,7 +379,7 @@ impl Row {
             "skipped": m.is_none().then_some("time budget (MODEL_BENCH_BUDGET_S)"),
             "median_s": median,
             "samples_s": m.map(|m| &m.samples_s),
-            "queued_median_s": m.map(|m| cuda_common::median(m.queued_s.clone())),
+            "queued_median_s": m.map(|m| m.queued_median_s),
             "queued_s": m.map(|m| &m.queued_s),
             "warmup_s": m.map(|m| &m.warmup_s),
             "tokens_per_s": median.map(|s| self.workload.tokens() as f64 / s),
@@ -469,7 +471,7 @@ impl Bench {
                  {:.3?} s){}",
                 workload.name(),
                 m.median_s * 1e3,
-                median(m.queued_s.clone()) * 1e3,
+                m.queued_median_s * 1e3,
                 m.samples_s.len(),
                 m.warmup_s,
                 match row.check {
@@ -676,7 +678,7 @@ impl Bench {
         order.sort_by_key(|r| (preset_pos(r), r.workload.index()));
         for r in order {
             let median_s = r.measured.as_ref().map(|m| m.median_s);
-            let queued = r.measured.as_ref().map(|m| median(m.queued_s.clone()));
+            let queued = r.measured.as_ref().map(|m| m.queued_median_s);
             let bound = r.bound_s(&self.rows, &self.limits);
             let uva = r.uva_bound_s(&self.rows, &self.limits);
             out += &format!(

@@ -229,7 +229,7 @@ pub(crate) fn fit_lookahead<D: DeviceOps>(device: &D, largest: u64) {
 
 /// The lookahead `Auto` prefetches `device`'s copies with, if it does: the default, or twice
 /// the largest tensor offloaded to `device` ([`fit_lookahead`]) where that is larger.
-pub fn prefetch_lookahead<D: DeviceOps>(device: &D) -> Option<u64> {
+pub(crate) fn prefetch_lookahead<D: DeviceOps>(device: &D) -> Option<u64> {
     if !any_prefetching() {
         return None;
     }

@@ -38,7 +38,8 @@
 //! the lookahead is full (after nearly every copy) it would serialise copies and compute.
 //! It also releases once when a buffer it copied from has died while another model keeps it
 //! busy (that model's requests replaced the dropped one's order, so it never holds nothing):
-//! it keeps weak references to the buffers of the copies made since its last release. Changing a device's configuration
+//! it keeps weak references to the buffers of the copies made since its last release.
+//! Changing a device's configuration
 //! ([`set_device_config`](crate::device::set_device_config)) drops its prefetcher and ends its
 //! thread.
 //!
@@ -600,7 +601,7 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
         let Some((pos, view, bytes)) = st.next_job() else {
             if st.holds_anything() {
                 // The lookahead is full (or the cycle is all prefetched): wait for a request
-                // to take a copy. No release here: this happens after nearly every copy
+                // to take a copy. No release for that: it happens after nearly every copy
                 // while a model runs, and on CUDA a release waits (on CubeCL's device
                 // thread, which also launches the op threads' kernels) for every copy queued
                 // on this thread's stream, which would serialise copies and compute.
@@ -610,31 +611,24 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
                 st.drop_dead();
-                // A model dropped while another one keeps the thread busy (its requests
-                // replaced the learned order): the target may still hold the dropped model's
-                // buffers (CUDA: until two flushes of this thread's stream), so release once.
-                if unreleased && sources.values().any(|s| !s.is_alive()) {
-                    drop(st);
-                    release::<B>(&device);
-                    unreleased = false;
-                    sources.clear();
-                    st = shared.lock();
+                // Only a model dropped while another one keeps the thread busy (its requests
+                // replaced the learned order) calls for a release here.
+                if !(unreleased && sources.values().any(|s| !s.is_alive())) {
+                    continue;
                 }
+            } else if !unreleased {
+                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            if unreleased {
-                // Nothing learned or held any more (the model was dropped, or its order was
-                // forgotten): before idling, let the target drop the host buffers of the
-                // copies made (CUDA: this thread's stream queue), which would keep a dropped
-                // model's pinned memory alive.
-                drop(st);
-                release::<B>(&device);
-                unreleased = false;
-                sources.clear();
-                st = shared.lock();
-                continue;
-            }
-            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            // Nothing learned or held any more (the model was dropped, or its order was
+            // forgotten), or a buffer copied from has died: let the target drop the host
+            // buffers of the copies made (CUDA: this thread's stream queue, until two
+            // flushes), which would keep a dropped model's pinned memory alive.
+            drop(st);
+            release::<B>(&device);
+            unreleased = false;
+            sources.clear();
+            st = shared.lock();
             continue;
         };
         let generation = st.generation;
