@@ -424,6 +424,38 @@ impl<B: OffloadTarget> State<B> {
         }
     }
 
+    /// For a request predicted at position `pos` of the cycle of `generation`: its copy, a wait
+    /// for the copy in flight, or an upload on demand (which the thread then skips). Drops the
+    /// copies before `pos`, which no request will take.
+    fn take(&mut self, pos: u64, generation: u64) -> Take<FloatTensor<B>> {
+        if self.generation != generation {
+            // Positions count from the start of each cycle: a copy of a newer cycle at `pos`
+            // is another tensor.
+            return Take::Upload { dropped: true };
+        }
+        while self.ready.front().is_some_and(|r| r.pos < pos) {
+            let stale = self.ready.pop_front().expect("checked");
+            self.sub_alive(stale.bytes);
+            bump(&WASTED);
+        }
+        if self.ready.front().is_some_and(|r| r.pos == pos) {
+            let r = self.ready.pop_front().expect("checked");
+            self.sub_alive(r.bytes);
+            return Take::Copy(r.tensor);
+        }
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.pos == pos && f.generation == generation)
+        {
+            return Take::Wait;
+        }
+        if let Some(cycle) = self.cycle.as_mut() {
+            cycle.scheduled = cycle.scheduled.max(pos + 1);
+        }
+        Take::Upload { dropped: false }
+    }
+
     fn holds_anything(&self) -> bool {
         self.cycle.is_some() || !self.history.is_empty() || !self.ready.is_empty()
     }
@@ -432,6 +464,17 @@ impl<B: OffloadTarget> State<B> {
 enum Predicted {
     Yes(u64),
     No { learned: bool },
+}
+
+/// What a request predicted at a position gets now ([`State::take`]).
+enum Take<T> {
+    /// Its prefetched copy.
+    Copy(T),
+    /// Its copy is in flight: wait for it to land.
+    Wait,
+    /// Upload on demand: the copy was not started (or never is, being larger than the
+    /// lookahead), or the copies of the request's cycle were dropped (`dropped`).
+    Upload { dropped: bool },
 }
 
 /// One device's prefetcher: state shared by the op threads and the background thread.
@@ -529,38 +572,28 @@ pub(crate) fn upload<B: OffloadTarget>(
             return B::upload(host, device);
         }
     };
+    // The copies of this prediction's cycle: a mismatch of another thread's request while this
+    // one waits drops them and learns a new cycle, whose positions start again.
+    let generation = st.generation;
     loop {
-        while st.ready.front().is_some_and(|r| r.pos < pos) {
-            let stale = st.ready.pop_front().expect("checked");
-            st.sub_alive(stale.bytes);
-            bump(&WASTED);
+        match st.take(pos, generation) {
+            Take::Copy(tensor) => {
+                drop(st);
+                shared.changed.notify_all(); // room for the next copy
+                bump(&HITS);
+                return tensor;
+            }
+            Take::Wait => {
+                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            Take::Upload { dropped } => {
+                let too_big = host.size_bytes() as u64 > st.lookahead;
+                drop(st);
+                shared.changed.notify_all();
+                bump(if dropped || too_big { &MISSES } else { &LATE });
+                return B::upload(host, device);
+            }
         }
-        if st.ready.front().is_some_and(|r| r.pos == pos) {
-            let r = st.ready.pop_front().expect("checked");
-            st.sub_alive(r.bytes);
-            drop(st);
-            shared.changed.notify_all(); // room for the next copy
-            bump(&HITS);
-            return r.tensor;
-        }
-        let generation = st.generation;
-        if st
-            .in_flight
-            .as_ref()
-            .is_some_and(|f| f.pos == pos && f.generation == generation)
-        {
-            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-            continue;
-        }
-        // Not started (or never prefetched): make it here, and let the thread skip it.
-        if let Some(cycle) = st.cycle.as_mut() {
-            cycle.scheduled = cycle.scheduled.max(pos + 1);
-        }
-        let too_big = host.size_bytes() as u64 > st.lookahead;
-        drop(st);
-        shared.changed.notify_all();
-        bump(if too_big { &MISSES } else { &LATE });
-        return B::upload(host, device);
     }
 }
 
@@ -689,6 +722,32 @@ mod tests {
             tensor,
             bytes: 16,
         }
+    }
+
+    #[test]
+    fn a_request_never_takes_a_copy_of_a_newer_cycle() {
+        let mut st = State::<NdArray>::new();
+        st.lookahead = 1 << 20;
+        st.ready.push_back(ready(1));
+        st.add_alive(16);
+        let predicted_in = st.generation;
+        // While the request waits, another thread's mismatch drops the copies, and the new
+        // cycle's copy at the same position lands (another tensor).
+        st.cancel();
+        st.ready.push_back(ready(1));
+        st.add_alive(16);
+        assert!(matches!(
+            st.take(1, predicted_in),
+            Take::Upload { dropped: true }
+        ));
+        assert_eq!(
+            (st.ready.len(), st.alive_bytes),
+            (1, 16),
+            "left for its own request"
+        );
+        // A request of the new cycle takes it.
+        assert!(matches!(st.take(1, st.generation), Take::Copy(_)));
+        assert_eq!(st.alive_bytes, 0);
     }
 
     #[test]
