@@ -41,7 +41,9 @@ pub use error::OffloadError;
 pub use host::{HostBuffer, HostMemoryKind, HostMemoryStats, HostTensor, host_memory_stats};
 pub use mode::OffloadMode;
 pub use policy::{OffloadPolicy, OffloadReport, ParamReport};
-pub use prefetch::{PrefetchStats, prefetch_stats, reset_prefetch_stats};
+pub use prefetch::{
+    PrefetchStats, prefetch_stats, reset_prefetch_stats, set_prefetch_memory_probe,
+};
 pub use train::{OffloadOptimizer, keep_offloaded};
 
 /// burn-cuda's unfused backend, the type the CUDA target wraps: `burn::backend::Cuda` without

@@ -64,7 +64,7 @@
 use std::any::{Any, TypeId};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -112,6 +112,13 @@ pub struct PrefetchStats {
     /// It happens only when the thread has nothing left to prefetch or learn (the model was
     /// dropped), so it should not grow while a model runs.
     pub releases: u64,
+    /// The most device memory a prefetch thread's own allocations held right after one of its
+    /// copies, as the target measures it ([`OffloadTarget::device_bytes_in_use`]; on CUDA the
+    /// `bytes_in_use` of the thread's stream pool: its copies not yet handed out, those ops
+    /// still hold, and those CubeCL keeps until a kernel that reads them has run). Measured
+    /// only while [`set_prefetch_memory_probe`] is on, and 0 where the target cannot tell (the
+    /// CPU target); summed over devices as their maximum.
+    pub peak_device_bytes: u64,
 }
 
 static HITS: AtomicU64 = AtomicU64::new(0);
@@ -124,6 +131,16 @@ static WASTED: AtomicU64 = AtomicU64::new(0);
 static ALIVE: AtomicU64 = AtomicU64::new(0);
 static PEAK: AtomicU64 = AtomicU64::new(0);
 static RELEASES: AtomicU64 = AtomicU64::new(0);
+static PEAK_DEVICE: AtomicU64 = AtomicU64::new(0);
+static MEMORY_PROBE: AtomicBool = AtomicBool::new(false);
+
+/// Turns on (or off) the measurement of [`PrefetchStats::peak_device_bytes`]: after each copy
+/// the prefetch thread asks the target how much device memory its allocations hold. On CUDA
+/// that is a blocking round trip to CubeCL's device thread per copy, which costs overlap: for
+/// tests and diagnostics, not for timed runs. Off by default; process-wide.
+pub fn set_prefetch_memory_probe(on: bool) {
+    MEMORY_PROBE.store(on, Ordering::Release);
+}
 
 /// Reads the process-wide [`PrefetchStats`].
 pub fn prefetch_stats() -> PrefetchStats {
@@ -138,6 +155,7 @@ pub fn prefetch_stats() -> PrefetchStats {
         alive_bytes: ALIVE.load(Ordering::Acquire),
         peak_alive_bytes: PEAK.load(Ordering::Acquire),
         releases: RELEASES.load(Ordering::Acquire),
+        peak_device_bytes: PEAK_DEVICE.load(Ordering::Acquire),
     }
 }
 
@@ -153,6 +171,7 @@ pub fn reset_prefetch_stats() {
         &PREFETCHED,
         &WASTED,
         &RELEASES,
+        &PEAK_DEVICE,
     ] {
         c.store(0, Ordering::Release);
     }
@@ -676,6 +695,12 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
         if matches!(copy, Some(Ok(Some(_)))) {
             unreleased = true;
             sources.entry(view.buffer_id()).or_insert(view);
+            // The copy is not handed out yet: the most this thread's memory holds.
+            if MEMORY_PROBE.load(Ordering::Acquire)
+                && let Some(bytes) = B::device_bytes_in_use(&device)
+            {
+                PEAK_DEVICE.fetch_max(bytes, Ordering::AcqRel);
+            }
         }
         st = shared.lock();
         st.in_flight = None;

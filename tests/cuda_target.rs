@@ -6,6 +6,8 @@
 //!   `copy` mode (checked with `op_stats`), against an exact f64 product and the plain backend;
 //! - offloading an initialised model frees its device memory and pins exactly its bytes, which
 //!   are released again once the model is dropped;
+//! - prefetch mode: the device memory the prefetch stream holds (measured in CubeCL's pool)
+//!   stays within the lookahead plus the copy in use, and nothing is left once the model drops;
 //! - threads (each with its own CubeCL stream) reading the same offloaded weights;
 //! - pageable host memory (`pin_memory(false)`): correct results through the copy path;
 //! - the LLaMA example model generates the same tokens with and without offload.
@@ -35,7 +37,7 @@ use burn_offload::target::TargetDevice;
 use burn_offload::{
     CudaBackend, HostMemoryKind, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy,
     OffloadReport, OpStats, host_memory_stats, op_stats, prefetch_stats, reset_op_stats,
-    reset_prefetch_stats,
+    reset_prefetch_stats, set_prefetch_memory_probe,
 };
 use cubecl::cuda::CudaDevice;
 
@@ -489,7 +491,11 @@ struct Stack<B: Backend> {
 
 impl<B: Backend> Stack<B> {
     fn new(device: &B::Device) -> Self {
-        let layers = (0..DEPTH)
+        Self::with_depth(device, DEPTH)
+    }
+
+    fn with_depth(device: &B::Device, depth: usize) -> Self {
+        let layers = (0..depth)
             .map(|_| LinearConfig::new(WIDTH, WIDTH).init(device))
             .collect();
         Self { layers }
@@ -629,6 +635,102 @@ fn pinned_bytes_follow_the_offloaded_model() {
     assert_eq!(pinned(), start, "pinned bytes after dropping the model");
     cuda::wait_pinned_releases();
     assert_eq!(pinned(), start);
+}
+
+/// Turns the prefetch memory probe on for its lifetime (off again even if the test fails).
+struct MemoryProbe;
+
+impl MemoryProbe {
+    fn on() -> Self {
+        set_prefetch_memory_probe(true);
+        Self
+    }
+}
+
+impl Drop for MemoryProbe {
+    fn drop(&mut self) {
+        set_prefetch_memory_probe(false);
+    }
+}
+
+#[test]
+fn prefetch_device_memory_stays_within_the_lookahead() {
+    let Some((cuda, _gpu)) = gpu("prefetch_device_memory_stays_within_the_lookahead") else {
+        return;
+    };
+    // 12 weights of 16 MiB (192 MiB), a lookahead of three of them.
+    const LAYERS: usize = 12;
+    let layer_bytes = (WIDTH * WIDTH * 4) as u64;
+    let lookahead = 3 * layer_bytes;
+    let pinned = || host_memory_stats().live_pinned_bytes;
+    let start = pinned();
+    let model = Stack::<B>::with_depth(&resident(&cuda), LAYERS);
+    let expected = run_stack(&model, &cuda, 4);
+    let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .min_tensor_bytes(1 << 20)
+        .mode(OffloadMode::Prefetch {
+            lookahead_bytes: lookahead,
+        })
+        .apply(model)
+        .expect("valid policy");
+    assert_eq!(report.offloaded_bytes(), LAYERS as u64 * layer_bytes);
+    {
+        let _probe = MemoryProbe::on();
+        reset_prefetch_stats();
+        for round in 0..6 {
+            let got = run_stack(&model, &cuda, 4);
+            assert!(
+                got == run_stack(&model, &cuda, 4),
+                "round {round}: prefetch mode is not deterministic"
+            );
+            assert_near(&format!("round {round}"), &got, &expected, 1e-2);
+        }
+        let stats = prefetch_stats();
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!(
+            "prefetch stream: at most {:.1} MiB of device memory in use (lookahead {:.1} MiB, \
+             {:.1} MiB per weight); {stats:?}",
+            mib(stats.peak_device_bytes),
+            mib(lookahead),
+            mib(layer_bytes)
+        );
+        assert!(stats.hits > 0, "{stats:?}");
+        assert!(stats.peak_alive_bytes <= lookahead, "{stats:?}");
+        // Measured in CubeCL's pool of the prefetch stream (in-use slices, not pages): the
+        // copies not handed out yet (at most the lookahead), plus the one the op that took it
+        // still holds (CubeCL's cross-stream bookkeeping keeps ids, not memory). 1 MiB of
+        // slack for what is not a weight; prefetching the whole model would take 192 MiB.
+        assert!(
+            stats.peak_device_bytes >= layer_bytes,
+            "the probe saw no copy: {stats:?}"
+        );
+        assert!(
+            stats.peak_device_bytes <= lookahead + layer_bytes + (1 << 20),
+            "the prefetch stream held {} bytes, more than the {lookahead}-byte lookahead and \
+             one weight in use",
+            stats.peak_device_bytes
+        );
+    }
+
+    // No leak once the model is gone: the thread frees its copies, and its release lets
+    // CubeCL drop the pinned sources its queue held (this thread's on-demand copies of the
+    // first forward hold theirs in this thread's queue).
+    drop(model);
+    cuda::sync(&cuda).unwrap();
+    cuda::release_upload_sources(&cuda).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (pinned() != start || prefetch_stats().alive_bytes != 0)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    cuda::wait_pinned_releases();
+    assert_eq!(
+        (pinned(), prefetch_stats().alive_bytes),
+        (start, 0),
+        "pinned bytes and prefetched copies after dropping the model: {:?}",
+        prefetch_stats()
+    );
 }
 
 #[test]

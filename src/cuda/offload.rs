@@ -99,6 +99,17 @@ impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, 
         }
     }
 
+    /// CubeCL's `bytes_in_use` of the calling thread's stream (its memory pool is per stream);
+    /// a blocking round trip to CubeCL's device thread.
+    fn device_bytes_in_use(device: &CudaDevice) -> Option<u64> {
+        let client = super::driver::cubecl_client(device).ok()?;
+        client
+            .memory_usage()
+            .map(|usage| usage.bytes_in_use)
+            .map_err(|e| log::warn!("memory usage of cuda:{}: {e:?}", device.index))
+            .ok()
+    }
+
     fn can_read_in_place(host: &HostTensor, _device: &CudaDevice) -> bool {
         matches!(host.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && pinned::device_ptr(host.buffer()).is_some()

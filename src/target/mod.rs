@@ -149,6 +149,16 @@ pub trait OffloadTarget: Backend {
         Some(Self::upload(host, device))
     }
 
+    /// Device memory that the calling thread's allocations on `device` hold now (CUDA: the
+    /// bytes the memory pool of the thread's CubeCL stream has handed out, padding excluded),
+    /// or `None` where the target cannot tell (the default). It may block until the thread's
+    /// queued work has been submitted: for diagnostics and tests, e.g. the prefetch thread's
+    /// [`set_prefetch_memory_probe`](crate::prefetch::set_prefetch_memory_probe).
+    fn device_bytes_in_use(device: &Self::Device) -> Option<u64> {
+        let _ = device;
+        None
+    }
+
     /// Whether this target's host-reading kernels can read `host` on `device` in place (e.g.
     /// on CUDA only pinned, device-mapped memory can be).
     fn can_read_in_place(host: &HostTensor, device: &Self::Device) -> bool {
