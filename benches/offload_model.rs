@@ -33,7 +33,10 @@
 //! `queued ms` is the median time until the step had been queued (before the sync): close to
 //! `ms/step` it says the host side set the pace (the op thread, or CubeCL's device thread,
 //! which also runs the prefetch copies' tasks; a caller waits for it once two batches of 32
-//! tasks are queued), far below it that the device did;
+//! tasks are queued), far below it that the device did. Prefetch rows also print the prefetch
+//! counters (`PrefetchStats`, over the warm-ups and samples): the time the prefetch thread
+//! spent queueing its copies (long: CubeCL's device thread was busy or blocked) and the time
+//! requests waited for a copy being queued;
 //! 2 warm-up runs first (prefetch mode learns its read cycle, CubeCL autotunes), then the median
 //! of `MODEL_BENCH_SAMPLES` samples (default 5; at most 3 when a warm step took over 0.2 s, 1
 //! over 1 s). Memory stays bounded: the plain model is dropped before the offloaded ones are
@@ -486,6 +489,21 @@ impl Bench {
                         c.max_abs_diff, c.max_abs_logit, c.argmax_equal, c.rows
                     ),
                     None => String::new(),
+                } + &match mode {
+                    Some(OffloadMode::Prefetch { .. }) => {
+                        let p = &m.prefetch;
+                        format!(
+                            "; prefetch over warm-ups and samples: {} hits, {} late, {} misses, \
+                             {} releases, copies queued in {:.1} ms, requests waited {:.1} ms",
+                            p.hits,
+                            p.late,
+                            p.misses,
+                            p.releases,
+                            p.upload_ns as f64 * 1e-6,
+                            p.wait_ns as f64 * 1e-6
+                        )
+                    }
+                    _ => String::new(),
                 }
             ),
             None => println!(

@@ -66,7 +66,7 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn_backend::{DType, Device as _, DeviceId, tensor::FloatTensor};
 
@@ -119,6 +119,14 @@ pub struct PrefetchStats {
     /// only while [`set_prefetch_memory_probe`] is on, and 0 where the target cannot tell (the
     /// CPU target); summed over devices as their maximum.
     pub peak_device_bytes: u64,
+    /// Nanoseconds the prefetch threads spent in the target's `prefetch_upload`, i.e. queueing
+    /// their copies. On CUDA that is CubeCL's device queue, which makes a caller spin while it
+    /// is full (CubeCL's device thread, which also launches every op thread's kernels, is busy
+    /// or blocked): a large share of the run's time here says that thread set the pace.
+    pub upload_ns: u64,
+    /// Nanoseconds requests spent waiting for a predicted copy that was being queued (a copy
+    /// that had not been started is uploaded on demand instead, see `late`).
+    pub wait_ns: u64,
 }
 
 static HITS: AtomicU64 = AtomicU64::new(0);
@@ -132,6 +140,8 @@ static ALIVE: AtomicU64 = AtomicU64::new(0);
 static PEAK: AtomicU64 = AtomicU64::new(0);
 static RELEASES: AtomicU64 = AtomicU64::new(0);
 static PEAK_DEVICE: AtomicU64 = AtomicU64::new(0);
+static UPLOAD_NS: AtomicU64 = AtomicU64::new(0);
+static WAIT_NS: AtomicU64 = AtomicU64::new(0);
 static MEMORY_PROBE: AtomicBool = AtomicBool::new(false);
 
 /// Turns on (or off) the measurement of [`PrefetchStats::peak_device_bytes`]: after each copy
@@ -156,6 +166,8 @@ pub fn prefetch_stats() -> PrefetchStats {
         peak_alive_bytes: PEAK.load(Ordering::Acquire),
         releases: RELEASES.load(Ordering::Acquire),
         peak_device_bytes: PEAK_DEVICE.load(Ordering::Acquire),
+        upload_ns: UPLOAD_NS.load(Ordering::Acquire),
+        wait_ns: WAIT_NS.load(Ordering::Acquire),
     }
 }
 
@@ -172,6 +184,8 @@ pub fn reset_prefetch_stats() {
         &WASTED,
         &RELEASES,
         &PEAK_DEVICE,
+        &UPLOAD_NS,
+        &WAIT_NS,
     ] {
         c.store(0, Ordering::Release);
     }
@@ -180,6 +194,12 @@ pub fn reset_prefetch_stats() {
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Adds the time since `start` to `counter`, in nanoseconds.
+fn add_elapsed(counter: &AtomicU64, start: Instant) {
+    let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(ns, Ordering::AcqRel);
 }
 
 /// The identity of a host view.
@@ -594,20 +614,28 @@ pub(crate) fn upload<B: OffloadTarget>(
     // The copies of this prediction's cycle: a mismatch of another thread's request while this
     // one waits drops them and learns a new cycle, whose positions start again.
     let generation = st.generation;
+    let mut waiting: Option<Instant> = None;
     loop {
         match st.take(pos, generation) {
             Take::Copy(tensor) => {
                 drop(st);
                 shared.changed.notify_all(); // room for the next copy
                 bump(&HITS);
+                if let Some(start) = waiting {
+                    add_elapsed(&WAIT_NS, start);
+                }
                 return tensor;
             }
             Take::Wait => {
+                waiting.get_or_insert_with(Instant::now);
                 st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }
             Take::Upload { dropped } => {
                 let too_big = host.size_bytes() as u64 > st.lookahead;
                 drop(st);
+                if let Some(start) = waiting {
+                    add_elapsed(&WAIT_NS, start);
+                }
                 shared.changed.notify_all();
                 bump(if dropped || too_big { &MISSES } else { &LATE });
                 return B::upload(host, device);
@@ -687,11 +715,13 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
         let consumers = st.consumers.clone();
         drop(st);
         // The strong reference lives only for the copy.
+        let queueing = Instant::now();
         let copy = view.upgrade().map(|host| {
             catch_unwind(AssertUnwindSafe(|| {
                 B::prefetch_upload(&host, &device, &consumers)
             }))
         });
+        add_elapsed(&UPLOAD_NS, queueing);
         if matches!(copy, Some(Ok(Some(_)))) {
             unreleased = true;
             sources.entry(view.buffer_id()).or_insert(view);

@@ -162,6 +162,10 @@ fn prefetch_matches_copy_uva_and_resident() {
     );
     assert!(stats.hits > 0, "{stats:?}");
     assert!(stats.peak_alive_bytes <= 1 << 20);
+    // The thread's copies took time to queue (here: memcpys), and it is counted.
+    assert!(stats.prefetched > 0 && stats.upload_ns > 0, "{stats:?}");
+    // The CPU target cannot tell its device memory (and the probe is off).
+    assert_eq!(stats.peak_device_bytes, 0, "{stats:?}");
     drop(net);
     fresh();
 }
