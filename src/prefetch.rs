@@ -114,15 +114,17 @@ pub struct PrefetchStats {
     pub releases: u64,
     /// The most device memory a prefetch thread's own allocations held right after one of its
     /// copies, as the target measures it ([`OffloadTarget::device_bytes_in_use`]; on CUDA the
-    /// `bytes_in_use` of the thread's stream pool: its copies not yet handed out, those ops
-    /// still hold, and those CubeCL keeps until a kernel that reads them has run). Measured
-    /// only while [`set_prefetch_memory_probe`] is on, and 0 where the target cannot tell (the
-    /// CPU target); summed over devices as their maximum.
+    /// `bytes_in_use` of the pool of the thread's CubeCL stream: its copies not handed out yet
+    /// and those ops still hold, plus the output of any op that worked in place on a copy).
+    /// Measured only while [`set_prefetch_memory_probe`] is on; 0 where the target cannot tell
+    /// (the CPU target). The largest single reading over all devices.
     pub peak_device_bytes: u64,
     /// Nanoseconds the prefetch threads spent in the target's `prefetch_upload`, i.e. queueing
     /// their copies. On CUDA that is CubeCL's device queue, which makes a caller spin while it
     /// is full (CubeCL's device thread, which also launches every op thread's kernels, is busy
-    /// or blocked): a large share of the run's time here says that thread set the pace.
+    /// or blocked), and, every 256 MiB of copies, a flush of the thread's stream that waits on
+    /// the GPU for the copies queued before the previous one: a large share of the run's time
+    /// here says the host side or those flushes set the pace.
     pub upload_ns: u64,
     /// Nanoseconds requests spent waiting for a predicted copy that was being queued (a copy
     /// that had not been started is uploaded on demand instead, see `late`).
@@ -726,8 +728,10 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
             unreleased = true;
             sources.entry(view.buffer_id()).or_insert(view);
             // The copy is not handed out yet: the most this thread's memory holds.
+            // Guarded like the upload: a panic here would leave `in_flight` set for good.
             if MEMORY_PROBE.load(Ordering::Acquire)
-                && let Some(bytes) = B::device_bytes_in_use(&device)
+                && let Ok(Some(bytes)) =
+                    catch_unwind(AssertUnwindSafe(|| B::device_bytes_in_use(&device)))
             {
                 PEAK_DEVICE.fetch_max(bytes, Ordering::AcqRel);
             }

@@ -663,7 +663,17 @@ fn prefetch_device_memory_stays_within_the_lookahead() {
     let layer_bytes = (WIDTH * WIDTH * 4) as u64;
     let lookahead = 3 * layer_bytes;
     let pinned = || host_memory_stats().live_pinned_bytes;
-    let start = pinned();
+    // An earlier test's prefetch thread, ended by `gpu()`'s reconfiguration, may still be
+    // letting go of pinned memory: wait until the count holds still.
+    let mut start = pinned();
+    loop {
+        std::thread::sleep(3 * burn_offload::prefetch::LIVENESS_CHECK);
+        let now = pinned();
+        if now == start {
+            break;
+        }
+        start = now;
+    }
     let model = Stack::<B>::with_depth(&resident(&cuda), LAYERS);
     let expected = run_stack(&model, &cuda, 4);
     let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
