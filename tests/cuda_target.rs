@@ -602,13 +602,28 @@ fn offloading_frees_device_memory() {
     );
 }
 
+/// Live pinned bytes once the count holds still: an earlier test's prefetch thread, ended by
+/// `gpu()`'s reconfiguration, may still be letting go of pinned memory.
+fn settled_pinned_bytes() -> usize {
+    let pinned = || host_memory_stats().live_pinned_bytes;
+    let mut start = pinned();
+    loop {
+        std::thread::sleep(3 * burn_offload::prefetch::LIVENESS_CHECK);
+        let now = pinned();
+        if now == start {
+            return now;
+        }
+        start = now;
+    }
+}
+
 #[test]
 fn pinned_bytes_follow_the_offloaded_model() {
     let Some((cuda, _gpu)) = gpu("pinned_bytes_follow_the_offloaded_model") else {
         return;
     };
     let pinned = || host_memory_stats().live_pinned_bytes;
-    let start = pinned();
+    let start = settled_pinned_bytes();
     let model = Stack::<B>::new(&resident(&cuda));
     run_stack(&model, &cuda, 4);
     assert_eq!(pinned(), start, "a resident model pins nothing");
@@ -663,17 +678,7 @@ fn prefetch_device_memory_stays_within_the_lookahead() {
     let layer_bytes = (WIDTH * WIDTH * 4) as u64;
     let lookahead = 3 * layer_bytes;
     let pinned = || host_memory_stats().live_pinned_bytes;
-    // An earlier test's prefetch thread, ended by `gpu()`'s reconfiguration, may still be
-    // letting go of pinned memory: wait until the count holds still.
-    let mut start = pinned();
-    loop {
-        std::thread::sleep(3 * burn_offload::prefetch::LIVENESS_CHECK);
-        let now = pinned();
-        if now == start {
-            break;
-        }
-        start = now;
-    }
+    let start = settled_pinned_bytes();
     let model = Stack::<B>::with_depth(&resident(&cuda), LAYERS);
     let expected = run_stack(&model, &cuda, 4);
     let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
