@@ -616,28 +616,22 @@ pub(crate) fn upload<B: OffloadTarget>(
     // The copies of this prediction's cycle: a mismatch of another thread's request while this
     // one waits drops them and learns a new cycle, whose positions start again.
     let generation = st.generation;
-    let mut waiting: Option<Instant> = None;
     loop {
         match st.take(pos, generation) {
             Take::Copy(tensor) => {
                 drop(st);
                 shared.changed.notify_all(); // room for the next copy
                 bump(&HITS);
-                if let Some(start) = waiting {
-                    add_elapsed(&WAIT_NS, start);
-                }
                 return tensor;
             }
             Take::Wait => {
-                waiting.get_or_insert_with(Instant::now);
+                let waiting = Instant::now();
                 st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                add_elapsed(&WAIT_NS, waiting);
             }
             Take::Upload { dropped } => {
                 let too_big = host.size_bytes() as u64 > st.lookahead;
                 drop(st);
-                if let Some(start) = waiting {
-                    add_elapsed(&WAIT_NS, start);
-                }
                 shared.changed.notify_all();
                 bump(if dropped || too_big { &MISSES } else { &LATE });
                 return B::upload(host, device);
@@ -668,14 +662,13 @@ fn spawn_worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) -> 
 /// The background thread: makes the next copies of the cycle, within the lookahead.
 fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
     let mut st = shared.lock();
-    // Whether uploads were made since the target last released their sources, and the host
-    // buffers they were made from (weak, by identity).
-    let mut unreleased = false;
+    // The host buffers of the uploads made since the target last released their sources
+    // (weak, by identity): empty when there is nothing to release.
     let mut sources: HashMap<usize, WeakHostTensor> = HashMap::new();
     loop {
         if st.shutdown {
             drop(st);
-            if unreleased {
+            if !sources.is_empty() {
                 release::<B>(&device);
             }
             return;
@@ -695,10 +688,10 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
                 st.drop_dead();
                 // Only a model dropped while another one keeps the thread busy (its requests
                 // replaced the learned order) calls for a release here.
-                if !(unreleased && sources.values().any(|s| !s.is_alive())) {
+                if !sources.values().any(|s| !s.is_alive()) {
                     continue;
                 }
-            } else if !unreleased {
+            } else if sources.is_empty() {
                 st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
@@ -708,7 +701,6 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
             // flushes), which would keep a dropped model's pinned memory alive.
             drop(st);
             release::<B>(&device);
-            unreleased = false;
             sources.clear();
             st = shared.lock();
             continue;
@@ -725,7 +717,6 @@ fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
         });
         add_elapsed(&UPLOAD_NS, queueing);
         if matches!(copy, Some(Ok(Some(_)))) {
-            unreleased = true;
             sources.entry(view.buffer_id()).or_insert(view);
             // The copy is not handed out yet: the most this thread's memory holds.
             // Guarded like the upload: a panic here would leave `in_flight` set for good.
