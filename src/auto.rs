@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::OffloadError;
 use crate::host::HostTensor;
-use crate::mode::DEFAULT_PREFETCH_LOOKAHEAD_BYTES;
+use crate::mode::{DEFAULT_PREFETCH_LOOKAHEAD_BYTES, OffloadMode};
 use crate::target::OffloadTarget;
 
 /// Rows × columns of the `f32` weight the calibration measures with (16 MiB).
@@ -243,6 +243,16 @@ pub(crate) fn prefetch_lookahead<D: DeviceOps>(device: &D) -> Option<u64> {
                 .copied();
             fitted.unwrap_or(0).max(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
         })
+}
+
+/// The lookahead copies on `device` are prefetched with in `mode`, if they are: `Prefetch`'s
+/// own, or `Auto`'s where it prefetches ([`prefetch_lookahead`]).
+pub(crate) fn mode_lookahead<D: DeviceOps>(mode: OffloadMode, device: &D) -> Option<u64> {
+    match mode {
+        OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
+        OffloadMode::Auto => prefetch_lookahead(device),
+        OffloadMode::Uva | OffloadMode::Copy => None,
+    }
 }
 
 /// Whether `Auto` reads a `bytes`-byte weight in place for `rows` rows on `device`, given that

@@ -210,11 +210,7 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         if !crate::device::any_prefetch() && !crate::auto::any_prefetching() {
             return None;
         }
-        match device_config(device).mode {
-            OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
-            OffloadMode::Auto => crate::auto::prefetch_lookahead(device),
-            OffloadMode::Uva | OffloadMode::Copy => None,
-        }
+        crate::auto::mode_lookahead(device_config(device).mode, device)
     }
 
     pub(crate) fn fetch_primitive(tensor: TensorPrimitive<Self>) -> TensorPrimitive<B> {

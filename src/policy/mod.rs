@@ -288,15 +288,11 @@ impl OffloadPolicy {
             let measured = (config.mode == OffloadMode::Auto)
                 .then(|| calibrate(device, config.pin_memory))
                 .flatten();
-            let lookahead = match config.mode {
-                OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
-                OffloadMode::Auto => {
-                    crate::auto::fit_lookahead(device, *largest);
-                    crate::auto::prefetch_lookahead(device)
-                }
-                OffloadMode::Uva | OffloadMode::Copy => None,
-            };
-            prefetch_lookahead = prefetch_lookahead.or(lookahead);
+            if config.mode == OffloadMode::Auto {
+                crate::auto::fit_lookahead(device, *largest);
+            }
+            prefetch_lookahead =
+                prefetch_lookahead.or(crate::auto::mode_lookahead(config.mode, device));
             let memory = device.memory();
             if let Some(memory) = memory
                 && let Some(w) = offload_not_needed(
