@@ -30,9 +30,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::linear;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_offload::cuda::{self, CudaError, driver, ops::MAX_ROWS};
-use burn_offload::device::{DeviceConfig, set_device_config};
 use burn_offload::{
-    CudaBackend, OffloadBackend, OffloadDevice, OffloadMode, op_stats, reset_op_stats,
+    CudaBackend, OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, op_stats,
+    reset_op_stats,
 };
 use cubecl::cuda::CudaDevice;
 use cuda_common::{MIB, WARMUP, env_usize, gbps, limits, median, timed};
@@ -71,15 +71,6 @@ fn offloaded_linear(
         OffloadDevice::host(cuda.clone()),
         OffloadDevice::device(cuda.clone()),
     );
-    let configure = |mode| {
-        set_device_config(
-            cuda,
-            DeviceConfig {
-                mode,
-                pin_memory: true,
-            },
-        )
-    };
     println!(
         "\n(b) linear [M, K] x offloaded [K, N]; ratio: to the kernel read (zero-copy) or \
          the DMA (copy)"
@@ -91,7 +82,6 @@ fn offloaded_linear(
         for (mib, k) in [(16, 2048), (64, 4096), (256, 8192)] {
             let bytes = mib * MIB;
             let n = bytes / dtype.size() / k;
-            configure(OffloadMode::Uva);
             let data = TensorData::new(fill(k * n), [k, n]).convert_dtype(dtype);
             let w = Tensor::<B, 2>::from_data(data, (&host, dtype));
             for m in [1, 8, 32, 128] {
@@ -99,7 +89,7 @@ fn offloaded_linear(
                 let x = Tensor::<B, 2>::from_data(data, (&device, dtype));
                 let mut outputs = Vec::new();
                 for mode in [OffloadMode::Uva, OffloadMode::Copy] {
-                    configure(mode);
+                    let w = OffloadContext::with_mode(mode).adopt(w.clone());
                     reset_op_stats();
                     let secs = median_secs(cuda, samples, || {
                         black_box(linear(x.clone(), w.clone(), None));

@@ -11,7 +11,8 @@
 //! - `offload F% <mode>`: `OffloadPolicy::from_bytes(F × total weight bytes)` (the offloaded
 //!   bytes reported are the `OffloadReport`'s: whole tensors, so a little more than F), read in
 //!   `uva`, `copy` and `prefetch` mode (default lookahead). The modes are switched on the same
-//!   offloaded model with `set_device_config`; the policy is applied once per fraction;
+//!   offloaded weights with `OffloadContext::adopt_module`; the policy is applied once per
+//!   fraction;
 //!
 //! each for three workloads: one decode step at batch 1 and at batch 8 (after a KV cache of 32
 //! positions of random keys and values; every sample decodes the same position from a clone of
@@ -75,10 +76,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, bf16};
 use burn_offload::cuda::{self, CudaError, driver};
-use burn_offload::device::{DeviceConfig, set_device_config};
 use burn_offload::{
-    CudaBackend, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OpStats, PrefetchStats,
-    op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
+    CudaBackend, OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, OffloadPolicy,
+    OpStats, PrefetchStats, op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
 use cuda_common::{MIB, WARMUP, env_usize, limits, median, timed, timed_queued};
@@ -612,13 +612,13 @@ impl Bench {
                 start.elapsed().as_secs_f64()
             );
             for &mode in modes {
-                set_device_config(
-                    &cuda,
-                    DeviceConfig {
-                        mode,
-                        pin_memory: true,
-                    },
-                );
+                // The same offloaded weights, read in `mode` (`auto` with the card's cached
+                // calibration, where one was measured).
+                let context = OffloadContext::with_mode(mode);
+                if let Some(c) = burn_offload::auto::calibration(&cuda) {
+                    context.set_calibration(&cuda, c);
+                }
+                let model = context.adopt_module(model.clone());
                 let (variant, mode) = variant_name(fraction, mode);
                 for w in Workload::ALL {
                     self.add(
@@ -632,14 +632,7 @@ impl Bench {
                     )?;
                 }
             }
-            // Back to uva: drops the prefetcher and its copies before the host memory goes.
-            set_device_config(
-                &cuda,
-                DeviceConfig {
-                    mode: OffloadMode::Uva,
-                    pin_memory: true,
-                },
-            );
+            // The last mode's context (its prefetcher and copies) went with its model above.
             drop(model);
             cuda::free_upload_sources(&cuda)?;
             std::thread::sleep(burn_offload::prefetch::LIVENESS_CHECK);

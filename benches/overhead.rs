@@ -21,11 +21,11 @@ use burn::backend::ndarray::NdArrayDevice;
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorPrimitive};
 use burn_backend::ops::FloatTensorOps;
-use burn_offload::device::{DeviceConfig, set_device_config};
-use burn_offload::target::OffloadTarget;
-use burn_offload::target::ndarray::CPU_ZERO_COPY_MAX_ROWS;
+use burn_offload::inner::OffloadTarget;
+use burn_offload::inner::ndarray::CPU_ZERO_COPY_MAX_ROWS;
 use burn_offload::{
-    HostBuffer, HostTensor, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy,
+    HostBuffer, HostTensor, OffloadBackend, OffloadContext, OffloadDevice, OffloadMode,
+    OffloadPolicy,
 };
 use model::{Cache, Llama, LlamaConfig};
 
@@ -80,16 +80,6 @@ fn workloads<'a, B: Backend>(
     (prefill, decode)
 }
 
-fn set_mode(mode: OffloadMode) {
-    set_device_config(
-        &NdArrayDevice::Cpu,
-        DeviceConfig {
-            mode,
-            pin_memory: true,
-        },
-    );
-}
-
 fn decorator_overhead(rounds: usize) {
     let config = LlamaConfig::preset("small").expect("preset exists");
     let cpu = NdArrayDevice::Cpu;
@@ -111,11 +101,12 @@ fn decorator_overhead(rounds: usize) {
     let (mut p_plain, mut d_plain) = workloads(&plain, &cpu, prompt);
     let (mut p_ctrl, mut d_ctrl) = workloads(&control, &cpu, prompt);
     let (mut p_wrap, mut d_wrap) = workloads(&wrapped, &device, prompt);
-    let (mut p_off, mut d_off) = workloads(&offloaded, &device, prompt);
 
     let mut rows = Vec::new();
     for (name, mode) in [("copy", OffloadMode::Copy), ("uva", OffloadMode::Uva)] {
-        set_mode(mode);
+        // The same offloaded weights, read in `mode`.
+        let offloaded = OffloadContext::with_mode(mode).adopt_module(offloaded.clone());
+        let (mut p_off, mut d_off) = workloads(&offloaded, &device, prompt);
         let t = interleaved(
             rounds,
             &mut [

@@ -2,12 +2,13 @@
 //! (zero-copy), a transient copy and a prefetched copy, from what was measured on the device.
 //!
 //! [`OffloadPolicy::apply`](crate::OffloadPolicy::apply) in `Auto` mode measures each compute
-//! device once per process ([`TargetDevice::calibrate`](crate::target::TargetDevice), which
-//! calls [`measure`]) and keeps the result here. A [`Calibration`] holds:
+//! device once per process ([`TargetDevice::calibrate`](crate::inner::TargetDevice), which
+//! calls [`measure`]), keeps the result in a per-device cache here and hands it to the model's
+//! [`OffloadContext`](crate::OffloadContext). A [`Calibration`] holds:
 //! - the fixed cost of one transient upload (a tiny tensor) and the upload bandwidth (a 16 MiB
 //!   weight): on CUDA the DMA from pinned memory, on the CPU a memcpy;
 //! - for each row count `m` the zero-copy kernel accepts (1, 2, 4, … up to
-//!   [`zero_copy_max_rows`](crate::target::OffloadTarget::zero_copy_max_rows)): the bytes per
+//!   [`zero_copy_max_rows`](crate::inner::OffloadTarget::zero_copy_max_rows)): the bytes per
 //!   second of `[m, K] @ W` reading `W` in place, and of the backend's own GEMM on a resident
 //!   `W` (what a copy is followed by);
 //! - whether the target's copies overlap the op thread's compute (a copy engine).
@@ -25,19 +26,17 @@
 //! without a host-reading kernel always copy. When the target's copies overlap compute, the
 //! copies of `Auto` go through the [prefetcher](crate::prefetch), so a repeating order of
 //! copies (a prefill, say) is uploaded ahead while the previous op runs. Its lookahead is the
-//! default ([`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or twice the largest tensor `apply` offloaded
+//! default ([`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`](crate::mode::DEFAULT_PREFETCH_LOOKAHEAD_BYTES)) or twice the largest tensor `apply` offloaded
 //! to the device, whichever is larger: the prefetcher never prefetches a tensor larger than
 //! its lookahead, and a large model's biggest weights (344 MiB each for the example's `50b`
 //! preset in bf16) are the ones worth overlapping.
 //!
-//! Without a calibration (a device configured with
-//! [`set_device_config`](crate::device::set_device_config) alone, or a calibration that
-//! failed), `Auto` reads in place up to the target's static row threshold, as `Uva` does, and
+//! The decision itself is [`crate::plan`]'s. Without a calibration (tensors in host memory
+//! that no policy placed, or a calibration that failed), `Auto` reads in place up to the target's static row threshold, as `Uva` does, and
 //! never prefetches. [`set_calibration`] installs a calibration measured earlier (it is
-//! `serde`-serialisable), [`clear_calibration`] removes one.
+//! `serde`-serialisable) for the policies applied after it, [`clear_calibration`] removes one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Instant;
 
@@ -46,8 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::OffloadError;
 use crate::host::HostTensor;
-use crate::mode::{DEFAULT_PREFETCH_LOOKAHEAD_BYTES, OffloadMode};
-use crate::target::OffloadTarget;
+use crate::inner::OffloadTarget;
 
 /// Rows × columns of the `f32` weight the calibration measures with (16 MiB).
 const WEIGHT_DIMS: [usize; 2] = [1024, 4096];
@@ -161,13 +159,14 @@ impl std::fmt::Display for Calibration {
     }
 }
 
+/// The measured calibration of each compute device. Process-wide because it describes the
+/// hardware (the bus and the device), which every model on the device shares; each model's
+/// context keeps the one its policy found.
 static CALIBRATIONS: LazyLock<RwLock<HashMap<DeviceId, Arc<Calibration>>>> =
     LazyLock::new(Default::default);
 
-/// Calibrated devices whose copies overlap compute: when 0, uploads skip the lookup.
-static PREFETCHING: AtomicUsize = AtomicUsize::new(0);
-
-/// The calibration of compute device `device`, if it has one.
+/// The calibration of compute device `device` in this process's cache, if it was measured (or
+/// installed with [`set_calibration`]).
 pub fn calibration<D: DeviceOps>(device: &D) -> Option<Arc<Calibration>> {
     CALIBRATIONS
         .read()
@@ -176,89 +175,23 @@ pub fn calibration<D: DeviceOps>(device: &D) -> Option<Arc<Calibration>> {
         .cloned()
 }
 
-/// Installs `calibration` for compute device `device` (replacing any).
+/// Installs `calibration` in the cache for compute device `device` (replacing any): policies
+/// applied from now on in `Auto` mode use it instead of measuring. Models already placed keep
+/// the calibration their policy found.
 pub fn set_calibration<D: DeviceOps>(device: &D, calibration: Calibration) {
-    let overlap = calibration.copies_overlap_compute;
-    let old = CALIBRATIONS
+    CALIBRATIONS
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(device.to_id(), Arc::new(calibration));
-    update_prefetching(old.is_some_and(|c| c.copies_overlap_compute), overlap);
 }
 
-/// Removes the calibration of `device`: `Auto` goes back to the target's static threshold.
+/// Removes `device`'s calibration from the cache: the next policy applied in `Auto` mode
+/// measures it again.
 pub fn clear_calibration<D: DeviceOps>(device: &D) {
-    let old = CALIBRATIONS
+    CALIBRATIONS
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&device.to_id());
-    update_prefetching(old.is_some_and(|c| c.copies_overlap_compute), false);
-}
-
-fn update_prefetching(was: bool, now: bool) {
-    match (was, now) {
-        (false, true) => {
-            PREFETCHING.fetch_add(1, Ordering::AcqRel);
-        }
-        (true, false) => {
-            PREFETCHING.fetch_sub(1, Ordering::AcqRel);
-        }
-        _ => {}
-    }
-}
-
-/// Whether some device's calibration makes `Auto` prefetch (one atomic load).
-#[inline]
-pub(crate) fn any_prefetching() -> bool {
-    PREFETCHING.load(Ordering::Acquire) > 0
-}
-
-/// `Auto`'s lookahead per device, where `apply` raised it above the default.
-static LOOKAHEADS: LazyLock<RwLock<HashMap<DeviceId, u64>>> = LazyLock::new(Default::default);
-
-/// Raises `Auto`'s lookahead on `device` to twice `largest` (the largest tensor offloaded to
-/// it), if that is above the default; never lowers it (another model may still run there).
-pub(crate) fn fit_lookahead<D: DeviceOps>(device: &D, largest: u64) {
-    let want = largest.saturating_mul(2);
-    if want > DEFAULT_PREFETCH_LOOKAHEAD_BYTES {
-        let mut lookaheads = LOOKAHEADS.write().unwrap_or_else(|e| e.into_inner());
-        let lookahead = lookaheads.entry(device.to_id()).or_default();
-        *lookahead = (*lookahead).max(want);
-    }
-}
-
-/// The lookahead `Auto` prefetches `device`'s copies with, if it does: the default, or twice
-/// the largest tensor offloaded to `device` ([`fit_lookahead`]) where that is larger.
-pub(crate) fn prefetch_lookahead<D: DeviceOps>(device: &D) -> Option<u64> {
-    if !any_prefetching() {
-        return None;
-    }
-    calibration(device)
-        .filter(|c| c.copies_overlap_compute)
-        .map(|_| {
-            let fitted = LOOKAHEADS
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&device.to_id())
-                .copied();
-            fitted.unwrap_or(0).max(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
-        })
-}
-
-/// The lookahead copies on `device` are prefetched with in `mode`, if they are: `Prefetch`'s
-/// own, or `Auto`'s where it prefetches ([`prefetch_lookahead`]).
-pub(crate) fn mode_lookahead<D: DeviceOps>(mode: OffloadMode, device: &D) -> Option<u64> {
-    match mode {
-        OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
-        OffloadMode::Auto => prefetch_lookahead(device),
-        OffloadMode::Uva | OffloadMode::Copy => None,
-    }
-}
-
-/// Whether `Auto` reads a `bytes`-byte weight in place for `rows` rows on `device`, given that
-/// the target can (`rows` within its kernel's limit, memory readable in place).
-pub(crate) fn zero_copy_pays<D: DeviceOps>(device: &D, rows: usize, bytes: u64) -> bool {
-    calibration(device).is_none_or(|c| c.prefers_zero_copy(rows, bytes))
 }
 
 /// A contiguous `f32` host tensor of `dims` in memory from the target's allocator, filled with
@@ -402,7 +335,7 @@ mod tests {
     }
 
     #[test]
-    fn calibrations_are_per_device_and_can_be_replaced() {
+    fn calibrations_are_cached_per_device_and_can_be_replaced() {
         let a = DeviceId::new(0x3FF0, 7);
         let b = DeviceId::new(0x3FF0, 8);
         #[derive(Clone, Debug, PartialEq)]
@@ -423,40 +356,14 @@ mod tests {
         impl DeviceOps for Dev {}
 
         let (da, db) = (Dev(a), Dev(b));
-        assert!(
-            zero_copy_pays(&da, 64, 1 << 30),
-            "uncalibrated: the static rule"
-        );
-        let mut c = sample();
-        c.copies_overlap_compute = true;
+        let c = sample();
         set_calibration(&da, c.clone());
         assert_eq!(calibration(&da).as_deref(), Some(&c));
         assert!(calibration(&db).is_none());
-        assert!(!zero_copy_pays(&da, 4, 64 << 20));
-        assert_eq!(
-            prefetch_lookahead(&da),
-            Some(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
-        );
-        assert_eq!(prefetch_lookahead(&db), None);
-        // Raised to twice the largest offloaded tensor where that is larger, never lowered.
-        fit_lookahead(&da, 100 << 20);
-        assert_eq!(
-            prefetch_lookahead(&da),
-            Some(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)
-        );
-        fit_lookahead(&da, 344 << 20);
-        assert_eq!(prefetch_lookahead(&da), Some(688 << 20));
-        fit_lookahead(&da, 200 << 20);
-        assert_eq!(prefetch_lookahead(&da), Some(688 << 20));
-        fit_lookahead(&db, 344 << 20);
-        assert_eq!(
-            prefetch_lookahead(&db),
-            None,
-            "not calibrated: no prefetching"
-        );
-        c.copies_overlap_compute = false;
-        set_calibration(&da, c);
-        assert_eq!(prefetch_lookahead(&da), None);
+        let mut other = sample();
+        other.upload_bytes_per_s = 1.0;
+        set_calibration(&da, other.clone());
+        assert_eq!(calibration(&da).as_deref(), Some(&other));
         clear_calibration(&da);
         assert!(calibration(&da).is_none());
     }

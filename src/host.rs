@@ -348,6 +348,23 @@ impl HostTensor {
         }
     }
 
+    /// Whether the view is contiguous, starts at the buffer's first byte and covers all of it.
+    pub(crate) fn is_whole_buffer(&self) -> bool {
+        self.offset == 0 && self.is_contiguous() && self.size_bytes() == self.buffer.len()
+    }
+
+    /// Whether nothing else refers to the buffer: no other view, and no weak reference (a
+    /// prefetcher's learned order).
+    pub(crate) fn is_unshared(&self) -> bool {
+        Arc::strong_count(&self.buffer) == 1 && Arc::weak_count(&self.buffer) == 0
+    }
+
+    /// The buffer, writable, where nothing else refers to it (see
+    /// [`is_unshared`](Self::is_unshared)).
+    pub(crate) fn buffer_mut(&mut self) -> Option<&mut HostBuffer> {
+        Arc::get_mut(&mut self.buffer)
+    }
+
     /// When this strided view is a permutation of a contiguous block of its buffer (possibly
     /// with size-1 dims inserted), e.g. the transposed weight of a tied LM head: that block as
     /// a contiguous view, and the axes that, applied to the block with a permute, give this

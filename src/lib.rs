@@ -22,27 +22,36 @@
 
 pub mod auto;
 pub mod backend;
+pub mod context;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod host;
+pub mod inner;
 pub mod mode;
+pub mod placement;
+pub mod plan;
 pub mod policy;
 pub mod prefetch;
 mod random;
-pub mod target;
+mod recycle;
+pub mod stats;
 pub mod train;
 
 pub use auto::Calibration;
-pub use backend::{OffloadBackend, OffloadTensor, OpStats, op_stats, reset_op_stats};
-pub use device::{OffloadDevice, with_host_placement};
+pub use backend::{OffloadBackend, OffloadTensor, Offloaded};
+pub use context::{ContextConfig, OffloadContext, with_host_placement};
+pub use device::OffloadDevice;
 pub use error::OffloadError;
-pub use host::{HostBuffer, HostMemoryKind, HostMemoryStats, HostTensor, host_memory_stats};
+pub use host::{HostBuffer, HostMemoryKind, HostTensor};
 pub use mode::OffloadMode;
-pub use policy::{OffloadPolicy, OffloadReport, ParamReport};
-pub use prefetch::{
-    PrefetchStats, prefetch_stats, reset_prefetch_stats, set_prefetch_memory_probe,
+pub use placement::{placements, to_device_memory};
+pub use policy::{OffloadPolicy, OffloadReport, ParamReport, Placement};
+pub use prefetch::set_prefetch_memory_probe;
+pub use stats::{
+    HostMemoryStats, OpStats, PrefetchStats, host_memory_stats, op_stats, prefetch_stats,
+    reset_op_stats, reset_prefetch_stats,
 };
 pub use train::{OffloadOptimizer, keep_offloaded};
 

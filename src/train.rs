@@ -2,26 +2,37 @@
 //!
 //! An optimizer step computes each new parameter from its resident gradient, so the updated
 //! parameters come back in device memory. [`keep_offloaded`] moves the parameters a report
-//! placed in host memory back there; [`OffloadOptimizer`] does it after every step.
+//! placed in host memory back there; [`OffloadOptimizer`] does it after every step, writing
+//! the new values into the host buffers the parameters had before the step (no new allocation,
+//! no re-pinning, no freeing) wherever nothing else still refers to them.
+//!
+//! Optimizer state (Adam's moments, momentum) is computed from resident gradients and stays in
+//! device memory, as the wrapped optimizer keeps it.
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, LearningRate, MultiGradientsParams, Optimizer};
+use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn_backend::DeviceOps;
 
+use crate::context::OffloadContext;
 use crate::device::OffloadDevice;
 use crate::policy::{OffloadReport, ParamAction, walk_params};
 
 /// Moves every parameter that `report` lists in host memory back to host memory (matched by
-/// path, so it also works after a record load replaced the parameter ids). Parameters already
-/// there are not touched.
+/// path, so it also works after a record load replaced the parameter ids), in the report's
+/// context (the default context for a report read back from JSON).
 pub fn keep_offloaded<B, D, M>(module: M, report: &OffloadReport) -> M
 where
     B: Backend<Device = OffloadDevice<D>>,
     D: DeviceOps,
     M: burn::module::Module<B>,
 {
-    walk_params(module, |info| {
+    let context = report
+        .context()
+        .cloned()
+        .unwrap_or_else(OffloadContext::default_context);
+    walk_params(module, &context, |info| {
         if report.is_offloaded(&info.path) {
             ParamAction::Host
         } else {
@@ -60,11 +71,15 @@ where
     type Record = O::Record;
 
     fn step(&mut self, lr: LearningRate, module: M, grads: GradientsParams) -> M {
-        keep_offloaded(self.inner.step(lr, module, grads), &self.report)
+        let inner = &mut self.inner;
+        recycled_step(module, &self.report, |module| inner.step(lr, module, grads))
     }
 
     fn step_multi(&mut self, lr: LearningRate, module: M, grads: MultiGradientsParams) -> M {
-        keep_offloaded(self.inner.step_multi(lr, module, grads), &self.report)
+        let inner = &mut self.inner;
+        recycled_step(module, &self.report, |module| {
+            inner.step_multi(lr, module, grads)
+        })
     }
 
     fn to_record(&self) -> Self::Record {
@@ -75,6 +90,64 @@ where
         Self {
             inner: self.inner.load_record(record),
             report: self.report,
+        }
+    }
+}
+
+/// Runs an optimizer `step` and puts the parameters `report` offloaded back in host memory,
+/// into the buffers they had before the step where possible ([`crate::recycle`]).
+fn recycled_step<B, D, M>(module: M, report: &OffloadReport, step: impl FnOnce(M) -> M) -> M
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+    M: burn::module::Module<B>,
+{
+    let old = OldValues::of(&module);
+    crate::recycle::recycling(|| {
+        let module = step(module);
+        crate::recycle::donating(|| old.donate());
+        keep_offloaded(module, report)
+    })
+}
+
+/// The values of a module's offloaded parameters before a step (O(1) clones of their views).
+struct OldValues(Vec<Box<dyn FnOnce()>>);
+
+impl OldValues {
+    fn of<B, D, M>(module: &M) -> Self
+    where
+        B: Backend<Device = OffloadDevice<D>>,
+        D: DeviceOps,
+        M: burn::module::Module<B>,
+    {
+        struct Visitor(Vec<Box<dyn FnOnce()>>);
+        impl<B, D> ModuleVisitor<B> for Visitor
+        where
+            B: Backend<Device = OffloadDevice<D>>,
+            D: DeviceOps,
+        {
+            fn visit_float<const N: usize>(&mut self, param: &Param<Tensor<B, N>>) {
+                if !param.is_initialized() {
+                    return;
+                }
+                let value = param.val();
+                let device = value.device();
+                if device.is_host() {
+                    // Inside `donating`, this move hands the view to the pool.
+                    self.0
+                        .push(Box::new(move || drop(value.to_device(&device))));
+                }
+            }
+        }
+        let mut visitor = Visitor(Vec::new());
+        module.visit(&mut visitor);
+        Self(visitor.0)
+    }
+
+    /// Gives the old views to the thread's pool and drops these references to them.
+    fn donate(self) {
+        for donate in self.0 {
+            donate();
         }
     }
 }

@@ -2,18 +2,18 @@
 //! measurement (rows and weight size), copies are prefetched where the calibration says
 //! copies overlap compute, and results never change.
 //!
-//! The calibration and the mode are process-wide per device: every test takes `lock()`.
+//! The calibration cache is process-wide per device (the hardware's): every test takes `lock()`.
 
 mod common;
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::module::linear;
+use std::sync::Arc;
+
 use burn_offload::auto::{Calibration, RowRate, calibration, clear_calibration, set_calibration};
-use burn_offload::device::{DeviceConfig, set_device_config};
 use burn_offload::{
-    OffloadDevice, OffloadMode, OffloadPolicy, op_stats, prefetch_stats, reset_op_stats,
-    reset_prefetch_stats,
+    OffloadContext, OffloadDevice, OffloadMode, OffloadPolicy, op_stats, reset_op_stats,
 };
 use common::{B, CPU, device, lock};
 
@@ -21,14 +21,13 @@ fn host() -> OffloadDevice<burn::backend::ndarray::NdArrayDevice> {
     OffloadDevice::host(CPU)
 }
 
-fn set_mode(mode: OffloadMode) {
-    set_device_config(
-        &CPU,
-        DeviceConfig {
-            mode,
-            pin_memory: true,
-        },
-    );
+/// A context in `mode` that decides from `calibration` on the CPU (as a policy's would).
+fn context(mode: OffloadMode, calibration: Option<Calibration>) -> OffloadContext {
+    let context = OffloadContext::with_mode(mode);
+    if let Some(c) = calibration {
+        context.set_calibration(&CPU, Arc::new(c));
+    }
+    context
 }
 
 /// Upload 10 GB/s + 1 ms each; in place 20 GB/s at 1 row, halving with each doubling of the
@@ -97,7 +96,7 @@ fn apply_measures_the_device_once_in_auto_mode() {
     assert!(measured.rows.windows(2).all(|w| w[1].rows == 2 * w[0].rows));
     assert!(measured.rows.iter().all(|r| r.zero_copy_bytes_per_s > 0.0
         && r.device_matmul_bytes_per_s > 0.0
-        && r.rows <= burn_offload::target::ndarray::CPU_ZERO_COPY_MAX_ROWS));
+        && r.rows <= burn_offload::inner::ndarray::CPU_ZERO_COPY_MAX_ROWS));
     assert!(!measured.copies_overlap_compute, "CPU copies are memcpys");
     assert!(report.to_string().contains("auto mode: upload"), "{report}");
     assert_eq!(calibration(&CPU).as_deref(), Some(&measured));
@@ -114,28 +113,24 @@ fn apply_measures_the_device_once_in_auto_mode() {
 
 #[test]
 fn auto_reads_in_place_where_the_calibration_predicts_it_faster() {
-    let _guard = lock();
-    set_mode(OffloadMode::Auto);
-    set_calibration(&CPU, synthetic(false));
+    let auto = context(OffloadMode::Auto, Some(synthetic(false)));
     let (k, n) = (1024, 1024); // 4 MiB
     for (rows, expect_in_place) in [(1, true), (3, true), (4, true), (8, false), (16, false)] {
-        let (in_place, diff) = run(rows, k, n);
+        let (in_place, diff) = auto.run(|| run(rows, k, n));
         assert_eq!(in_place, expect_in_place, "{rows} rows, 4 MiB weight");
         assert!(diff < 1e-3, "{rows} rows: off by {diff}");
     }
     // A small weight: the upload's fixed cost dominates, so in place up to the kernel's limit.
-    let (in_place, _) = run(16, 32, 32);
+    let (in_place, _) = auto.run(|| run(16, 32, 32));
     assert!(in_place, "16 rows, 4 KiB weight");
     // Past the kernel's limit, a copy whatever the calibration says.
-    let (in_place, _) = run(17, 32, 32);
+    let (in_place, _) = auto.run(|| run(17, 32, 32));
     assert!(!in_place);
     // `Uva` ignores the calibration: the target's static threshold.
-    set_mode(OffloadMode::Uva);
-    assert!(run(8, k, n).0);
-    set_mode(OffloadMode::Auto);
+    let uva = context(OffloadMode::Uva, Some(synthetic(false)));
+    assert!(uva.run(|| run(8, k, n)).0);
     // Without a calibration, `Auto` falls back to the static threshold too.
-    clear_calibration(&CPU);
-    assert!(run(8, k, n).0);
+    assert!(context(OffloadMode::Auto, None).run(|| run(8, k, n)).0);
 }
 
 #[test]
@@ -150,15 +145,18 @@ fn auto_prefetches_copies_where_copies_overlap_compute() {
     let reference = model.forward(x.clone()).into_data();
 
     for overlap in [false, true] {
-        set_mode(OffloadMode::Auto);
-        // 64 rows: beyond the kernel, so every matmul copies.
+        // 64 rows: beyond the kernel, so every matmul copies. Applied again in `Auto`, the
+        // model takes the device's (cached) calibration into its new context.
         set_calibration(&CPU, synthetic(overlap));
-        reset_prefetch_stats();
+        let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
+            .apply(model.clone())
+            .unwrap();
+        assert_eq!(report.calibration, Some(synthetic(overlap)));
         for _ in 0..6 {
             let out = model.forward(x.clone()).into_data();
             out.assert_approx_eq::<f32>(&reference, Default::default());
         }
-        let stats = prefetch_stats();
+        let stats = report.prefetch_stats();
         if overlap {
             // Predicted from the learned cycle: prefetched, or late where the background
             // thread had not got to it yet (a loaded 2-core CI machine).
@@ -171,5 +169,4 @@ fn auto_prefetches_copies_where_copies_overlap_compute() {
         }
     }
     clear_calibration(&CPU);
-    set_mode(OffloadMode::Copy);
 }

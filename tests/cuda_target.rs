@@ -27,17 +27,16 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use burn_offload::auto::{clear_calibration, set_calibration};
+use burn_offload::auto::clear_calibration;
 use burn_offload::cuda::{self, driver, ops::MAX_ROWS};
-use burn_offload::device::{DeviceConfig, set_device_config};
+use burn_offload::inner::TargetDevice;
 use burn_offload::mode::{
     ENV_DISABLE_PIN_MEMORY, ENV_DISABLE_UVA, effective_mode, effective_pin_memory,
 };
-use burn_offload::target::TargetDevice;
 use burn_offload::{
-    CudaBackend, HostMemoryKind, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy,
-    OffloadReport, OpStats, host_memory_stats, op_stats, prefetch_stats, reset_op_stats,
-    reset_prefetch_stats, set_prefetch_memory_probe,
+    CudaBackend, HostMemoryKind, OffloadBackend, OffloadContext, OffloadDevice, OffloadMode,
+    OffloadPolicy, OffloadReport, OpStats, host_memory_stats, op_stats, prefetch_stats,
+    reset_op_stats, reset_prefetch_stats, set_prefetch_memory_probe,
 };
 use cubecl::cuda::CudaDevice;
 
@@ -58,12 +57,12 @@ fn gpu(test: &str) -> Option<(CudaDevice, common::gpu::GpuGuard)> {
         effective_mode(OffloadMode::Uva) == OffloadMode::Uva && effective_pin_memory(true),
         "{test}: unset {ENV_DISABLE_UVA} and {ENV_DISABLE_PIN_MEMORY} to run these tests"
     );
-    configure(&found.0, OffloadMode::Uva, true);
     Some(found)
 }
 
-fn configure(cuda: &CudaDevice, mode: OffloadMode, pin_memory: bool) {
-    set_device_config(cuda, DeviceConfig { mode, pin_memory });
+/// A context in `mode` with pinned memory: what tensors adopted by it are read with.
+fn in_mode(mode: OffloadMode) -> OffloadContext {
+    OffloadContext::with_mode(mode)
 }
 
 fn resident(cuda: &CudaDevice) -> OffloadDevice<CudaDevice> {
@@ -390,7 +389,8 @@ fn linear_and_matmul(test: &str, dtype: DType) {
                 dtype,
             );
             for mode in MODES {
-                configure(&cuda, mode, true);
+                let context = in_mode(mode);
+                let (w_off, b_off) = (context.adopt(w_off.clone()), context.adopt(b_off.clone()));
                 let zero_copy = mode == OffloadMode::Uva && m <= MAX_ROWS;
                 let tols = [tol(dtype, !zero_copy), tol(dtype, true)];
                 let ctx = format!("{dtype:?} {view:?} [{m}, {k}] x [{k}, {n}] in {mode} mode");
@@ -446,7 +446,7 @@ fn embedding_rows(test: &str, dtype: DType) {
             lookahead_bytes: 1 << 20,
         };
         for mode in MODES.into_iter().chain([prefetch]) {
-            configure(&cuda, mode, true);
+            let w_off = in_mode(mode).adopt(w_off.clone());
             let ctx = format!("embedding {dtype:?} {view:?} in {mode} mode");
             let ids = Tensor::<B, 2, Int>::from_data(ids.clone(), &device);
             reset_op_stats();
@@ -640,7 +640,7 @@ fn pinned_bytes_follow_the_offloaded_model() {
         (OffloadMode::Copy, 4),
         (OffloadMode::Uva, 33),
     ] {
-        configure(&cuda, mode, true);
+        let model = in_mode(mode).adopt_module(model.clone());
         run_stack(&model, &cuda, rows);
     }
     drop(model);
@@ -902,11 +902,13 @@ fn llama_generates_the_same_tokens_offloaded() {
         prefetch,
         OffloadMode::Auto,
     ] {
-        configure(&cuda, mode, true);
+        let context = in_mode(mode);
         if mode == OffloadMode::Auto {
             // What `apply` would measure: this card's rates decide per op.
-            set_calibration(&cuda, cuda.calibrate(true).expect("calibration"));
+            let calibration = cuda.calibrate(true).expect("calibration");
+            context.set_calibration(&cuda, std::sync::Arc::new(calibration));
         }
+        let offloaded = context.adopt_module(offloaded.clone());
         reset_op_stats();
         reset_prefetch_stats();
         // Fed the resident run's tokens: where every argmax matches, free generation would

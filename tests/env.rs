@@ -5,10 +5,10 @@ use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn_offload::device::device_config;
 use burn_offload::mode::{ENV_DISABLE_PIN_MEMORY, ENV_DISABLE_UVA};
 use burn_offload::{
-    OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, op_stats, reset_op_stats,
+    ContextConfig, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, op_stats,
+    reset_op_stats,
 };
 
 type B = OffloadBackend<NdArray>;
@@ -29,6 +29,18 @@ fn run_uva() -> (OffloadMode, u64, u64) {
     let _ = linear.forward(x).into_data();
     let stats = op_stats();
     (report.mode, stats.zero_copy_ops, stats.transient_uploads)
+}
+
+/// The configuration of the context a `Uva` policy (pinning) creates now.
+fn uva_context() -> ContextConfig {
+    let device = OffloadDevice::Device(NdArrayDevice::Cpu);
+    let linear: Linear<B> = LinearConfig::new(8, 4).init(&device);
+    let (_, report) = OffloadPolicy::from_gib(1.0)
+        .unwrap()
+        .mode(OffloadMode::Uva)
+        .apply(linear)
+        .unwrap();
+    report.context().expect("apply made a context").config()
 }
 
 /// Applies a Prefetch policy to an embedding, looks up two tokens, and returns the report's
@@ -65,8 +77,8 @@ fn environment_switches_override_the_policy() {
     // Without the switches: the weight is read in place, the bias is copied for the add.
     let (mode, zero_copy, uploads) = run_uva();
     assert_eq!(mode, OffloadMode::Uva);
-    assert_eq!(device_config(&cpu).mode, OffloadMode::Uva);
-    assert!(device_config(&cpu).pin_memory);
+    assert_eq!(uva_context().mode, OffloadMode::Uva);
+    assert!(uva_context().pin_memory);
     assert_eq!((zero_copy, uploads), (1, 1));
     // Prefetch mode gathers embedding rows in place rather than copying the table.
     let (mode, zero_copy, uploads) = run_prefetch_embedding();
@@ -80,9 +92,9 @@ fn environment_switches_override_the_policy() {
     }
     let (mode, zero_copy, uploads) = run_uva();
     assert_eq!(mode, OffloadMode::Copy, "BURN_OFFLOAD_DISABLE_UVA=1");
-    assert_eq!(device_config(&cpu).mode, OffloadMode::Copy);
+    assert_eq!(uva_context().mode, OffloadMode::Copy);
     assert!(
-        !device_config(&cpu).pin_memory,
+        !uva_context().pin_memory,
         "BURN_OFFLOAD_DISABLE_PIN_MEMORY=1"
     );
     assert_eq!((zero_copy, uploads), (0, 2), "weight and bias copied");
@@ -110,7 +122,7 @@ fn environment_switches_override_the_policy() {
     let (mode, zero_copy, _) = run_uva();
     assert_eq!(mode, OffloadMode::Uva);
     assert_eq!(zero_copy, 1);
-    assert!(device_config(&cpu).pin_memory);
+    assert!(uva_context().pin_memory);
 
     // SAFETY: as above.
     unsafe {

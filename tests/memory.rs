@@ -8,12 +8,11 @@ mod common;
 
 use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::{Distribution, s};
 use burn_offload::{
-    HostMemoryStats, OffloadDevice, OffloadMode, OffloadOptimizer, OffloadPolicy,
+    HostMemoryStats, OffloadContext, OffloadDevice, OffloadMode, OffloadOptimizer, OffloadPolicy,
     host_memory_stats, op_stats, reset_op_stats,
 };
 use common::{B, CPU, NET_BYTES, Net, device, lock, placements, values};
@@ -29,16 +28,6 @@ fn delta(start: HostMemoryStats) -> (usize, usize) {
         now.live_bytes - start.live_bytes,
         now.live_allocations - start.live_allocations,
     )
-}
-
-/// Sets the process-wide mode of the CPU device (it is set by `apply`).
-fn set_mode(mode: OffloadMode) {
-    let linear: Linear<B> = LinearConfig::new(1, 1).init(&device());
-    let (_, report) = OffloadPolicy::from_bytes(0)
-        .mode(mode)
-        .apply(linear)
-        .unwrap();
-    assert_eq!(report.mode, mode);
 }
 
 fn iota(n: usize) -> Vec<f32> {
@@ -95,7 +84,7 @@ fn allocations_are_exact_size() {
     // Moving a resident tensor to the host allocates exactly its size.
     let resident = Tensor::<B, 2>::ones([10, 10], &device());
     assert_eq!(delta(start), (0, 0));
-    let moved = resident.to_device(&host());
+    let moved = OffloadContext::default_context().place(resident, &host());
     assert!(moved.device().is_host());
     assert_eq!(delta(start), (400, 1));
     drop(moved);
@@ -231,9 +220,9 @@ fn reshaping_a_non_contiguous_view_makes_a_resident_copy() {
 fn ops_with_transient_copies_leave_nothing_behind() {
     let _guard = lock();
     for mode in [OffloadMode::Copy, OffloadMode::Uva] {
-        set_mode(mode);
         let start = host_memory_stats();
-        let w = Tensor::<B, 2>::from_data(TensorData::new(iota(32), [8, 4]), &host());
+        let w = OffloadContext::with_mode(mode)
+            .run(|| Tensor::<B, 2>::from_data(TensorData::new(iota(32), [8, 4]), &host()));
         let x = Tensor::<B, 2>::ones([2, 8], &device());
         let r = Tensor::<B, 2>::ones([8, 4], &device());
         assert_eq!(delta(start), (128, 1));
@@ -245,7 +234,7 @@ fn ops_with_transient_copies_leave_nothing_behind() {
             w.clone().exp(),
             w.clone().mul_scalar(2.0),
             x.clone().matmul(w.clone()),
-            w.clone().to_device(&device()),
+            OffloadContext::default_context().place(w.clone(), &device()),
             burn::tensor::activation::relu(w.clone()),
         ];
         let stats = op_stats();
@@ -306,6 +295,51 @@ fn training_steps_do_not_leak_host_memory() {
     drop(optim);
     drop(model);
     assert_eq!(delta(start), (0, 0));
+}
+
+/// An optimizer step writes the updated offloaded parameters into the host buffers they had:
+/// no new host allocation (on CUDA: no re-pinning and no freeing, each of which costs a
+/// context synchronisation), in every mode that keeps no weak reference to them.
+#[test]
+fn training_steps_reuse_the_host_buffers() {
+    let _guard = lock();
+    type AB = Autodiff<B>;
+    for mode in [OffloadMode::Uva, OffloadMode::Copy, OffloadMode::Auto] {
+        let model = Net::<AB>::new(&device());
+        let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
+            .mode(mode)
+            .apply(model)
+            .unwrap();
+        let _ = values(&model);
+        let mut optim = OffloadOptimizer::new(AdamConfig::new().init(), &report);
+        let x = Tensor::<AB, 2>::random([4, common::D_MODEL], Distribution::Default, &device());
+        let y = Tensor::<AB, 2>::random([4, common::D_OUT], Distribution::Default, &device());
+        let mut model = model;
+        let mut before = values(&model);
+        let mut first = None;
+        for step in 0..10 {
+            let loss = (model.forward(x.clone()) - y.clone()).powi_scalar(2).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-2, model, grads);
+            let allocations = host_memory_stats().total_allocations;
+            let first = *first.get_or_insert(allocations);
+            assert_eq!(
+                allocations, first,
+                "{mode}: host allocations after step {step}"
+            );
+            assert!(
+                placements(&model).iter().all(|(_, host)| *host),
+                "{mode}: still offloaded after step {step}"
+            );
+            // The values did change: the step was written into the buffers.
+            let after = values(&model);
+            assert!(
+                before.iter().zip(&after).any(|((_, a), (_, b))| a != b),
+                "{mode}: step {step} changed nothing"
+            );
+            before = after;
+        }
+    }
 }
 
 /// A lazy model initialised on `Host` and retargeted to the device by a zero budget: applying

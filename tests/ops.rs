@@ -10,8 +10,6 @@
 //!   in `Prefetch` mode only for `embedding`);
 //! - views of offloaded tensors stay offloaded and make no transient copy.
 
-use std::sync::{Mutex, PoisonError};
-
 use burn::backend::{Autodiff, NdArray, ndarray::NdArrayDevice};
 use burn::tensor::activation::{gelu, log_softmax, relu, sigmoid, silu, softmax};
 use burn::tensor::backend::Backend;
@@ -20,8 +18,9 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{
     Bool, DType, FloatDType, IndexingUpdateOp, Int, IntDType, Tensor, TensorData, Tolerance, s,
 };
-use burn_offload::device::{DeviceConfig, set_device_config};
-use burn_offload::{OffloadBackend, OffloadDevice, OffloadMode, OpStats, op_stats, reset_op_stats};
+use burn_offload::{
+    OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, OpStats, op_stats, reset_op_stats,
+};
 
 type Inner = NdArray<f32>;
 type B = OffloadBackend<Inner>;
@@ -29,7 +28,7 @@ type Device = OffloadDevice<NdArrayDevice>;
 
 const CPU: NdArrayDevice = NdArrayDevice::Cpu;
 /// Rows up to which the CPU target's zero-copy matmul runs (`CPU_ZERO_COPY_MAX_ROWS`).
-const MAX_ROWS: usize = burn_offload::target::ndarray::CPU_ZERO_COPY_MAX_ROWS;
+const MAX_ROWS: usize = burn_offload::inner::ndarray::CPU_ZERO_COPY_MAX_ROWS;
 
 fn resident() -> Device {
     OffloadDevice::device(CPU)
@@ -39,12 +38,9 @@ fn host() -> Device {
     OffloadDevice::host(CPU)
 }
 
-/// The mode is global per compute device: every test holds this lock while it runs.
-static MODE_LOCK: Mutex<()> = Mutex::new(());
-
-/// Runs `f` once per mode, with the CPU device configured for it.
+/// Runs `f` once per mode, inside a context of that mode: the tensors it creates on `host()`
+/// belong to it (each test has its own contexts, so tests run in parallel).
 fn for_each_mode(f: impl Fn(OffloadMode)) {
-    let _guard = MODE_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let prefetch = OffloadMode::Prefetch {
         lookahead_bytes: 1 << 20,
     };
@@ -54,14 +50,7 @@ fn for_each_mode(f: impl Fn(OffloadMode)) {
         OffloadMode::Auto,
         prefetch,
     ] {
-        set_device_config(
-            &CPU,
-            DeviceConfig {
-                mode,
-                pin_memory: true,
-            },
-        );
-        f(mode);
+        OffloadContext::with_mode(mode).run(|| f(mode));
     }
 }
 
@@ -614,14 +603,23 @@ fn clone_shares_host_memory() {
 
 #[test]
 fn to_device_round_trips() {
-    for_each_mode(|_| {
+    for_each_mode(|mode| {
+        let context = OffloadContext::with_mode(mode);
         let values = data(&[3, 4], 59);
         let offloaded = place::<2>(&values, true);
+        // Burn's own moves keep placement.
+        assert!(offloaded.clone().to_device(&resident()).device().is_host());
+        assert!(
+            !place::<2>(&values, false)
+                .to_device(&host())
+                .device()
+                .is_host()
+        );
         reset_op_stats();
-        let on_device = offloaded.clone().to_device(&resident());
+        let on_device = context.place(offloaded.clone(), &resident());
         assert!(!on_device.device().is_host());
         assert!(on_device.device().same_placement(&resident()));
-        let back = on_device.clone().to_device(&host());
+        let back = context.place(on_device.clone(), &host());
         assert!(back.device().is_host());
         assert!(back.device().same_placement(&host()));
         assert_eq!(
@@ -638,7 +636,8 @@ fn to_device_round_trips() {
             .transpose()
             .slice(s![..;-1])
             .into_data();
-        view.to_device(&resident())
+        context
+            .place(view, &resident())
             .into_data()
             .assert_eq(&expected, true);
     });
@@ -683,27 +682,28 @@ fn autodiff_through_offloaded_weight() {
 fn concurrent_forwards_share_offloaded_weights() {
     const THREADS: u64 = 4;
     const LAYERS: [(usize, usize); 3] = [(16, 32), (32, 32), (32, 8)];
-    let layers: Vec<(Tensor<B, 2>, Tensor<B, 1>)> = LAYERS
-        .iter()
-        .zip(70..)
-        .map(|(&(i, o), seed)| {
-            let w = place::<2>(&data(&[i, o], seed), true);
-            let b = place::<1>(&data(&[o], seed + 100), true);
-            (w, b)
-        })
-        .collect();
-    let forward = |x: Tensor<B, 3>| {
-        let mut x = x;
-        for (i, (w, b)) in layers.iter().enumerate() {
-            x = linear(x, w.clone(), Some(b.clone()));
-            if i + 1 < layers.len() {
-                x = gelu(x);
-            }
-        }
-        x.into_data()
-    };
     let input = |seed: u64| place::<3>(&data(&[2, 4, 16], seed), false);
     for_each_mode(|mode| {
+        // Made in this mode's context: the weights are read as it says on every thread.
+        let layers: Vec<(Tensor<B, 2>, Tensor<B, 1>)> = LAYERS
+            .iter()
+            .zip(70..)
+            .map(|(&(i, o), seed)| {
+                let w = place::<2>(&data(&[i, o], seed), true);
+                let b = place::<1>(&data(&[o], seed + 100), true);
+                (w, b)
+            })
+            .collect();
+        let forward = |x: Tensor<B, 3>| {
+            let mut x = x;
+            for (i, (w, b)) in layers.iter().enumerate() {
+                x = linear(x, w.clone(), Some(b.clone()));
+                if i + 1 < layers.len() {
+                    x = gelu(x);
+                }
+            }
+            x.into_data()
+        };
         let expected: Vec<_> = (0..THREADS).map(|t| forward(input(t))).collect();
         std::thread::scope(|scope| {
             for (t, expected) in (0..THREADS).zip(&expected) {

@@ -11,26 +11,18 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 use burn::tensor::activation::relu;
-use burn_offload::device::{DeviceConfig, set_device_config};
 use burn_offload::{
     OffloadError, OffloadMode, OffloadPolicy, PrefetchStats, host_memory_stats, op_stats,
     prefetch_stats, reset_op_stats, reset_prefetch_stats,
 };
-use common::{B, CPU, NET_BYTES, Net, device, lock};
+use common::{B, NET_BYTES, Net, device, lock};
 
 fn prefetch(lookahead_bytes: u64) -> OffloadMode {
     OffloadMode::Prefetch { lookahead_bytes }
 }
 
-/// Drops the CPU device's prefetcher (a changed config does) and zeroes the counters.
+/// Zeroes the process-wide counters (each model has its own prefetcher: nothing to drop).
 fn fresh() {
-    set_device_config(
-        &CPU,
-        DeviceConfig {
-            mode: OffloadMode::Copy,
-            pin_memory: true,
-        },
-    );
     reset_prefetch_stats();
     reset_op_stats();
 }

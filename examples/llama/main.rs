@@ -36,7 +36,7 @@ use burn::backend::ndarray::NdArrayDevice;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_offload::target::OffloadTarget;
+use burn_offload::inner::OffloadTarget;
 use burn_offload::{
     OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OffloadReport, OpStats, op_stats,
     reset_op_stats,
@@ -193,7 +193,7 @@ fn run_on<T: OffloadTarget>(
     memory: Option<MemoryInfo>,
 ) -> Result<ExitCode, Box<dyn Error>>
 where
-    T::Device: burn_offload::target::TargetDevice,
+    T::Device: burn_offload::inner::TargetDevice,
 {
     type B<T> = OffloadBackend<T>;
     if args.batch == 0 || args.prompt_len == 0 {
@@ -306,10 +306,9 @@ where
     if let Some(why) = reference_skipped {
         println!("resident reference run skipped: {why}");
     } else if !args.no_check && report.offloaded_tensors() > 0 {
-        // The same weights, all in device memory: `to_device` uploads the host tensors of a
-        // clone. (Applying a second, empty policy would too, but it would also reset the mode
-        // of this compute device, which the offloaded model shares: the last policy wins.)
-        let reference = model.clone().to_device(&device.to_resident());
+        // The same weights, all in device memory: `to_device_memory` uploads the host tensors
+        // of a clone (Burn's `to_device` would keep them offloaded).
+        let reference = burn_offload::to_device_memory(model.clone());
         warm_up("resident", &reference, &prompt, args, &device);
         let resident = generate(&reference, &prompt, args, &device);
         println!(

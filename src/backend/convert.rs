@@ -6,7 +6,7 @@ use burn_backend::ops::{
 };
 
 use super::OffloadBackend;
-use crate::target::OffloadTarget;
+use crate::inner::OffloadTarget;
 
 /// Converts a result of the inner backend `B` into the same result of `OffloadBackend<B>`
 /// (float tensors become resident tensors; the rest is unchanged).

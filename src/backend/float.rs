@@ -10,10 +10,12 @@ use burn_backend::TensorMetadata;
 
 use super::generated::delegate_float_tensor_ops;
 use super::prelude::*;
-use super::record;
-use super::tensor::{host_from_data, host_random, offload};
-use crate::device::host_redirect_active;
+use super::tensor::{Offloaded, host_from_data, host_random, offload};
+use crate::context::{OffloadContext, current_context, current_scope, host_redirect_active};
 use crate::host::HostTensor;
+use crate::plan::{OpKind, ReadPath};
+use crate::recycle;
+use crate::stats::record;
 
 impl<B: OffloadTarget> OffloadBackend<B> {
     /// Where a creation op on `device` puts its tensor: host memory for `Host(d)` and inside
@@ -26,10 +28,7 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     fn create(data: TensorData, device: &Device<Self>) -> OffloadTensor<B> {
         let d = device.compute();
         if Self::creates_on_host(device) {
-            OffloadTensor::Offloaded {
-                host: host_from_data::<B>(data, d),
-                device: d.clone(),
-            }
+            OffloadTensor::Offloaded(host_from_data::<B>(data, d, current_context()))
         } else {
             record(|s| s.device_created_bytes += data.as_bytes().len() as u64);
             Self::resident(B::float_from_data(data, d))
@@ -51,9 +50,9 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         op: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
     ) -> OffloadTensor<B> {
         match tensor {
-            OffloadTensor::Offloaded { host, device } => match view(&host) {
-                Some(host) => OffloadTensor::Offloaded { host, device },
-                None => Self::resident(op(Self::upload(&host, &device))),
+            OffloadTensor::Offloaded(o) => match view(o.host()) {
+                Some(host) => OffloadTensor::Offloaded(o.with_host(host)),
+                None => Self::resident(op(Self::upload(&o))),
             },
             OffloadTensor::Resident(t) => Self::resident(op(t)),
         }
@@ -75,10 +74,13 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
     ) -> FloatTensor<Self> {
         if Self::creates_on_host(device) {
             let d = device.compute();
-            OffloadTensor::Offloaded {
-                host: host_random::<B>(shape, distribution, dtype, d),
-                device: d.clone(),
-            }
+            OffloadTensor::Offloaded(host_random::<B>(
+                shape,
+                distribution,
+                dtype,
+                d,
+                current_context(),
+            ))
         } else {
             Self::created(B::float_random(
                 shape,
@@ -124,39 +126,51 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
     async fn float_into_data(tensor: FloatTensor<Self>) -> Result<TensorData, ExecutionError> {
         match tensor {
             OffloadTensor::Resident(t) => B::float_into_data(t).await,
-            OffloadTensor::Offloaded { host, .. } => Ok(host.to_data()),
+            OffloadTensor::Offloaded(o) => Ok(o.host().to_data()),
         }
     }
 
     fn float_device(tensor: &FloatTensor<Self>) -> Device<Self> {
         match tensor {
             OffloadTensor::Resident(t) => OffloadDevice::Device(B::float_device(t)),
-            OffloadTensor::Offloaded { device, .. } => OffloadDevice::Host(device.clone()),
+            OffloadTensor::Offloaded(o) => OffloadDevice::Host(o.device().clone()),
         }
     }
 
+    /// Moves never change placement (as a same-device move is a no-op in Burn's backends), so
+    /// `Module::to_device(&Device(d))` keeps offloaded parameters offloaded; another compute
+    /// device only changes who reads the host memory. Inside a placement scope (a policy's walk,
+    /// [`to_device_memory`](crate::to_device_memory), [`keep_offloaded`](crate::keep_offloaded))
+    /// `Host(d)` offloads (or gives an offloaded tensor the scope's context) and `Device(d)`
+    /// brings into device memory.
     fn float_to_device(tensor: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
         let target = device.compute();
-        match (tensor, device) {
-            (OffloadTensor::Resident(t), OffloadDevice::Device(_)) => {
-                Self::resident(B::float_to_device(t, target))
-            }
-            (OffloadTensor::Resident(t), OffloadDevice::Host(_)) => {
+        let moves = current_scope().filter(|s| s.moves);
+        match tensor {
+            OffloadTensor::Resident(t) => {
                 let t = B::float_to_device(t, target);
-                let (host, device) = offload::<B>(t);
-                OffloadTensor::Offloaded { host, device }
-            }
-            // Host memory is readable by any device of the target: only the reader changes.
-            (OffloadTensor::Offloaded { host, .. }, OffloadDevice::Host(_)) => {
-                OffloadTensor::Offloaded {
-                    host,
-                    device: target.clone(),
+                match moves {
+                    Some(scope) if device.is_host() => {
+                        OffloadTensor::Offloaded(Self::offload_into_recycled(t, scope.context))
+                    }
+                    _ => Self::resident(t),
                 }
             }
-            (OffloadTensor::Offloaded { host, .. }, OffloadDevice::Device(_)) => {
-                record(|s| s.device_created_bytes += host.size_bytes() as u64);
-                Self::resident(B::upload(&host, target))
+            OffloadTensor::Offloaded(o) if recycle::is_donating() => {
+                recycle::donate(o.host());
+                OffloadTensor::Offloaded(o)
             }
+            OffloadTensor::Offloaded(o) => match moves {
+                Some(_) if !device.is_host() => {
+                    record(|s| s.device_created_bytes += o.host().size_bytes() as u64);
+                    Self::resident(B::upload(o.host(), target))
+                }
+                Some(scope) => OffloadTensor::Offloaded(o.retag(target.clone(), scope.context)),
+                None => {
+                    let context = o.context().clone();
+                    OffloadTensor::Offloaded(o.retag(target.clone(), context))
+                }
+            },
         }
     }
 
@@ -235,8 +249,8 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
 
     fn float_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         match (lhs, rhs) {
-            (OffloadTensor::Resident(lhs), OffloadTensor::Offloaded { host, device }) => {
-                Self::resident(Self::matmul_host_rhs(lhs, &host, &device))
+            (OffloadTensor::Resident(lhs), OffloadTensor::Offloaded(rhs)) => {
+                Self::resident(Self::matmul_host_rhs(lhs, &rhs))
             }
             (lhs, rhs) => Self::resident(B::float_matmul(Self::fetch(lhs), Self::fetch(rhs))),
         }
@@ -261,43 +275,51 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
     fn float_is_require_grad(tensor: &FloatTensor<Self>) -> bool {
         match tensor {
             OffloadTensor::Resident(t) => B::float_is_require_grad(t),
-            OffloadTensor::Offloaded { .. } => false,
+            OffloadTensor::Offloaded(_) => false,
         }
     }
 
     fn float_cast(tensor: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self> {
         match tensor {
-            OffloadTensor::Offloaded { .. } if tensor.dtype() == dtype.into() => tensor,
+            OffloadTensor::Offloaded(_) if tensor.dtype() == dtype.into() => tensor,
             other => Self::resident(B::float_cast(Self::fetch(other), dtype)),
         }
     }
 }
 
 impl<B: OffloadTarget> OffloadBackend<B> {
-    /// `lhs @ rhs` with `rhs` in host memory: in place when the mode, the target's kernel and
-    /// (in `Auto`) the device's calibration say so ([`Self::matmul_in_place`]); else copy +
-    /// B's GEMM.
-    pub(crate) fn matmul_host_rhs(
-        lhs: FloatTensor<B>,
-        host: &HostTensor,
-        device: &B::Device,
-    ) -> FloatTensor<B> {
+    /// Moves a resident tensor into host memory of `context`: into a buffer an optimizer step
+    /// gave back ([`crate::recycle`]) where one fits, else into a new one.
+    fn offload_into_recycled(tensor: FloatTensor<B>, context: OffloadContext) -> Offloaded<B> {
+        let device = B::float_device(&tensor);
+        if let Some(mut host) = recycle::take(&tensor.shape().to_vec(), tensor.dtype()) {
+            let buffer = host
+                .buffer_mut()
+                .expect("the pool hands out unshared buffers");
+            B::download_into(tensor, buffer).unwrap_or_else(|e| panic!("{e}"));
+            return Offloaded::new(host, device, context);
+        }
+        offload::<B>(tensor, context)
+    }
+
+    /// `lhs @ rhs` with `rhs` offloaded: in place where the planner says so and the target's
+    /// kernel takes the shapes, else a (prefetched) copy + B's GEMM.
+    pub(crate) fn matmul_host_rhs(lhs: FloatTensor<B>, rhs: &Offloaded<B>) -> FloatTensor<B> {
         let dims = lhs.shape();
         let rows: usize = dims
             .iter()
             .take(dims.num_dims().saturating_sub(1))
             .product();
-        let lhs = if Self::matmul_in_place(host, device, rows) {
-            match B::host_matmul(lhs, host) {
+        let lhs = match Self::read_path(rhs, OpKind::Matmul { rows }) {
+            ReadPath::InPlace => match B::host_matmul(lhs, rhs.host()) {
                 Ok(out) => {
                     record(|s| s.zero_copy_ops += 1);
                     return out;
                 }
                 Err(lhs) => lhs,
-            }
-        } else {
-            lhs
+            },
+            ReadPath::Copy | ReadPath::PrefetchedCopy => lhs,
         };
-        B::float_matmul(lhs, Self::upload(host, device))
+        B::float_matmul(lhs, Self::upload(rhs))
     }
 }

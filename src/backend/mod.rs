@@ -14,7 +14,6 @@ mod prelude;
 mod tensor;
 mod transaction;
 
-use std::cell::Cell;
 use std::marker::PhantomData;
 
 use burn_backend::{
@@ -22,12 +21,13 @@ use burn_backend::{
     tensor::FloatTensor,
 };
 
-pub use tensor::OffloadTensor;
+pub use tensor::{OffloadTensor, Offloaded};
 
-use crate::device::{OffloadDevice, device_config};
-use crate::host::HostTensor;
+use crate::device::OffloadDevice;
+use crate::inner::OffloadTarget;
 use crate::mode::OffloadMode;
-use crate::target::OffloadTarget;
+use crate::plan::{Context as PlanContext, OpKind, Operand, ReadPath, plan};
+use crate::stats::record;
 
 /// A Burn backend that keeps chosen float tensors in host memory that the device reads.
 ///
@@ -108,54 +108,6 @@ impl<B: OffloadTarget> Backend for OffloadBackend<B> {
     }
 }
 
-/// Counts of what the current thread's ops did with offloaded and resident float tensors.
-///
-/// Thread-local, so concurrent tests do not see each other's work; read it with
-/// [`op_stats`] and reset it with [`reset_op_stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct OpStats {
-    /// Bytes of float tensors created in device memory by creation ops (from data, zeros,
-    /// random, …) and by moves to the device — *not* counting transient copies.
-    pub device_created_bytes: u64,
-    /// Bytes of float tensors created directly in host memory.
-    pub host_created_bytes: u64,
-    /// Transient device copies of offloaded tensors that ops consumed (copy mode, fallbacks,
-    /// and in prefetch mode every copy, prefetched or not).
-    pub transient_uploads: u64,
-    /// Bytes moved by those transient copies.
-    pub transient_upload_bytes: u64,
-    /// Ops that read an offloaded tensor in place (zero-copy).
-    pub zero_copy_ops: u64,
-}
-
-thread_local! {
-    static OP_STATS: Cell<OpStats> = const { Cell::new(OpStats {
-        device_created_bytes: 0,
-        host_created_bytes: 0,
-        transient_uploads: 0,
-        transient_upload_bytes: 0,
-        zero_copy_ops: 0,
-    }) };
-}
-
-/// The current thread's [`OpStats`].
-pub fn op_stats() -> OpStats {
-    OP_STATS.with(Cell::get)
-}
-
-/// Resets the current thread's [`OpStats`] to zero.
-pub fn reset_op_stats() {
-    OP_STATS.with(|s| s.set(OpStats::default()))
-}
-
-pub(crate) fn record(f: impl FnOnce(&mut OpStats)) {
-    OP_STATS.with(|s| {
-        let mut v = s.get();
-        f(&mut v);
-        s.set(v)
-    })
-}
-
 impl<B: OffloadTarget> OffloadBackend<B> {
     /// A resident result of the inner backend.
     #[inline]
@@ -169,11 +121,39 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     pub(crate) fn fetch(tensor: OffloadTensor<B>) -> FloatTensor<B> {
         match tensor {
             OffloadTensor::Resident(t) => t,
-            OffloadTensor::Offloaded { host, device } => Self::upload(&host, &device),
+            OffloadTensor::Offloaded(o) => Self::upload(&o),
         }
     }
 
-    pub(crate) fn upload(host: &HostTensor, device: &B::Device) -> FloatTensor<B> {
+    /// How `op` reads `offloaded` ([`crate::plan`]).
+    pub(crate) fn read_path(offloaded: &Offloaded<B>, op: OpKind) -> ReadPath {
+        let (host, device, context) = (offloaded.host(), offloaded.device(), offloaded.context());
+        let calibration = match context.mode() {
+            OffloadMode::Auto => context.calibration(device),
+            _ => None,
+        };
+        let operand = Operand {
+            bytes: host.size_bytes() as u64,
+            readable_in_place: B::can_read_in_place(host, device),
+            max_rows: B::zero_copy_max_rows(device),
+        };
+        let config = context.config();
+        plan(
+            op,
+            operand,
+            &PlanContext {
+                mode: config.mode,
+                in_place_off: config.in_place_off,
+                calibration: calibration.as_deref(),
+                prefetches: context.prefetch_lookahead(device).is_some(),
+            },
+        )
+    }
+
+    /// A transient device copy of `offloaded` for one op: through the context's prefetcher
+    /// where it prefetches, else an upload now.
+    pub(crate) fn upload(offloaded: &Offloaded<B>) -> FloatTensor<B> {
+        let host = offloaded.host();
         record(|s| {
             s.transient_uploads += 1;
             s.transient_upload_bytes += host.size_bytes() as u64;
@@ -183,7 +163,8 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         if !host.is_contiguous()
             && let Some((block, axes)) = host.permuted_block()
         {
-            let tensor = B::float_permute(Self::upload_contiguous(&block, device), &axes);
+            let block = offloaded.with_host(block);
+            let tensor = B::float_permute(Self::upload_contiguous(&block), &axes);
             // The permute gives the view's dims of size > 1; a reshape puts the 1s back.
             return if host.dims().contains(&1) {
                 B::float_reshape(tensor, host.shape())
@@ -191,26 +172,22 @@ impl<B: OffloadTarget> OffloadBackend<B> {
                 tensor
             };
         }
-        Self::upload_contiguous(host, device)
+        Self::upload_contiguous(offloaded)
     }
 
-    /// [`upload`](Self::upload) of a view without the permuted-block shortcut: through the
-    /// prefetcher where the mode prefetches, else the target's upload.
-    fn upload_contiguous(host: &HostTensor, device: &B::Device) -> FloatTensor<B> {
-        match Self::prefetch_lookahead(device) {
-            Some(lookahead_bytes) => crate::prefetch::upload::<B>(host, device, lookahead_bytes),
-            None => B::upload(host, device),
+    /// [`upload`](Self::upload) of a view without the permuted-block shortcut: a prefetched
+    /// copy where the planner says so, else the target's upload.
+    fn upload_contiguous(offloaded: &Offloaded<B>) -> FloatTensor<B> {
+        let (host, device, context) = (offloaded.host(), offloaded.device(), offloaded.context());
+        match (
+            Self::read_path(offloaded, OpKind::Other),
+            context.prefetch_lookahead(device),
+        ) {
+            (ReadPath::PrefetchedCopy, Some(lookahead)) => {
+                crate::prefetch::upload::<B>(host, device, context, lookahead)
+            }
+            _ => B::upload(host, device),
         }
-    }
-
-    /// The lookahead `device`'s copies are prefetched with: `Prefetch` mode's, or the default
-    /// where `Auto` prefetches ([`crate::auto`]). Without any prefetching device (the usual
-    /// case) two atomic loads and no lookup.
-    fn prefetch_lookahead(device: &B::Device) -> Option<u64> {
-        if !crate::device::any_prefetch() && !crate::auto::any_prefetching() {
-            return None;
-        }
-        crate::auto::mode_lookahead(device_config(device).mode, device)
     }
 
     pub(crate) fn fetch_primitive(tensor: TensorPrimitive<Self>) -> TensorPrimitive<B> {
@@ -224,36 +201,6 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         match tensor {
             TensorPrimitive::Float(t) => TensorPrimitive::Float(Self::resident(t)),
             TensorPrimitive::QFloat(q) => TensorPrimitive::QFloat(q),
-        }
-    }
-
-    /// Whether an `embedding` lookup should gather its rows of the offloaded table `host` in
-    /// place on `device`: wherever the target can, except in `Copy` mode (vLLM's non-UVA
-    /// path) and, for `Prefetch`, with in-place reads switched off by the environment. A
-    /// prefetched copy would move the whole table (a tied LM head's, every step) for the few
-    /// rows a lookup reads.
-    pub(crate) fn gather_in_place(host: &HostTensor, device: &B::Device) -> bool {
-        match device_config(device).mode {
-            OffloadMode::Copy => false,
-            OffloadMode::Prefetch { .. } if crate::device::in_place_off(device) => false,
-            OffloadMode::Uva | OffloadMode::Auto | OffloadMode::Prefetch { .. } => {
-                B::can_read_in_place(host, device)
-            }
-        }
-    }
-
-    /// Whether `lhs @ host` with `rows` rows in `lhs` should read `host` in place: `Uva` up to
-    /// the target's row threshold, `Auto` where the device's calibration predicts it faster
-    /// than a copy ([`crate::auto`]).
-    pub(crate) fn matmul_in_place(host: &HostTensor, device: &B::Device, rows: usize) -> bool {
-        let mode = device_config(device).mode;
-        let kernel = || B::can_read_in_place(host, device) && rows <= B::zero_copy_max_rows(device);
-        match mode {
-            OffloadMode::Copy | OffloadMode::Prefetch { .. } => false,
-            OffloadMode::Uva => kernel(),
-            OffloadMode::Auto => {
-                kernel() && crate::auto::zero_copy_pays(device, rows, host.size_bytes() as u64)
-            }
         }
     }
 }

@@ -4,26 +4,26 @@ use burn_backend::TensorMetadata;
 
 use super::generated::delegate_module_ops;
 use super::prelude::*;
-use super::record;
+use crate::plan::{OpKind, ReadPath};
+use crate::stats::record;
 
 impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
     delegate_module_ops!();
 
     fn embedding(weights: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
         match weights {
-            OffloadTensor::Offloaded { host, device } => {
-                let indices = if Self::gather_in_place(&host, &device) {
-                    match B::host_embedding(&host, indices) {
+            OffloadTensor::Offloaded(w) => {
+                let indices = match Self::read_path(&w, OpKind::Embedding) {
+                    ReadPath::InPlace => match B::host_embedding(w.host(), indices) {
                         Ok(out) => {
                             record(|s| s.zero_copy_ops += 1);
                             return Self::resident(out);
                         }
                         Err(indices) => indices,
-                    }
-                } else {
-                    indices
+                    },
+                    ReadPath::Copy | ReadPath::PrefetchedCopy => indices,
                 };
-                Self::resident(B::embedding(Self::upload(&host, &device), indices))
+                Self::resident(B::embedding(Self::upload(&w), indices))
             }
             OffloadTensor::Resident(w) => Self::resident(B::embedding(w, indices)),
         }
@@ -35,17 +35,18 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
         match (x, weight) {
-            (OffloadTensor::Resident(x), OffloadTensor::Offloaded { host, device }) => {
+            (OffloadTensor::Resident(x), OffloadTensor::Offloaded(w)) => {
                 // Same shapes as Burn's default `linear`: weight [K, N] broadcast over x's batch.
                 let x_rank = x.shape().num_dims();
                 // Give the weight x's rank (leading ones, as Burn's `linear` unsqueezes it): the
                 // copy path's GEMM needs equal ranks.
-                let mut dims = vec![1; x_rank.saturating_sub(host.dims().len())];
-                dims.extend_from_slice(host.dims());
-                let host = host
+                let mut dims = vec![1; x_rank.saturating_sub(w.host().dims().len())];
+                dims.extend_from_slice(w.host().dims());
+                let host = w
+                    .host()
                     .expand(dims)
                     .expect("leading unit dims always broadcast");
-                let out = Self::matmul_host_rhs(x, &host, &device);
+                let out = Self::matmul_host_rhs(x, &w.with_host(host));
                 Self::resident(match bias.map(Self::fetch) {
                     Some(bias) => {
                         let mut dims = vec![1; x_rank.saturating_sub(1)];

@@ -13,4 +13,4 @@ pub(crate) use std::ops::Range;
 pub(crate) use super::convert::FromInner;
 pub(crate) use super::{OffloadBackend, OffloadTensor};
 pub(crate) use crate::device::OffloadDevice;
-pub(crate) use crate::target::OffloadTarget;
+pub(crate) use crate::inner::OffloadTarget;

@@ -3,34 +3,91 @@
 use burn_backend::{DType, Distribution, Shape, TensorData, TensorMetadata};
 use burn_std::FloatDType;
 
+use crate::context::OffloadContext;
 use crate::host::HostTensor;
-use crate::target::OffloadTarget;
+use crate::inner::OffloadTarget;
+use crate::stats::record;
 
 /// A float tensor of [`OffloadBackend<B>`](super::OffloadBackend): in `B`'s memory, or a view
-/// of host memory that `device` reads.
+/// of host memory that a device reads.
 #[derive(Clone, Debug)]
 pub enum OffloadTensor<B: OffloadTarget> {
     /// In the inner backend's memory.
     Resident(B::FloatTensorPrimitive),
-    /// In host memory read by `device`.
-    Offloaded {
-        /// The host view (cloning it is O(1)).
-        host: HostTensor,
-        /// The compute device that reads it.
-        device: B::Device,
-    },
+    /// In host memory read by a device, on behalf of one model's context.
+    Offloaded(Offloaded<B>),
+}
+
+/// An offloaded float tensor: a host view, the compute device that reads it, and the
+/// [`OffloadContext`] of the model it belongs to (which decides how ops read it).
+///
+/// Only burn-offload makes these (creation on `OffloadDevice::Host`, a policy, views of other
+/// offloaded tensors), so every one holds a view that lies within its buffer.
+#[derive(Clone, Debug)]
+pub struct Offloaded<B: OffloadTarget> {
+    host: HostTensor,
+    device: B::Device,
+    context: OffloadContext,
+}
+
+impl<B: OffloadTarget> Offloaded<B> {
+    pub(crate) fn new(host: HostTensor, device: B::Device, context: OffloadContext) -> Self {
+        Self {
+            host,
+            device,
+            context,
+        }
+    }
+
+    /// The host view (cloning it is O(1)).
+    pub fn host(&self) -> &HostTensor {
+        &self.host
+    }
+
+    /// The compute device that reads it.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// The context of the model it belongs to.
+    pub fn context(&self) -> &OffloadContext {
+        &self.context
+    }
+
+    /// Another view of the same memory, read by the same device in the same context.
+    pub(crate) fn with_host(&self, host: HostTensor) -> Self {
+        Self {
+            host,
+            device: self.device.clone(),
+            context: self.context.clone(),
+        }
+    }
+
+    /// The same view, read by `device` on behalf of `context`.
+    pub(crate) fn retag(self, device: B::Device, context: OffloadContext) -> Self {
+        Self {
+            host: self.host,
+            device,
+            context,
+        }
+    }
 }
 
 impl<B: OffloadTarget> OffloadTensor<B> {
     /// Whether the tensor lives in host memory.
     pub fn is_offloaded(&self) -> bool {
-        matches!(self, Self::Offloaded { .. })
+        matches!(self, Self::Offloaded(_))
     }
 
     /// The host view, if offloaded.
     pub fn host(&self) -> Option<&HostTensor> {
+        self.offloaded().map(Offloaded::host)
+    }
+
+    /// The offloaded tensor, if offloaded.
+    pub fn offloaded(&self) -> Option<&Offloaded<B>> {
         match self {
-            Self::Offloaded { host, .. } => Some(host),
+            Self::Offloaded(o) => Some(o),
             Self::Resident(_) => None,
         }
     }
@@ -40,51 +97,56 @@ impl<B: OffloadTarget> TensorMetadata for OffloadTensor<B> {
     fn dtype(&self) -> DType {
         match self {
             Self::Resident(t) => t.dtype(),
-            Self::Offloaded { host, .. } => host.dtype(),
+            Self::Offloaded(o) => o.host.dtype(),
         }
     }
 
     fn shape(&self) -> Shape {
         match self {
             Self::Resident(t) => t.shape(),
-            Self::Offloaded { host, .. } => host.shape(),
+            Self::Offloaded(o) => o.host.shape(),
         }
     }
 }
 
-/// A random tensor created directly in new host memory for `device` (pinned if the device's
-/// config says so), filled in place by several threads ([`crate::random`]).
+/// A random tensor created directly in new host memory for `device` (pinned if `context`
+/// says so), filled in place by several threads ([`crate::random`]).
 pub(crate) fn host_random<B: OffloadTarget>(
     shape: Shape,
     distribution: Distribution,
     dtype: FloatDType,
     device: &B::Device,
-) -> HostTensor {
-    let pin = crate::device::device_config(device).pin_memory;
+    context: OffloadContext,
+) -> Offloaded<B> {
     let bytes = shape.num_elements() * DType::from(dtype).size();
-    let mut buffer = B::alloc_host(device, bytes, pin).unwrap_or_else(|e| panic!("{e}"));
+    let mut buffer =
+        B::alloc_host(device, bytes, context.pin_memory()).unwrap_or_else(|e| panic!("{e}"));
     crate::random::fill(buffer.as_mut_slice(), dtype, distribution);
     let host =
         HostTensor::new(buffer, shape.to_vec(), dtype.into()).expect("buffer sized for shape");
-    super::record(|s| s.host_created_bytes += host.size_bytes() as u64);
-    host
+    record(|s| s.host_created_bytes += host.size_bytes() as u64);
+    Offloaded::new(host, device.clone(), context)
 }
 
-/// Stores `data` in new host memory for `device` (pinned if the device's config says so).
-pub(crate) fn host_from_data<B: OffloadTarget>(data: TensorData, device: &B::Device) -> HostTensor {
-    let pin = crate::device::device_config(device).pin_memory;
+/// Stores `data` in new host memory for `device` (pinned if `context` says so).
+pub(crate) fn host_from_data<B: OffloadTarget>(
+    data: TensorData,
+    device: &B::Device,
+    context: OffloadContext,
+) -> Offloaded<B> {
+    let pin = context.pin_memory();
     let host = HostTensor::from_data(&data, |bytes| B::alloc_host(device, bytes, pin))
         .unwrap_or_else(|e| panic!("{e}"));
-    super::record(|s| s.host_created_bytes += host.size_bytes() as u64);
-    host
+    record(|s| s.host_created_bytes += host.size_bytes() as u64);
+    Offloaded::new(host, device.clone(), context)
 }
 
-/// Moves a resident tensor into new host memory.
+/// Moves a resident tensor into new host memory of `context`.
 pub(crate) fn offload<B: OffloadTarget>(
     tensor: B::FloatTensorPrimitive,
-) -> (HostTensor, B::Device) {
+    context: OffloadContext,
+) -> Offloaded<B> {
     let device = B::float_device(&tensor);
-    let pin = crate::device::device_config(&device).pin_memory;
-    let host = B::download(tensor, pin).unwrap_or_else(|e| panic!("{e}"));
-    (host, device)
+    let host = B::download(tensor, context.pin_memory()).unwrap_or_else(|e| panic!("{e}"));
+    Offloaded::new(host, device, context)
 }

@@ -15,7 +15,7 @@ impl<B: OffloadTarget> TransactionOps<Self> for OffloadBackend<B> {
         let mut resident = Vec::new();
         for (i, t) in transaction.read_floats.into_iter().enumerate() {
             match t {
-                OffloadTensor::Offloaded { host: h, .. } => host.push((i, h.to_data())),
+                OffloadTensor::Offloaded(o) => host.push((i, o.host().to_data())),
                 OffloadTensor::Resident(t) => resident.push((i, t)),
             }
         }

@@ -11,7 +11,7 @@
 //! - [`transfer`]: [`upload_dma`] (copy engine, no bounce copy), [`upload_sm_copy`] and
 //!   [`upload_tensor`], which gives a burn-cubecl tensor;
 //! - [`ops`]: launchers of the zero-copy `matmul_host` and `gather_host` kernels;
-//! - `offload.rs`: the [`OffloadTarget`](crate::target::OffloadTarget) implementation for
+//! - `offload.rs`: the [`OffloadTarget`](crate::inner::OffloadTarget) implementation for
 //!   [`CudaBackend`](crate::CudaBackend) built from the above.
 //!
 //! Everything here works on the device's primary context, the one CubeCL uses, and queues

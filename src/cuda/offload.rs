@@ -21,7 +21,7 @@ use super::{alloc_pinned, pinned};
 use crate::auto::{Calibration, measure};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
-use crate::target::{DeviceMemory, OffloadTarget, TargetDevice};
+use crate::inner::{DeviceMemory, OffloadTarget, TargetDevice};
 
 impl TargetDevice for CudaDevice {
     fn memory(&self) -> Option<DeviceMemory> {

@@ -16,7 +16,7 @@ use super::error::CudaError;
 use super::kernel::{RawKernel, launch_raw};
 use super::pinned;
 use crate::host::HostTensor;
-use crate::target::HostMatmulShape;
+use crate::inner::HostMatmulShape;
 
 /// `matmul_host.cu`.
 pub const MATMUL_HOST_SOURCE: &str = include_str!("kernels/matmul_host.cu");

@@ -7,12 +7,13 @@ mod walk;
 use serde::{Deserialize, Serialize};
 
 pub use report::{OffloadReport, ParamReport, Placement};
-pub(crate) use walk::{ParamAction, walk_params};
+pub(crate) use walk::{ParamAction, in_moves, walk_params};
 
 use crate::auto::Calibration;
+use crate::context::{ContextConfig, OffloadContext};
 use crate::error::OffloadError;
+use crate::inner::{DeviceMemory, TargetDevice};
 use crate::mode::OffloadMode;
-use crate::target::{DeviceMemory, TargetDevice};
 
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -219,8 +220,11 @@ impl OffloadPolicy {
     ///   so applying the same policy twice changes nothing.
     /// - Lazy (uninitialised) parameters are retargeted without being initialised: when they
     ///   are initialised or loaded (burn-store), they are created directly in host memory.
-    /// - The mode and pinning apply to every compute device of the module; the last policy
-    ///   applied to a device wins. The environment switches are read here.
+    /// - It creates the model's [`OffloadContext`] (mode and pinning after the environment
+    ///   switches, read here; `Auto`'s calibration; the model's own prefetchers), which every
+    ///   offloaded parameter carries and the report holds: another model on the same device,
+    ///   placed by another policy, keeps its own. Parameters already in host memory are given
+    ///   the new context, so applying a policy again with another mode switches the mode.
     ///
     /// A parameter not selected but found in host memory (e.g. after loading a record on
     /// `Host(d)`) is moved to the device, so `apply` also restores a placement.
@@ -230,26 +234,18 @@ impl OffloadPolicy {
         D: TargetDevice,
         M: burn::module::Module<B>,
     {
-        use crate::device::{DeviceConfig, set_device_config};
-        use crate::mode::{effective_mode, effective_pin_memory};
-
         self.validate()?;
-        let config = DeviceConfig {
-            mode: effective_mode(self.mode),
-            pin_memory: effective_pin_memory(self.pin_memory),
-        };
-        let in_place_off = crate::mode::in_place_disabled();
+        let context = OffloadContext::new(ContextConfig::new(self.mode, self.pin_memory));
+        let config = context.config();
         // Per compute device: (device, offloaded bytes, all bytes, largest offloaded tensor).
         let mut devices: Vec<(D, u64, u64, u64)> = Vec::new();
         let mut total = 0u64;
         let mut eligible_bytes = 0u64;
-        let (module, params) = walk_params(module, |info| {
+        let (module, params) = walk_params(module, &context, |info| {
             let device = info.device.compute();
             let index = match devices.iter().position(|(d, ..)| d == device) {
                 Some(i) => i,
                 None => {
-                    set_device_config(device, config);
-                    crate::device::set_in_place_off(device, in_place_off);
                     devices.push((device.clone(), 0, 0, 0));
                     devices.len() - 1
                 }
@@ -288,11 +284,11 @@ impl OffloadPolicy {
             let measured = (config.mode == OffloadMode::Auto)
                 .then(|| calibrate(device, config.pin_memory))
                 .flatten();
-            if config.mode == OffloadMode::Auto {
-                crate::auto::fit_lookahead(device, *largest);
+            if let Some(c) = &measured {
+                context.set_calibration(device, c.clone());
+                context.fit_auto_lookahead(*largest);
             }
-            prefetch_lookahead =
-                prefetch_lookahead.or(crate::auto::mode_lookahead(config.mode, device));
+            prefetch_lookahead = prefetch_lookahead.or(context.prefetch_lookahead(device));
             let memory = device.memory();
             if let Some(memory) = memory
                 && let Some(w) = offload_not_needed(
@@ -319,6 +315,7 @@ impl OffloadPolicy {
             calibration: calibration.map(|c| (*c).clone()),
             device_memory,
             prefetch_lookahead_bytes: prefetch_lookahead,
+            context: report::ReportContext(Some(context)),
         };
         for w in &report.warnings {
             log::warn!("{w}");

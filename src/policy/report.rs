@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::context::OffloadContext;
+use crate::stats::PrefetchStats;
+
 /// Where a parameter ended up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,12 +49,26 @@ pub struct OffloadReport {
     pub calibration: Option<crate::Calibration>,
     /// Free and total memory of the (first) device with offloaded parameters, where the device
     /// reports it (not on the CPU).
-    pub device_memory: Option<crate::target::DeviceMemory>,
+    pub device_memory: Option<crate::inner::DeviceMemory>,
     /// The most bytes of prefetched copies kept alive on the (first) device with offloaded
     /// parameters, where copies are prefetched: `Prefetch`'s lookahead, or `Auto`'s (the
     /// default or twice the largest offloaded tensor, whichever is larger) where the
     /// calibration found that copies overlap compute. Device memory to plan for.
     pub prefetch_lookahead_bytes: Option<u64>,
+    /// The model's context (not serialised; a report read back has none).
+    #[serde(skip)]
+    pub(crate) context: ReportContext,
+}
+
+/// The context a report holds: compared as equal whatever it is (two reports that say the same
+/// thing are equal), not serialised.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ReportContext(pub(crate) Option<OffloadContext>);
+
+impl PartialEq for ReportContext {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -87,6 +104,19 @@ impl OffloadReport {
     /// Total GiB of float parameters.
     pub fn total_gib(&self) -> f64 {
         self.total_bytes() as f64 / GIB
+    }
+
+    /// The [`OffloadContext`] of the model this report placed (mode, calibration, prefetchers);
+    /// `None` for a report read back from JSON.
+    pub fn context(&self) -> Option<&OffloadContext> {
+        self.context.0.as_ref()
+    }
+
+    /// The model's own prefetch statistics (zero for a report read back from JSON).
+    pub fn prefetch_stats(&self) -> PrefetchStats {
+        self.context()
+            .map(OffloadContext::prefetch_stats)
+            .unwrap_or_default()
     }
 
     /// Whether the parameter at `path` is in host memory.

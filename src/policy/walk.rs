@@ -8,7 +8,8 @@ use burn::tensor::{Tensor, backend::Backend};
 use burn_backend::{DType, DeviceOps, get_device_settings};
 
 use super::report::{ParamReport, Placement};
-use crate::device::{OffloadDevice, with_host_placement};
+use crate::context::{OffloadContext, Scope, with_scope};
+use crate::device::OffloadDevice;
 
 /// What the walker knows of one parameter before deciding.
 #[derive(Debug, Clone)]
@@ -34,12 +35,18 @@ pub(crate) enum ParamAction {
 struct Walker<F> {
     path: Vec<String>,
     decide: F,
+    context: OffloadContext,
     reports: Vec<ParamReport>,
 }
 
 /// Maps every float parameter of `module` (in module order) through `decide`, moving it as
-/// decided; returns the module and one report row per parameter.
-pub(crate) fn walk_params<B, D, M, F>(module: M, decide: F) -> (M, Vec<ParamReport>)
+/// decided; returns the module and one report row per parameter. Parameters that end up in
+/// host memory belong to `context` (those already there are given it: an O(1) re-tag).
+pub(crate) fn walk_params<B, D, M, F>(
+    module: M,
+    context: &OffloadContext,
+    decide: F,
+) -> (M, Vec<ParamReport>)
 where
     B: Backend<Device = OffloadDevice<D>>,
     D: DeviceOps,
@@ -49,6 +56,7 @@ where
     let mut walker = Walker {
         path: Vec::new(),
         decide,
+        context: context.clone(),
         reports: Vec::new(),
     };
     let module = module.map(&mut walker);
@@ -94,13 +102,18 @@ where
             ParamAction::Device => false,
         };
         let moved = to_host != info.device.is_host();
-        let param = if !moved {
+        // A parameter in host memory is re-tagged with this walk's context even if it stays.
+        let param = if !moved && !to_host {
             param
         } else if initialized {
             let target = placement_of(&info.device, to_host);
-            param.map(|t| move_tensor(t, &target))
+            in_moves(&self.context, || param.map(|t| move_tensor(t, &target)))
         } else {
-            retarget_lazy(param, placement_of(&info.device, to_host))
+            retarget_lazy(
+                param,
+                placement_of(&info.device, to_host),
+                self.context.clone(),
+            )
         };
         self.reports.push(ParamReport {
             path: info.path,
@@ -141,9 +154,23 @@ fn move_tensor<B: Backend, const N: usize>(
     }
 }
 
+/// Runs `f` in a placement scope of `context`: `to_device` moves between host and device
+/// memory, and tensors in host memory are given `context`.
+pub(crate) fn in_moves<R>(context: &OffloadContext, f: impl FnOnce() -> R) -> R {
+    with_scope(
+        Scope {
+            context: context.clone(),
+            redirect_creations: false,
+            moves: true,
+        },
+        f,
+    )
+}
+
 /// A new lazy parameter (same id and shape) on `target` whose initialiser runs the original
 /// one with creations redirected to host memory (or moves its result to the device), so that
-/// nothing is allocated now and nothing on the wrong side later.
+/// nothing is allocated now and nothing on the wrong side later. What ends up in host memory
+/// (created, moved or loaded) belongs to `context`.
 ///
 /// Burn keeps a lazy parameter's gradient requirement and load/save mappers private, but
 /// `transform_for_load` applies them: loading an empty probe into a clone gives an initialised
@@ -154,6 +181,7 @@ fn move_tensor<B: Backend, const N: usize>(
 fn retarget_lazy<B, D, const N: usize>(
     param: Param<Tensor<B, N>>,
     target: OffloadDevice<D>,
+    context: OffloadContext,
 ) -> Param<Tensor<B, N>>
 where
     B: Backend<Device = OffloadDevice<D>>,
@@ -166,26 +194,34 @@ where
     let require_grad = carrier.val().is_require_grad();
     let original = Arc::new(param);
     let (on_load, on_save) = (carrier.clone(), carrier);
+    let load_context = context.clone();
+    let load_target = target.clone();
     Param::uninitialized(
         id,
         move |device: &OffloadDevice<D>, require_grad| {
             let value = if device.is_host() {
-                with_host_placement(|| original.val())
+                let redirect = Scope {
+                    context: context.clone(),
+                    redirect_creations: true,
+                    moves: false,
+                };
+                with_scope(redirect, || original.val())
             } else {
                 original.val()
             };
-            let value = if value.device().same_placement(device) {
-                value
-            } else {
-                value.to_device(device)
-            };
+            let value = in_moves(&context, || value.to_device(device));
             value.detach().set_require_grad(require_grad)
         },
         target,
         require_grad,
         shape,
     )
-    // Placements compare equal, so the carrier's `transform_for_load` does not move `tensor`.
-    .load_mapper(move |tensor| on_load.clone().transform_for_load(tensor, id).val())
+    // Placements compare equal, so the carrier's `transform_for_load` does not move `tensor`;
+    // a tensor a store created in host memory is given this context (an O(1) re-tag).
+    .load_mapper(move |tensor| {
+        let loaded = on_load.clone().transform_for_load(tensor, id).val();
+        // A leaf again (with autodiff, a move is an op): Burn sets the gradient flag next.
+        in_moves(&load_context, || loaded.to_device(&load_target)).detach()
+    })
     .save_mapper(move |tensor| on_save.clone().map(|_| tensor).transform_for_save().val())
 }

@@ -111,6 +111,29 @@ pub trait OffloadTarget: Backend {
         HostTensor::from_data(&data, |bytes| Self::alloc_host(&device, bytes, pin))
     }
 
+    /// Writes a resident tensor's values into `dest`, an existing host buffer of exactly its
+    /// size (an optimizer step's updated parameter into the buffer it had before: no new
+    /// allocation, no re-pinning). The default reads the tensor's data (waiting for the work
+    /// queued before it) and copies it in.
+    fn download_into(tensor: FloatTensor<Self>, dest: &mut HostBuffer) -> Result<(), OffloadError> {
+        let data =
+            read_sync(Self::float_into_data(tensor)).map_err(|e| OffloadError::HostAlloc {
+                bytes: dest.len(),
+                reason: format!("reading the tensor from the device failed: {e}"),
+            })?;
+        let bytes = data.as_bytes();
+        if bytes.len() != dest.len() {
+            return Err(OffloadError::DataSize {
+                shape: data.shape.to_vec(),
+                dtype: data.dtype,
+                expected: dest.len(),
+                got: bytes.len(),
+            });
+        }
+        dest.as_mut_slice().copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// A transient device copy of a host view, for one op.
     fn upload(host: &HostTensor, device: &Self::Device) -> FloatTensor<Self> {
         Self::float_from_data(host.to_data(), device)

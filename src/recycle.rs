@@ -1,0 +1,75 @@
+//! Host buffers given back by an optimizer step, so that the updated parameters are written
+//! into them instead of into new (pinned) allocations.
+//!
+//! [`OffloadOptimizer`](crate::OffloadOptimizer) and [`keep_offloaded`](crate::keep_offloaded)
+//! run the step in [`recycling`]: before it, the offloaded parameters' old values are kept
+//! (O(1) clones); after it, [`donate`] hands their host views to this thread's pool, and moving
+//! an updated (resident) parameter back to host memory takes a pooled buffer of the same shape
+//! and dtype where no one else holds it ([`take`]), writing the new values into it. A buffer
+//! that another tensor, view or prefetched order still refers to is never written: its owner
+//! would see the values change (`Arc::get_mut` decides), and a new buffer is allocated.
+
+use std::cell::RefCell;
+
+use crate::host::HostTensor;
+
+thread_local! {
+    static POOL: RefCell<Option<Vec<HostTensor>>> = const { RefCell::new(None) };
+    static DONATING: RefCell<bool> = const { RefCell::new(false) };
+}
+
+/// Runs `f` with a pool of recyclable host buffers on this thread (dropped afterwards, with
+/// whatever was not reused).
+pub(crate) fn recycling<R>(f: impl FnOnce() -> R) -> R {
+    struct Guard(Option<Vec<HostTensor>>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            POOL.with(|p| *p.borrow_mut() = previous);
+        }
+    }
+    let previous = POOL.with(|p| p.borrow_mut().replace(Vec::new()));
+    let _guard = Guard(previous);
+    f()
+}
+
+/// Runs `f`, in which moves of offloaded tensors (`to_device`) give their host views to the
+/// pool instead of moving (see [`is_donating`]).
+pub(crate) fn donating<R>(f: impl FnOnce() -> R) -> R {
+    struct Guard;
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            DONATING.with(|d| *d.borrow_mut() = false);
+        }
+    }
+    DONATING.with(|d| *d.borrow_mut() = true);
+    let _guard = Guard;
+    f()
+}
+
+/// Whether `to_device` of an offloaded tensor should [`donate`] it now.
+pub(crate) fn is_donating() -> bool {
+    DONATING.with(|d| *d.borrow())
+}
+
+/// Adds `host` to this thread's pool, if there is one.
+pub(crate) fn donate(host: &HostTensor) {
+    POOL.with(|p| {
+        if let Some(pool) = p.borrow_mut().as_mut() {
+            pool.push(host.clone());
+        }
+    });
+}
+
+/// A pooled host tensor of `dims` and `dtype` that covers its whole buffer and that nothing
+/// else refers to (so it may be written), removed from the pool.
+pub(crate) fn take(dims: &[usize], dtype: burn_backend::DType) -> Option<HostTensor> {
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        let pool = pool.as_mut()?;
+        let found = pool.iter_mut().position(|h| {
+            h.dims() == dims && h.dtype() == dtype && h.is_whole_buffer() && h.is_unshared()
+        })?;
+        Some(pool.swap_remove(found))
+    })
+}
