@@ -61,14 +61,72 @@ pub enum HostMemoryKind {
 }
 
 /// Releases a target-specific allocation (e.g. `cuMemFreeHost`). Called once, when the last
-/// view of the buffer is dropped.
-pub type HostRelease = Box<dyn FnOnce(NonNull<u8>, usize) + Send + Sync>;
+/// view of the buffer is dropped, with the pointer, the length and the devices recorded as
+/// readers of the buffer ([`HostBuffer::note_reader`]), whose work must be finished before the
+/// memory is freed.
+pub type HostRelease = Box<dyn FnOnce(NonNull<u8>, usize, DeviceReaders) + Send + Sync>;
+
+/// The compute devices, by ordinal, that may read a host buffer through its device address
+/// (kernels, DMA copies): what a release must wait for before freeing the memory.
+///
+/// A 64-bit set: ordinals below [`SHARED_FROM`](Self::SHARED_FROM) have a bit each, and all
+/// ordinals from it up share the last bit, so a set holding one of them answers "may read" for
+/// all of them (conservative: at worst a release waits for a device that never read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceReaders(u64);
+
+impl DeviceReaders {
+    /// The first ordinal that shares the last bit with every larger one.
+    pub const SHARED_FROM: usize = 63;
+
+    /// No reader.
+    pub const fn none() -> Self {
+        Self(0)
+    }
+
+    fn bit(ordinal: usize) -> u64 {
+        1u64 << ordinal.min(Self::SHARED_FROM)
+    }
+
+    /// The set with `ordinal` added.
+    pub fn with(self, ordinal: usize) -> Self {
+        Self(self.0 | Self::bit(ordinal))
+    }
+
+    /// Whether device `ordinal` may read (always true for every ordinal >=
+    /// [`SHARED_FROM`](Self::SHARED_FROM) once one of them was recorded).
+    pub fn may_read(self, ordinal: usize) -> bool {
+        self.0 & Self::bit(ordinal) != 0
+    }
+
+    /// Whether no device was recorded.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The devices whose work must be drained before freeing a buffer that was allocated for
+    /// device `allocating`, on a machine with `device_count` devices: `allocating` first, then
+    /// every other recorded reader in increasing order. Where the shared bit is set, every
+    /// ordinal from [`SHARED_FROM`](Self::SHARED_FROM) up to `device_count` (at least
+    /// `SHARED_FROM` itself, in case the count is unknown, e.g. 0) is included, since the set
+    /// cannot tell which of them read. Each ordinal appears once.
+    pub fn drain_order(self, allocating: usize, device_count: usize) -> Vec<usize> {
+        let mut order = vec![allocating];
+        let separate = (0..Self::SHARED_FROM).filter(|&o| self.0 & (1u64 << o) != 0);
+        let shared_end = device_count.max(Self::SHARED_FROM + 1);
+        let shared = (Self::SHARED_FROM..shared_end).filter(|_| self.may_read(Self::SHARED_FROM));
+        order.extend(separate.chain(shared).filter(|&o| o != allocating));
+        order
+    }
+}
 
 /// One exact-size host allocation.
 pub struct HostBuffer {
     ptr: NonNull<u8>,
     len: usize,
     kind: HostMemoryKind,
+    /// Bits of [`DeviceReaders`]: devices that may read the buffer.
+    readers: AtomicU64,
     release: Option<HostRelease>,
 }
 
@@ -96,7 +154,7 @@ impl HostBuffer {
                 reason: "the allocator returned null".into(),
             })?
         };
-        let release: HostRelease = Box::new(|ptr, len| {
+        let release: HostRelease = Box::new(|ptr, len, _readers| {
             if len != 0 {
                 // SAFETY: allocated above with the same size and alignment.
                 unsafe {
@@ -132,6 +190,7 @@ impl HostBuffer {
             ptr,
             len,
             kind,
+            readers: AtomicU64::new(0),
             release: Some(release),
         }
     }
@@ -167,12 +226,26 @@ impl HostBuffer {
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
     }
+
+    /// Records that compute device `ordinal` may read this buffer (a kernel or copy queued on
+    /// it, or an offloaded tensor moved to it), so that the release waits for that device too,
+    /// not only for the one the memory was allocated for. Cheap (one atomic OR); call it before
+    /// queueing the work.
+    pub fn note_reader(&self, ordinal: usize) {
+        self.readers
+            .fetch_or(DeviceReaders::bit(ordinal), Ordering::AcqRel);
+    }
+
+    /// The devices recorded by [`note_reader`](Self::note_reader) so far.
+    pub fn readers(&self) -> DeviceReaders {
+        DeviceReaders(self.readers.load(Ordering::Acquire))
+    }
 }
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
         if let Some(release) = self.release.take() {
-            release(self.ptr, self.len);
+            release(self.ptr, self.len, self.readers());
         }
         LIVE_BYTES.fetch_sub(self.len, Ordering::AcqRel);
         LIVE_ALLOCATIONS.fetch_sub(1, Ordering::AcqRel);
@@ -945,5 +1018,53 @@ mod tests {
             HostTensor::new(buffer, vec![3], DType::F32),
             Err(OffloadError::DataSize { .. })
         ));
+    }
+
+    #[test]
+    fn device_readers_are_recorded_and_drained_conservatively() {
+        let buffer = HostBuffer::pageable(16).unwrap();
+        assert!(buffer.readers().is_empty());
+        buffer.note_reader(3);
+        buffer.note_reader(0);
+        buffer.note_reader(3);
+        let readers = buffer.readers();
+        assert!(readers.may_read(0) && readers.may_read(3) && !readers.may_read(1));
+        // The allocating device first, then every other reader once, in order.
+        assert_eq!(readers.drain_order(3, 8), [3, 0]);
+        assert_eq!(readers.drain_order(1, 8), [1, 0, 3]);
+        assert_eq!(DeviceReaders::none().drain_order(2, 8), [2]);
+        // Ordinals from 63 up share a bit: one of them read, so all of them may have.
+        let high = DeviceReaders::none().with(70);
+        assert!(high.may_read(63) && high.may_read(64) && high.may_read(1000));
+        assert!(!high.may_read(62));
+        assert_eq!(
+            high.drain_order(0, 72),
+            [0, 63, 64, 65, 66, 67, 68, 69, 70, 71]
+        );
+        // An unknown device count (0) still drains the first shared ordinal.
+        assert_eq!(high.drain_order(0, 0), [0, 63]);
+        // The allocating device is not repeated, even among the shared ones.
+        assert_eq!(high.with(62).drain_order(64, 66), [64, 62, 63, 65]);
+        assert_eq!(DeviceReaders::none().with(5).drain_order(70, 72), [70, 5]);
+    }
+
+    #[test]
+    fn the_release_is_told_the_readers() {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let seen_in_release = seen.clone();
+        let mut memory = vec![0u8; 8];
+        let ptr = NonNull::new(memory.as_mut_ptr()).unwrap();
+        let release: HostRelease = Box::new(move |_, len, readers| {
+            *seen_in_release.lock().unwrap() = Some((len, readers));
+        });
+        // SAFETY: `memory` outlives the buffer (dropped below, before `memory`), is not freed
+        // by the release, and nothing else touches it meanwhile.
+        let buffer = unsafe { HostBuffer::from_raw(ptr, 8, HostMemoryKind::Pageable, release) };
+        buffer.note_reader(2);
+        buffer.note_reader(65);
+        drop(buffer);
+        let expected = DeviceReaders::none().with(2).with(63);
+        assert_eq!(*seen.lock().unwrap(), Some((8, expected)));
+        drop(memory);
     }
 }

@@ -148,6 +148,7 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
             }
             // Host memory is readable by any device of the target: only the reader changes.
             (OffloadTensor::Offloaded { host, .. }, OffloadDevice::Host(_)) => {
+                B::note_host_reader(&host, target);
                 OffloadTensor::Offloaded {
                     host,
                     device: target.clone(),

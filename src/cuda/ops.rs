@@ -132,6 +132,8 @@ pub fn matmul_host(
     let suffix = dtype_suffix(rhs.dtype()).expect("checked by matmul_plan");
     let device = lhs.device.clone();
     let client = lhs.client.clone();
+    // Freeing the weight's memory waits for this device too (see `pinned`).
+    rhs.buffer().note_reader(device.index);
     let x = burn_cubecl::kernel::into_contiguous(lhs);
     let esize = rhs.dtype().size();
     let out = client.empty(m * n * esize);
@@ -154,7 +156,8 @@ pub fn matmul_host(
                 let grid = CubeCount::Static(n.div_ceil(8) as u32, 1, 1);
                 // SAFETY: buffers in the kernel's order (out, x, bias = out unused); `out` holds
                 // M*N elements and `x` M*K (contiguous); the weight address and extents come
-                // from a pinned host view whose release waits for the device (see `pinned`).
+                // from a pinned host view whose release waits for this device (recorded as a
+                // reader above; see `pinned`).
                 unsafe {
                     launch(
                         &device,
@@ -253,6 +256,8 @@ pub fn gather_host(
     let table = host_address(weights)?;
     let ids = burn_cubecl::kernel::into_contiguous(ids);
     let (device, client) = (ids.device.clone(), ids.client.clone());
+    // Freeing the table's memory waits for this device too (see `pinned`).
+    weights.buffer().note_reader(device.index);
     let num_ids = ids.meta.shape().num_elements();
     let (rows, cols) = (dims[0], dims[1]);
     let esize = weights.dtype().size();
@@ -275,7 +280,8 @@ pub fn gather_host(
         );
         // SAFETY: buffers in the kernel's order (out: num_ids*cols elements, ids: num_ids
         // contiguous, status: 2 zeroed u64); the table address and extents come from a pinned
-        // host view whose release waits for the device; out-of-range ids are not read.
+        // host view whose release waits for this device (recorded as a reader above);
+        // out-of-range ids are not read.
         unsafe {
             launch(
                 &device,
