@@ -264,6 +264,71 @@ impl std::fmt::Debug for HostBuffer {
     }
 }
 
+/// What a kernel reads of a host buffer in place: `rows` rows of `cols` contiguous elements of
+/// `elem_size` bytes each, row `r` starting `offset + r * row_stride` elements into the buffer
+/// (a row-major or transposed matmul weight, an embedding table). The CUDA launchers check it
+/// against the buffer's length ([`check`](Self::check)) before launching, whatever the view or
+/// plan they were given says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct StridedRead {
+    /// Elements from the buffer's start to row 0.
+    pub(crate) offset: u64,
+    /// Number of rows read.
+    pub(crate) rows: u64,
+    /// Contiguous elements read per row.
+    pub(crate) cols: u64,
+    /// Elements from one row's start to the next.
+    pub(crate) row_stride: u64,
+    /// Bytes per element.
+    pub(crate) elem_size: u64,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl StridedRead {
+    /// The bytes the read can touch, from the first byte of row 0 to one past the last byte of
+    /// the last row (`offset + (rows - 1) * row_stride + cols` elements); `None` when it
+    /// touches nothing (no rows, no columns or 0-byte elements). `Err` with the reason when the
+    /// arithmetic overflows `u64` (every step is checked).
+    pub(crate) fn byte_span(&self) -> Result<Option<Range<u64>>, String> {
+        if self.rows == 0 || self.cols == 0 || self.elem_size == 0 {
+            return Ok(None);
+        }
+        let overflow = || format!("the extent of {self:?} overflows 64 bits");
+        let end_element = (self.rows - 1)
+            .checked_mul(self.row_stride)
+            .and_then(|e| e.checked_add(self.offset))
+            .and_then(|e| e.checked_add(self.cols))
+            .ok_or_else(overflow)?;
+        let start = self
+            .offset
+            .checked_mul(self.elem_size)
+            .ok_or_else(overflow)?;
+        let end = end_element
+            .checked_mul(self.elem_size)
+            .ok_or_else(overflow)?;
+        Ok(Some(start..end))
+    }
+
+    /// `Ok` when every byte the read can touch lies in a buffer of `len` bytes; otherwise the
+    /// reason, naming the bytes it would touch.
+    pub(crate) fn check(&self, len: usize) -> Result<(), String> {
+        match self.byte_span()? {
+            Some(span) if span.end > len as u64 => Err(format!(
+                "the read ({} rows of {} elements of {} bytes, row stride {}, offset {}) touches                  bytes {}..{} of a host buffer of {len} bytes",
+                self.rows,
+                self.cols,
+                self.elem_size,
+                self.row_stride,
+                self.offset,
+                span.start,
+                span.end
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A strided view of a [`HostBuffer`]: what an offloaded float tensor is.
 ///
 /// Cloning is O(1) (the buffer is shared). Metadata-only ops ([`reshape`](Self::reshape) of a
@@ -1018,6 +1083,38 @@ mod tests {
             HostTensor::new(buffer, vec![3], DType::F32),
             Err(OffloadError::DataSize { .. })
         ));
+    }
+
+    #[test]
+    fn strided_reads_are_bounded_by_their_furthest_byte() {
+        let read = |offset, rows, cols, row_stride, elem_size| StridedRead {
+            offset,
+            rows,
+            cols,
+            row_stride,
+            elem_size,
+        };
+        // A [4, 6] f32 weight read whole: 96 bytes, exactly.
+        let whole = read(0, 4, 6, 6, 4);
+        assert_eq!(whole.byte_span(), Ok(Some(0..96)));
+        assert_eq!(whole.check(96), Ok(()));
+        assert!(whole.check(95).unwrap_err().contains("bytes 0..96"));
+        // Row stride > cols (a column slice) and an offset: the last row ends early.
+        let cols = read(2, 4, 3, 6, 4); // elements 2 + 3*6 + 3 = 23
+        assert_eq!(cols.byte_span(), Ok(Some(8..92)));
+        assert!(cols.check(92).is_ok() && cols.check(91).is_err());
+        // Transposed weight [K=5, N=2] stored [N, K] with ldw 7: rows = N, cols = K.
+        assert_eq!(read(0, 2, 5, 7, 2).byte_span(), Ok(Some(0..24)));
+        // Overlapping rows (stride 0) read one row.
+        assert_eq!(read(1, 100, 3, 0, 8).byte_span(), Ok(Some(8..32)));
+        // Nothing touched: no rows, no cols; then any offset is fine.
+        assert_eq!(read(u64::MAX, 0, 3, 1, 4).byte_span(), Ok(None));
+        assert_eq!(read(u64::MAX, 3, 0, 1, 4).check(0), Ok(()));
+        // Overflow anywhere is an error, never a wrapped small number.
+        assert!(read(0, u64::MAX, 1, 2, 1).byte_span().is_err());
+        assert!(read(u64::MAX, 1, 1, 0, 1).byte_span().is_err());
+        assert!(read(1 << 62, 1, 1, 0, 8).byte_span().is_err());
+        assert!(read(0, 2, 1, 1 << 63, 1).check(1 << 40).is_err());
     }
 
     #[test]

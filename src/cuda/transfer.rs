@@ -94,6 +94,8 @@ impl AllocationController for HostRangeController {
     }
 }
 
+/// Checks, before any copy is queued, that an upload of the bytes `range` stays inside `buffer`
+/// (`start <= end <= len`: the furthest byte a copy of it touches is `end - 1`).
 fn check_range(buffer: &HostBuffer, range: &Range<usize>) -> Result<(), CudaError> {
     if range.start > range.end || range.end > buffer.len() {
         return Err(CudaError::InvalidArgument {
