@@ -279,12 +279,21 @@ pub fn matmul_host(
 }
 
 /// `embedding(weights, ids)` gathering only the requested rows from pinned host memory with
-/// `gather_host.cu`. Out-of-range ids give zero rows (the kernel counts them in a status
-/// buffer that is not read back, so that no host synchronisation is needed).
+/// `gather_host.cu`.
 ///
 /// Before launching, it checks that every row of the table the kernel can read (from the
 /// view's offset, row stride, rows, cols and element size) lies inside the buffer:
 /// [`CudaError::InvalidArgument`] otherwise, with nothing queued.
+///
+/// # Out-of-range ids
+/// The ids stay on the device (checking them here would need a host synchronisation), so an
+/// id `< 0` or `>= rows` is caught by the kernel: it stops with a device-side assertion, like
+/// PyTorch's `embedding` ("device-side assert triggered"), and reads nothing for that id. The
+/// error surfaces at the next synchronisation of the stream (reading a tensor,
+/// [`sync`](crate::cuda::sync)), as a [`CudaError::Server`] or a panic of the op that reads,
+/// and, as with PyTorch, the CUDA context is unusable afterwards: every later CUDA call of the
+/// process on that device fails. Check ids on the host first where they can be out of range
+/// (the CPU target panics with the id and the table size).
 pub fn gather_host(
     weights: &HostTensor,
     ids: CubeTensor<CudaRuntime>,
@@ -321,7 +330,6 @@ pub fn gather_host(
     let num_ids = ids.meta.shape().num_elements();
     let out = client.empty(num_ids * cols * esize);
     if num_ids > 0 && cols > 0 {
-        let status = client.create_from_slice(&[0u8; 16]);
         let params = [
             table,
             weights.offset() as u64,
@@ -337,16 +345,16 @@ pub fn gather_host(
             1,
         );
         // SAFETY: buffers in the kernel's order (out: num_ids*cols elements, ids: num_ids
-        // contiguous, status: 2 zeroed u64); every table row lies in the pinned buffer (checked
-        // above), whose release waits for this device (recorded as a reader above);
-        // out-of-range ids are not read.
+        // contiguous); every table row lies in the pinned buffer (checked above), whose release
+        // waits for this device (recorded as a reader above); the kernel reads only rows
+        // 0..rows and traps on any other id before reading.
         unsafe {
             launch(
                 &device,
                 GATHER_HOST_SOURCE,
                 entry.to_string(),
                 grid,
-                &[&out, &ids.handle, &status],
+                &[&out, &ids.handle],
                 &params,
             )?
         }
