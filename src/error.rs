@@ -63,6 +63,15 @@ pub enum OffloadError {
         /// Bytes given.
         got: usize,
     },
+    /// A [`HostTensor`](crate::HostTensor) view was asked for with arguments that do not fit
+    /// the tensor (a range past a dim, a zero step, axes that are not a permutation, a dim that
+    /// does not exist, shapes that do not match), or that would reach outside its buffer. No
+    /// view was made and nothing was read.
+    #[error("invalid host tensor view: {reason}")]
+    InvalidView {
+        /// What is wrong and what to change.
+        reason: String,
+    },
     /// Measuring the device for `OffloadMode::Auto` failed (`apply` then logs it and keeps the
     /// target's static threshold; only a direct call of the measurement returns it).
     #[error(

@@ -146,7 +146,7 @@ fn uploads_then_burn_ops_without_host_sync() {
     })
     .unwrap();
     // A view at a non-zero offset too (rows 1..3), contiguous.
-    let rows = host.slice(&[(1..3, 1), (0..1000, 1)]);
+    let rows = host.slice(&[(1..3, 1), (0..1000, 1)]).unwrap();
     for path in [UploadPath::SmCopy, UploadPath::Dma] {
         // The upload is queued on this thread's CubeCL stream and the Burn ops follow it on the
         // same stream: no host sync in between.
@@ -176,7 +176,7 @@ fn uploads_then_burn_ops_without_host_sync() {
     }
     // Non-contiguous views are refused, not copied wrongly.
     assert!(matches!(
-        cuda::upload_tensor(&device, &host.swap_dims(0, 1), UploadPath::Dma),
+        cuda::upload_tensor(&device, &host.swap_dims(0, 1).unwrap(), UploadPath::Dma),
         Err(CudaError::InvalidArgument { .. })
     ));
 }

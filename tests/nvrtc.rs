@@ -54,6 +54,26 @@ const REQUIRED_ENTRY_POINTS: &[(&str, &[&str])] = &[
     ("gather_host.cu", &["gather_host_i32", "gather_host_i64"]),
 ];
 
+/// Parameters of each launched entry point as its launcher in `src/cuda/ops.rs` passes them:
+/// the device buffers, then the by-value params struct. A kernel whose signature drifts from
+/// its launcher would read garbage pointers on a GPU; here it fails to compile-check.
+const ENTRY_PARAMS: &[(&str, usize)] = &[
+    // (out, x, bias, partial, p)
+    ("matmul_host_rm_f32", 5),
+    ("matmul_host_rm_f32_m16", 5),
+    // (out, partial, bias, p)
+    ("matmul_host_reduce_f32", 4),
+    // (out, x, bias, p)
+    ("matmul_host_tr_f32", 4),
+    // (out, ids, p): no status buffer, out-of-range ids are a device-side assertion.
+    ("gather_host_i32", 3),
+    ("gather_host_i64", 3),
+];
+
+/// Device functions each file's PTX must call: the contracts that make a launch fail rather
+/// than read out of bounds (`gather_host.cu`: out-of-range ids fail a device-side assertion).
+const REQUIRED_CALLS: &[(&str, &[&str])] = &[("gather_host.cu", &["__assertfail"])];
+
 /// Per-entry selection (`#if !defined(BURN_OFFLOAD_SELECT_ENTRY) ||
 /// defined(BURN_OFFLOAD_ONLY_<name>)`): a launcher prepends both defines to compile one entry.
 const SELECT_DEFINE: &str = "BURN_OFFLOAD_SELECT_ENTRY";
@@ -153,6 +173,24 @@ fn ptx_entries(ptx: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The number of `.param`s of entry point `name` in `ptx`, if it is there.
+fn entry_param_count(ptx: &str, name: &str) -> Option<usize> {
+    let at = ptx.find(&format!(".entry {name}("))?;
+    let rest = &ptx[at..];
+    let list = &rest[..rest.find(')')?];
+    Some(list.matches(".param").count())
+}
+
+/// Whether `ptx` calls the device function `name`: declared `.extern .func` and named as a
+/// word on some other line (the `call` operand; its parameters are `name_param_N`, other words).
+fn calls(ptx: &str, name: &str) -> bool {
+    let names = |l: &str| l.split(|c: char| !is_ident(c)).any(|w| w == name);
+    let (declarations, others): (Vec<&str>, Vec<&str>) = ptx
+        .lines()
+        .partition(|l| l.trim_start().starts_with(".extern .func"));
+    declarations.into_iter().any(names) && others.into_iter().any(names)
+}
+
 fn c_chars_to_string(raw: &[c_char]) -> String {
     let bytes: Vec<u8> = raw
         .iter()
@@ -196,6 +234,8 @@ struct Job {
     expected: BTreeSet<String>,
     /// Entry points that must not be in the PTX (the other selectable ones).
     unexpected: BTreeSet<String>,
+    /// Device functions the PTX must call.
+    calls: Vec<&'static str>,
 }
 
 enum Outcome {
@@ -226,6 +266,22 @@ fn run(job: &Job) -> Outcome {
     }
     if !extra.is_empty() {
         problems.push(format!("entry selection ignored: also compiled {extra:?}"));
+    }
+    for (name, params) in ENTRY_PARAMS {
+        if !entries.contains(*name) {
+            continue;
+        }
+        match entry_param_count(&ptx, name) {
+            Some(found) if found == *params => {}
+            found => problems.push(format!(
+                "{name} takes {found:?} parameters, its launcher passes {params}"
+            )),
+        }
+    }
+    for name in &job.calls {
+        if !calls(&ptx, name) {
+            problems.push(format!("the PTX does not call {name}"));
+        }
     }
     if log.contains("warning") {
         problems.push(format!("warnings:\n{log}"));
@@ -266,6 +322,11 @@ fn jobs_for(path: &Path) -> Vec<Job> {
         !expected.is_empty(),
         "{file}: no __global__ entry point found"
     );
+    let calls: Vec<&'static str> = REQUIRED_CALLS
+        .iter()
+        .filter(|(f, _)| *f == file)
+        .flat_map(|(_, names)| names.iter().copied())
+        .collect();
     let mut jobs: Vec<Job> = ARCHS
         .iter()
         .map(|&arch| Job {
@@ -275,6 +336,7 @@ fn jobs_for(path: &Path) -> Vec<Job> {
             source: src.clone(),
             expected: expected.clone(),
             unexpected: BTreeSet::new(),
+            calls: calls.clone(),
         })
         .collect();
     for name in &selectable {
@@ -285,6 +347,7 @@ fn jobs_for(path: &Path) -> Vec<Job> {
             source: format!("#define {SELECT_DEFINE}\n#define {ONLY_PREFIX}{name}\n#line 1\n{src}"),
             expected: BTreeSet::from([name.clone()]),
             unexpected: selectable.iter().filter(|n| *n != name).cloned().collect(),
+            calls: calls.clone(),
         });
     }
     jobs
@@ -386,4 +449,15 @@ fn entry_point_parsers() {
         ptx_entries(ptx),
         BTreeSet::from(["k1".to_string(), "k_2".to_string()])
     );
+    assert_eq!(entry_param_count(ptx, "k1"), Some(1));
+    assert_eq!(entry_param_count(ptx, "k3"), None);
+    let ptx = ".visible .entry g(\n\t.param .u64 g_param_0,\n\t.param .align 8 .b8 \
+               g_param_1[56]\n)\n.extern .func __assertfail\n(\n\t.param .b64 a\n)\n;\n\
+               \tcall.uni \n\t__assertfail, \n\t(\n\tparam0\n\t);\n";
+    assert_eq!(entry_param_count(ptx, "g"), Some(2));
+    assert!(calls(ptx, "__assertfail"));
+    assert!(!calls(ptx, "vprintf"));
+    // Declared but never called does not count.
+    let declared_only = ".extern .func __assertfail\n(\n\t.param .b64 a\n)\n;\n";
+    assert!(!calls(declared_only, "__assertfail"));
 }

@@ -165,8 +165,13 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                     record(|s| s.device_created_bytes += o.host().size_bytes() as u64);
                     Self::resident(B::upload(o.host(), target))
                 }
-                Some(scope) => OffloadTensor::Offloaded(o.retag(target.clone(), scope.context)),
+                // Host memory is readable by any device of the target: the reader changes.
+                Some(scope) => {
+                    B::note_host_reader(o.host(), target);
+                    OffloadTensor::Offloaded(o.retag(target.clone(), scope.context))
+                }
                 None => {
+                    B::note_host_reader(o.host(), target);
                     let context = o.context().clone();
                     OffloadTensor::Offloaded(o.retag(target.clone(), context))
                 }
@@ -176,13 +181,17 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
 
     fn float_reshape(tensor: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
         let dims = shape.to_vec();
-        Self::view_or(tensor, |h| h.reshape(dims), |t| B::float_reshape(t, shape))
+        Self::view_or(
+            tensor,
+            |h| h.reshape(dims).ok().flatten(),
+            |t| B::float_reshape(t, shape),
+        )
     }
 
     fn float_swap_dims(tensor: FloatTensor<Self>, dim1: usize, dim2: usize) -> FloatTensor<Self> {
         Self::view_or(
             tensor,
-            |h| Some(h.swap_dims(dim1, dim2)),
+            |h| h.swap_dims(dim1, dim2).ok(),
             |t| B::float_swap_dims(t, dim1, dim2),
         )
     }
@@ -194,7 +203,7 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
         }
         Self::view_or(
             tensor,
-            |h| Some(h.swap_dims(rank - 2, rank - 1)),
+            |h| h.swap_dims(rank - 2, rank - 1).ok(),
             B::float_transpose,
         )
     }
@@ -202,7 +211,7 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
     fn float_permute(tensor: FloatTensor<Self>, axes: &[usize]) -> FloatTensor<Self> {
         Self::view_or(
             tensor,
-            |h| Some(h.permute(axes)),
+            |h| h.permute(axes).ok(),
             |t| B::float_permute(t, axes),
         )
     }
@@ -217,7 +226,7 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                     .enumerate()
                     .map(|(d, &n)| (0..n, if axes.contains(&d) { -1 } else { 1 }))
                     .collect();
-                Some(h.slice(&ranges))
+                h.slice(&ranges).ok()
             },
             |t| B::float_flip(t, axes),
         )
@@ -236,7 +245,7 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                         None => (0..n, 1),
                     })
                     .collect();
-                Some(h.slice(&ranges))
+                h.slice(&ranges).ok()
             },
             |t| B::float_slice(t, slices),
         )
@@ -244,7 +253,11 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
 
     fn float_expand(tensor: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
         let dims = shape.to_vec();
-        Self::view_or(tensor, |h| h.expand(dims), |t| B::float_expand(t, shape))
+        Self::view_or(
+            tensor,
+            |h| h.expand(dims).ok(),
+            |t| B::float_expand(t, shape),
+        )
     }
 
     fn float_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {

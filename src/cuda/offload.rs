@@ -63,6 +63,12 @@ impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, 
         HostBuffer::pageable(bytes)
     }
 
+    /// Records `device.index` as a reader of the buffer: pinned memory is freed only once every
+    /// device that may read it has finished its work (see [`pinned`]).
+    fn note_host_reader(host: &HostTensor, device: &CudaDevice) {
+        host.buffer().note_reader(device.index);
+    }
+
     fn upload(host: &HostTensor, device: &CudaDevice) -> FloatTensor<Self> {
         if host.is_contiguous() && pinned::device_ptr(host.buffer()).is_some() {
             match upload_tensor(device, host, UploadPath::Dma) {

@@ -15,7 +15,7 @@ use cubecl::server::Handle;
 use super::error::CudaError;
 use super::kernel::{RawKernel, launch_raw};
 use super::pinned;
-use crate::host::HostTensor;
+use crate::host::{HostTensor, StridedRead};
 use crate::inner::HostMatmulShape;
 
 /// `matmul_host.cu`.
@@ -64,6 +64,13 @@ fn host_address(host: &HostTensor) -> Result<u64, CudaError> {
 
 fn invalid(reason: String) -> CudaError {
     CudaError::InvalidArgument { reason }
+}
+
+/// Checks that every byte a kernel can read of `host`'s buffer lies inside it (see
+/// [`StridedRead`]), before anything is launched.
+fn check_host_read(host: &HostTensor, read: &StridedRead) -> Result<(), CudaError> {
+    read.check(host.buffer().len())
+        .map_err(|reason| invalid(format!("{reason}; the kernel is not launched")))
 }
 
 /// How `matmul_host.cu` reads W: row-major `[K, N]` or transposed (stored `[N, K]`).
@@ -119,21 +126,60 @@ pub fn matmul_plan(
     Some(MatmulHostPlan { shape, layout })
 }
 
+impl MatmulHostPlan {
+    /// What the kernel reads of a weight whose element `[0, 0]` is `offset` elements into its
+    /// buffer, of `elem_size` bytes per element: rm reads K rows of N elements `ldw` apart,
+    /// tr N rows of K elements `ldw` apart (W^T stored `[N, K]`).
+    pub(crate) fn weight_read(&self, offset: usize, elem_size: usize) -> StridedRead {
+        let HostMatmulShape { k, n, .. } = self.shape;
+        let (rows, cols, ldw) = match self.layout {
+            WeightLayout::RowMajor { ldw } => (k, n, ldw),
+            WeightLayout::Transposed { ldw } => (n, k, ldw),
+        };
+        StridedRead {
+            offset: offset as u64,
+            rows: rows as u64,
+            cols: cols as u64,
+            row_stride: ldw as u64,
+            elem_size: elem_size as u64,
+        }
+    }
+}
+
 /// `lhs @ rhs` with `rhs` read from pinned host memory by `matmul_host.cu`, queued on CubeCL's
 /// stream of the calling thread, as `plan` (from [`matmul_plan`] for these operands) says.
 /// `lhs` is made contiguous first.
+///
+/// Before launching, it checks that `plan` is what [`matmul_plan`] gives for these operands and
+/// that the furthest weight element the kernel can read (from the view's offset, `ldw`, K and
+/// N) lies inside `rhs`'s buffer: [`CudaError::InvalidArgument`] otherwise, with nothing
+/// queued.
 pub fn matmul_host(
     lhs: CubeTensor<CudaRuntime>,
     rhs: &HostTensor,
     plan: MatmulHostPlan,
 ) -> Result<CubeTensor<CudaRuntime>, CudaError> {
+    let lhs_dims = lhs.meta.shape().to_vec();
+    if matmul_plan(&lhs_dims, lhs.dtype, rhs).as_ref() != Some(&plan) {
+        return Err(invalid(format!(
+            "the plan {plan:?} does not fit lhs {lhs_dims:?} ({:?}) and the host view (shape \
+             {:?}, strides {:?}, {:?}); get the plan from `matmul_plan` for these operands",
+            lhs.dtype,
+            rhs.dims(),
+            rhs.strides(),
+            rhs.dtype()
+        )));
+    }
+    let esize = rhs.dtype().size();
+    check_host_read(rhs, &plan.weight_read(rhs.offset(), esize))?;
     let MatmulHostPlan { shape, layout } = plan;
     let HostMatmulShape { m, k, n, .. } = shape;
     let suffix = dtype_suffix(rhs.dtype()).expect("checked by matmul_plan");
     let device = lhs.device.clone();
     let client = lhs.client.clone();
+    // Freeing the weight's memory waits for this device too (see `pinned`).
+    rhs.buffer().note_reader(device.index);
     let x = burn_cubecl::kernel::into_contiguous(lhs);
-    let esize = rhs.dtype().size();
     let out = client.empty(m * n * esize);
     let ldw = match layout {
         WeightLayout::RowMajor { ldw } | WeightLayout::Transposed { ldw } => ldw,
@@ -153,8 +199,9 @@ pub fn matmul_host(
             WeightLayout::Transposed { .. } => {
                 let grid = CubeCount::Static(n.div_ceil(8) as u32, 1, 1);
                 // SAFETY: buffers in the kernel's order (out, x, bias = out unused); `out` holds
-                // M*N elements and `x` M*K (contiguous); the weight address and extents come
-                // from a pinned host view whose release waits for the device (see `pinned`).
+                // M*N elements and `x` M*K (contiguous, plan checked against lhs); the weight
+                // reads lie in the pinned buffer (checked above), whose release waits for this
+                // device (recorded as a reader above; see `pinned`).
                 unsafe {
                     launch(
                         &device,
@@ -232,8 +279,21 @@ pub fn matmul_host(
 }
 
 /// `embedding(weights, ids)` gathering only the requested rows from pinned host memory with
-/// `gather_host.cu`. Out-of-range ids give zero rows (the kernel counts them in a status
-/// buffer that is not read back, so that no host synchronisation is needed).
+/// `gather_host.cu`.
+///
+/// Before launching, it checks that every row of the table the kernel can read (from the
+/// view's offset, row stride, rows, cols and element size) lies inside the buffer:
+/// [`CudaError::InvalidArgument`] otherwise, with nothing queued.
+///
+/// # Out-of-range ids
+/// The ids stay on the device (checking them here would need a host synchronisation), so an
+/// id `< 0` or `>= rows` is caught by the kernel: it stops with a device-side assertion, like
+/// PyTorch's `embedding` ("device-side assert triggered"), and reads nothing for that id. The
+/// error surfaces at the next synchronisation of the stream (reading a tensor,
+/// [`sync`](crate::cuda::sync)), as a [`CudaError::Server`] or a panic of the op that reads,
+/// and, as with PyTorch, the CUDA context is unusable afterwards: every later CUDA call of the
+/// process on that device fails. Check ids on the host first where they can be out of range
+/// (the CPU target panics with the id and the table size).
 pub fn gather_host(
     weights: &HostTensor,
     ids: CubeTensor<CudaRuntime>,
@@ -251,14 +311,25 @@ pub fn gather_host(
         other => return Err(invalid(format!("embedding ids of dtype {other:?}"))),
     };
     let table = host_address(weights)?;
-    let ids = burn_cubecl::kernel::into_contiguous(ids);
-    let (device, client) = (ids.device.clone(), ids.client.clone());
-    let num_ids = ids.meta.shape().num_elements();
     let (rows, cols) = (dims[0], dims[1]);
     let esize = weights.dtype().size();
+    check_host_read(
+        weights,
+        &StridedRead {
+            offset: weights.offset() as u64,
+            rows: rows as u64,
+            cols: cols as u64,
+            row_stride: weights.strides()[0] as u64,
+            elem_size: esize as u64,
+        },
+    )?;
+    let ids = burn_cubecl::kernel::into_contiguous(ids);
+    let (device, client) = (ids.device.clone(), ids.client.clone());
+    // Freeing the table's memory waits for this device too (see `pinned`).
+    weights.buffer().note_reader(device.index);
+    let num_ids = ids.meta.shape().num_elements();
     let out = client.empty(num_ids * cols * esize);
     if num_ids > 0 && cols > 0 {
-        let status = client.create_from_slice(&[0u8; 16]);
         let params = [
             table,
             weights.offset() as u64,
@@ -274,15 +345,16 @@ pub fn gather_host(
             1,
         );
         // SAFETY: buffers in the kernel's order (out: num_ids*cols elements, ids: num_ids
-        // contiguous, status: 2 zeroed u64); the table address and extents come from a pinned
-        // host view whose release waits for the device; out-of-range ids are not read.
+        // contiguous); every table row lies in the pinned buffer (checked above), whose release
+        // waits for this device (recorded as a reader above); the kernel reads only rows
+        // 0..rows and traps on any other id before reading.
         unsafe {
             launch(
                 &device,
                 GATHER_HOST_SOURCE,
                 entry.to_string(),
                 grid,
-                &[&out, &ids.handle, &status],
+                &[&out, &ids.handle],
                 &params,
             )?
         }
@@ -328,4 +400,40 @@ fn leak_entry(name: String) -> &'static str {
     names
         .entry(name)
         .or_insert_with_key(|n| Box::leak(n.clone().into_boxed_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(k: usize, n: usize, layout: WeightLayout) -> MatmulHostPlan {
+        MatmulHostPlan {
+            shape: HostMatmulShape {
+                out_dims: vec![1, n],
+                m: 1,
+                k,
+                n,
+            },
+            layout,
+        }
+    }
+
+    /// Pure arithmetic (no driver): the extent the launcher checks before launching.
+    #[test]
+    fn weight_reads_cover_the_furthest_element() {
+        // Row-major [K=3, N=4] with ldw 6 at offset 2, f16: last element 2 + 2*6 + 3 = 17.
+        let rm = plan(3, 4, WeightLayout::RowMajor { ldw: 6 }).weight_read(2, 2);
+        assert_eq!(rm.byte_span(), Ok(Some(4..36)));
+        assert!(rm.check(36).is_ok() && rm.check(35).is_err());
+        // Transposed: N=4 rows of K=3 elements, ldw 5: last element 3*5 + 2 = 17.
+        let tr = plan(3, 4, WeightLayout::Transposed { ldw: 5 }).weight_read(0, 4);
+        assert_eq!(tr.byte_span(), Ok(Some(0..72)));
+        assert!(tr.check(71).is_err());
+        // An empty product reads nothing.
+        let empty = plan(0, 4, WeightLayout::RowMajor { ldw: 4 }).weight_read(usize::MAX, 4);
+        assert_eq!(empty.check(0), Ok(()));
+        // A plan whose extent overflows is refused, not wrapped.
+        let huge = plan(3, 4, WeightLayout::RowMajor { ldw: usize::MAX }).weight_read(0, 4);
+        assert!(huge.check(usize::MAX).is_err());
+    }
 }

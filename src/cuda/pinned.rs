@@ -14,13 +14,21 @@
 //! - Kernels that read it through its device address ([`launch_raw`](super::launch_raw) and
 //!   the kernels built on it). CubeCL does not know about those reads.
 //!
-//! So the release does not free at once: it hands the pointer to a background thread
-//! ("burn-offload-pinned-free"), which (1) if device work may read pinned memory of this device
-//! ([`note_device_reads`], done by every launch in [`crate::cuda`]), drains CubeCL's task queue
-//! for the device with a blocking no-op task, so that every kernel *submitted* before the drop
-//! has been handed to the driver (CubeCL's server runs tasks on its own thread, in submission
-//! order), (2) synchronises the primary context (`cuCtxSynchronize`), which waits for every
-//! stream in it, CubeCL's included, and only then (3) calls `cuMemFreeHost`.
+//! The memory is portable (`PORTABLE`) and, under unified addressing, mapped at the same address
+//! for every device, so kernels of *other* devices can read it too (an offloaded tensor moved
+//! to `Host(d1)` while its memory was allocated for `d0`). The buffer records which devices may
+//! read it ([`HostBuffer::note_reader`]: every launch and upload in [`crate::cuda`] on device
+//! `d` records `d`, and so does moving an offloaded tensor to `Host(d)`).
+//!
+//! So the release does not free at once: it hands the pointer and the buffer's readers to a
+//! background thread ("burn-offload-pinned-free"), which, for the allocating device and then
+//! every recorded reader ([`DeviceReaders::drain_order`]): (1) if device work may read pinned
+//! memory on that device ([`note_device_reads`], done by every launch in [`crate::cuda`]),
+//! drains CubeCL's task queue for the device with a blocking no-op task, so that every kernel
+//! *submitted* before the drop has been handed to the driver (CubeCL's server runs tasks on
+//! its own thread, in submission order), (2) synchronises the device's primary context
+//! (`cuCtxSynchronize`), which waits for every stream in it, CubeCL's included; and only when
+//! all of them are done (3) calls `cuMemFreeHost`.
 //!
 //! Why this choice: CubeCL 0.10 exposes no handle to its CUDA streams or events, so the release
 //! cannot wait on "just the work that read this buffer"; a context sync is the narrowest wait
@@ -44,7 +52,7 @@ use cudarc::driver::CudaContext;
 use cudarc::driver::sys::CUdevice_attribute;
 
 use super::{CudaError, driver};
-use crate::host::{HostBuffer, HostMemoryKind, HostRelease};
+use crate::host::{DeviceReaders, HostBuffer, HostMemoryKind, HostRelease};
 
 /// CubeCL's compute server for CUDA devices.
 type CudaServer = <CudaRuntime as Runtime>::Server;
@@ -88,7 +96,7 @@ unsafe fn zero(ptr: NonNull<u8>, len: usize) {
 pub fn alloc_pinned(ordinal: usize, len: usize) -> Result<HostBuffer, CudaError> {
     let ctx = driver::primary_context(ordinal)?;
     if len == 0 {
-        let release: HostRelease = Box::new(|_, _| {});
+        let release: HostRelease = Box::new(|_, _, _| {});
         // SAFETY: a zero-length buffer never dereferences its (dangling, aligned) pointer.
         return Ok(unsafe {
             HostBuffer::from_raw(
@@ -123,11 +131,12 @@ pub fn alloc_pinned(ordinal: usize, len: usize) -> Result<HostBuffer, CudaError>
     };
     // SAFETY: `ptr` points to `len` bytes we own exclusively (fresh allocation).
     unsafe { zero(ptr, len) };
-    let release: HostRelease = Box::new(move |ptr, len| {
+    let release: HostRelease = Box::new(move |ptr, len, readers| {
         release_later(PendingFree {
             ptr: ptr.as_ptr() as usize,
             len,
             ordinal,
+            readers,
             ctx,
         })
     });
@@ -170,7 +179,10 @@ struct PendingFree {
     /// The host address (a `usize` so that the job is `Send`).
     ptr: usize,
     len: usize,
+    /// The device the memory was allocated for (its context owns the allocation).
     ordinal: usize,
+    /// Every device recorded as a reader of the buffer.
+    readers: DeviceReaders,
     ctx: Arc<CudaContext>,
 }
 
@@ -219,14 +231,48 @@ fn release_later(pending: PendingFree) {
     free_now(pending);
 }
 
-/// Waits until the device can no longer read the memory, then frees it (see the module docs).
+/// Waits until no device that may read the memory can still read it (the allocating device
+/// and every recorded reader), then frees it (see the module docs).
 fn free_now(pending: PendingFree) {
     let PendingFree {
         ptr,
         len,
         ordinal,
+        readers,
         ctx,
     } = pending;
+    // A failed probe leaves the count unknown (0): `drain_order` still covers every recorded
+    // ordinal, and the first of the shared ones.
+    let device_count = driver::probe().map_or(0, |info| info.device_count);
+    let mut drained = true;
+    for device in readers.drain_order(ordinal, device_count) {
+        drained &= drain_device(device, (device == ordinal).then_some(&ctx));
+    }
+    let Some(ptr) = NonNull::new(ptr as *mut u8) else {
+        return;
+    };
+    if !drained {
+        // A reader's work could not be waited for: freeing could let it read freed memory.
+        log::error!(
+            "leaking {len} bytes of pinned memory (CUDA device {ordinal}): a device that read it \
+             could not be synchronised"
+        );
+        return;
+    }
+    // SAFETY: `ptr` came from `host_alloc_mapped` in `alloc_pinned`, its last host reference
+    // is gone (this runs from the buffer's release), and all device work that could read it
+    // has completed: CubeCL's queue drained and the context synchronised above for the
+    // allocating device and for every device recorded as a reader.
+    if let Err(e) = unsafe { driver::host_free(&ctx, ptr) } {
+        log::error!("freeing {len} bytes of pinned memory on CUDA device {ordinal}: {e}");
+    }
+}
+
+/// Waits until device `ordinal` has finished all work submitted so far: drains CubeCL's queue
+/// for it (if kernels there may read pinned memory) and synchronises its primary context
+/// (`ctx` where the caller has it, else looked up). `false` when the device exists but its
+/// context could not be had, so its work could not be waited for.
+fn drain_device(ordinal: usize, ctx: Option<&Arc<CudaContext>>) -> bool {
     if device_reads(ordinal) {
         // Every task submitted to CubeCL's server for this device before this one has run once
         // this blocking no-op returns (one FIFO queue per device).
@@ -235,19 +281,24 @@ fn free_now(pending: PendingFree) {
             log::warn!("could not drain CubeCL's queue for CUDA device {ordinal}");
         }
     }
+    let ctx = match ctx {
+        Some(ctx) => ctx.clone(),
+        None => match driver::primary_context(ordinal) {
+            Ok(ctx) => ctx,
+            // A shared-bit ordinal past the last device: nothing there to wait for.
+            Err(CudaError::InvalidDevice { .. }) => return true,
+            Err(e) => {
+                log::error!("CUDA device {ordinal} may read pinned memory being freed: {e}");
+                return false;
+            }
+        },
+    };
     if let Err(e) = driver::synchronize_context(&ctx) {
-        // The context is unusable (e.g. a faulted kernel): freeing is still the right thing.
+        // The context is unusable (e.g. a faulted kernel): nothing runs there any more, so
+        // freeing is still the right thing.
         log::error!("synchronising CUDA device {ordinal} before freeing pinned memory: {e}");
     }
-    let Some(ptr) = NonNull::new(ptr as *mut u8) else {
-        return;
-    };
-    // SAFETY: `ptr` came from `host_alloc_mapped` in `alloc_pinned`, its last host reference
-    // is gone (this runs from the buffer's release), and all device work that could read it
-    // has completed (queue drained and context synchronised above).
-    if let Err(e) = unsafe { driver::host_free(&ctx, ptr) } {
-        log::error!("freeing {len} bytes of pinned memory on CUDA device {ordinal}: {e}");
-    }
+    true
 }
 
 /// Blocks until every pinned buffer dropped so far has actually been freed. Do not call it

@@ -94,6 +94,8 @@ impl AllocationController for HostRangeController {
     }
 }
 
+/// Checks, before any copy is queued, that an upload of the bytes `range` stays inside `buffer`
+/// (`start <= end <= len`: the furthest byte a copy of it touches is `end - 1`).
 fn check_range(buffer: &HostBuffer, range: &Range<usize>) -> Result<(), CudaError> {
     if range.start > range.end || range.end > buffer.len() {
         return Err(CudaError::InvalidArgument {
@@ -169,6 +171,9 @@ pub fn upload_dma_after(
     if len == 0 {
         return Ok(client.empty(0));
     }
+    // Freeing the buffer waits for this device too (see `pinned`); CubeCL also holds the
+    // source until the copy's fence has passed.
+    host.note_reader(device.index);
     let bytes = host_bytes(host.clone(), range)?;
     // A large upload goes into an empty queue, so that it cannot push the count past `u32`.
     if len as u64 >= FLUSH_AFTER_BYTES && UNFLUSHED_UPLOAD_BYTES.with(Cell::get) > 0 {
@@ -228,9 +233,10 @@ pub fn upload_sm_copy(
     let client = driver::cubecl_client(device)?;
     let len = range.len();
     let handle = client.empty(len);
+    host.note_reader(device.index);
     // SAFETY: `device_ptr + range` lies in the pinned buffer (range checked above), which the
-    // device can read; its release waits for the device before freeing it (pinned module docs;
-    // `launch_raw` records the device read).
+    // device can read; its release waits for this device before freeing it (recorded as a
+    // reader above; `launch_raw` records the device read; pinned module docs).
     unsafe {
         kernel::launch_stream_read(
             device,

@@ -134,6 +134,14 @@ pub trait OffloadTarget: Backend {
         Ok(())
     }
 
+    /// Records that `device` may read `host`'s buffer from now on (an offloaded tensor moved to
+    /// `Host(device)`), so that freeing the buffer waits for `device`'s work as well as for the
+    /// device it was allocated for ([`HostBuffer::note_reader`]). The default records nothing:
+    /// right for targets whose host reads finish within the op (the CPU target).
+    fn note_host_reader(host: &HostTensor, device: &Self::Device) {
+        let _ = (host, device);
+    }
+
     /// A transient device copy of a host view, for one op.
     fn upload(host: &HostTensor, device: &Self::Device) -> FloatTensor<Self> {
         Self::float_from_data(host.to_data(), device)

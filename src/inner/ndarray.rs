@@ -98,7 +98,9 @@ pub(crate) fn gather_rows(weights: &HostTensor, ids: &[i64]) -> Vec<u8> {
     for &id in ids {
         assert!(
             id >= 0 && (id as usize) < rows,
-            "embedding index {id} is out of range for a table of {rows} rows"
+            "embedding index {id} is out of range for a table of {rows} rows (valid ids: \
+             0..{rows}); check the token ids against the embedding's size (e.g. the tokenizer's \
+             vocabulary vs `num_embeddings`), or clamp or mask the ids before the lookup"
         );
         let row = weights.offset() as isize + id as isize * rs;
         if cs == 1 {
@@ -169,5 +171,37 @@ impl MatmulPlan {
             }
         }
         TensorData::new(out, self.0.out_dims.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostBuffer;
+
+    fn table() -> HostTensor {
+        let data = TensorData::new((0..15).map(|v| v as f32).collect::<Vec<_>>(), [5, 3]);
+        HostTensor::from_data(&data, HostBuffer::pageable).unwrap()
+    }
+
+    #[test]
+    fn gather_rows_copies_the_requested_rows() {
+        let out = gather_rows(&table(), &[4, 0, 4]);
+        let values: &[f32] = bytemuck::cast_slice(&out);
+        assert_eq!(values, [12.0, 13.0, 14.0, 0.0, 1.0, 2.0, 12.0, 13.0, 14.0]);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "embedding index 5 is out of range for a table of 5 rows (valid ids: 0..5); check the token ids"
+    )]
+    fn an_id_past_the_table_panics_with_the_id_and_the_table_size() {
+        gather_rows(&table(), &[1, 5]);
+    }
+
+    #[test]
+    #[should_panic(expected = "embedding index -1 is out of range for a table of 5 rows")]
+    fn a_negative_id_panics() {
+        gather_rows(&table(), &[-1]);
     }
 }

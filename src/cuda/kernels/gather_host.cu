@@ -4,11 +4,9 @@
 // Self-contained: no #include (NVRTC compiles it with no include path).
 //
 // Entry points:
-//   gather_host_i32(unsigned char* out, const int* ids,       unsigned long long* status,
-//                   const __grid_constant__ GatherHostParams p)
-//   gather_host_i64(unsigned char* out, const long long* ids, unsigned long long* status,
-//                   const __grid_constant__ GatherHostParams p)
-// With CubeCL the three pointers are the buffers in `KernelArguments::with_buffer` order and the
+//   gather_host_i32(unsigned char* out, const int* ids,       const __grid_constant__ GatherHostParams p)
+//   gather_host_i64(unsigned char* out, const long long* ids, const __grid_constant__ GatherHostParams p)
+// With CubeCL the two pointers are the buffers in `KernelArguments::with_buffer` order and the
 // params are 7 little-endian u64 words passed by value (`MetadataBindingInfo::new(words,
 // words.len())`, so that no info buffer pointer is inserted before them). The table is not a
 // buffer argument: its device address (host-mapped memory) travels in `p.table`.
@@ -17,15 +15,18 @@
 // them, so it serves every dtype.
 //   table row r (0 <= r < p.rows) starts at p.table + (p.table_offset + r * p.row_stride) * p.elem_size
 //   (offset and stride in elements; columns must be contiguous, i.e. HostTensor strides
-//   [row_stride, 1] with row_stride >= 0);
+//   [row_stride, 1] with row_stride >= 0). The launcher checks that rows 0..p.rows all lie in
+//   the host buffer before launching; the kernel reads no other row.
 //   out: [num_ids, cols] contiguous, device memory; ids: [num_ids] contiguous, device memory.
 //
-// Out-of-range ids (id < 0 or id >= rows) read nothing: their output row is zero-filled and
-// `status` (2 u64 words of device memory, ZEROED BY THE HOST before the launch) records them:
-//   status[0] = number of out-of-range ids (0: all ids were valid);
-//   status[1] = one of the offending ids (as i64 bits; written once, by whichever block counted
-//               first; meaningful only when status[0] != 0).
-// The host reads `status` after the stream work completes and reports the error.
+// OUT-OF-RANGE IDS ARE A DEVICE-SIDE ASSERTION (as PyTorch's embedding): for an id < 0 or
+// >= p.rows nothing is read; thread 0 of the block with blockIdx.y == 0 that handles it prints
+// the id and p.rows (device printf) and fails a device-side assert (`__assertfail`, then
+// `__trap()` in case it returned), and the other threads handling that id stop. The launch
+// fails with CUDA_ERROR_ASSERT ("device-side assert triggered"), reported at the next
+// synchronisation of the stream; as with any device-side assert, the CUDA context is unusable
+// afterwards (every later call on it fails) and the process must be restarted to use the
+// device again. Check ids on the host first where they can be out of range.
 //
 // Copy unit: the largest of 16, 8, 4, 2, 1 bytes that divides the table row-0 address, the
 // row stride in bytes, the row length in bytes and the `out` address (16-byte vector loads for
@@ -103,7 +104,7 @@ template <> struct Unit<1> {
     __device__ __forceinline__ void store(unsigned char* p) const { *p = (unsigned char)v; }
 };
 
-// Copies (src != 0) or zero-fills (src == 0) `units` units of B bytes of one row.
+// Copies `units` units of B bytes of one row.
 template <int B>
 __device__ __forceinline__ void copy_row(unsigned char* dst, const unsigned char* src, u64 units) {
     const u64 first = (u64)blockIdx.y * blockDim.x + threadIdx.x;
@@ -113,7 +114,7 @@ __device__ __forceinline__ void copy_row(unsigned char* dst, const unsigned char
 #pragma unroll
         for (int g = 0; g < GATHER_UNROLL; ++g) {
             const u64 jj = j + g * stride;
-            if (src != 0 && jj < units) {
+            if (jj < units) {
                 v[g].load(src + jj * B);
             } else {
                 v[g].zero();
@@ -127,9 +128,22 @@ __device__ __forceinline__ void copy_row(unsigned char* dst, const unsigned char
     }
 }
 
+// Fails the launch on an out-of-range id (see the header): one thread per id asserts, the
+// caller stops the others.
+__device__ __noinline__ void gather_host_bad_id(long long id, u64 rows) {
+    if (blockIdx.y == 0u && threadIdx.x == 0u) {
+        printf("gather_host: embedding id %lld is out of range for a table of %llu rows "
+               "(valid ids: 0..%llu)\n",
+               id, rows, rows);
+        __assertfail("embedding id out of range: 0 <= id < rows", __FILE__, __LINE__, __func__,
+                     sizeof(char));
+        __trap(); // not reached: the assertion stops the kernel
+    }
+}
+
 template <typename Id>
 __device__ __forceinline__ void gather_host(unsigned char* __restrict__ out,
-                                            const Id* __restrict__ ids, u64* __restrict__ status,
+                                            const Id* __restrict__ ids,
                                             const GatherHostParams& p) {
     const unsigned char* base = (const unsigned char*)p.table + p.table_offset * p.elem_size;
     const u64 stride_bytes = p.row_stride * p.elem_size;
@@ -139,13 +153,12 @@ __device__ __forceinline__ void gather_host(unsigned char* __restrict__ out,
 
     for (u64 i = blockIdx.x; i < p.num_ids; i += gridDim.x) {
         const long long id = (long long)ids[i];
-        unsigned char* dst = out + i * row_bytes;
-        const unsigned char* src = 0;
-        if (id >= 0 && (u64)id < p.rows) {
-            src = base + (u64)id * stride_bytes;
-        } else if (blockIdx.y == 0u && threadIdx.x == 0u) {
-            if (atomicAdd(&status[0], 1ull) == 0ull) status[1] = (u64)id;
+        if (id < 0 || (u64)id >= p.rows) {
+            gather_host_bad_id(id, p.rows);
+            return; // read nothing; the launch fails with the assertion above
         }
+        unsigned char* dst = out + i * row_bytes;
+        const unsigned char* src = base + (u64)id * stride_bytes;
         switch (unit) {
             case 16: copy_row<16>(dst, src, row_bytes / 16u); break;
             case 8: copy_row<8>(dst, src, row_bytes / 8u); break;
@@ -161,17 +174,15 @@ __device__ __forceinline__ void gather_host(unsigned char* __restrict__ out,
 #if !defined(BURN_OFFLOAD_SELECT_ENTRY) || defined(BURN_OFFLOAD_ONLY_gather_host_i32)
 extern "C" __global__ void gather_host_i32(unsigned char* __restrict__ out,
                                            const int* __restrict__ ids,
-                                           u64* __restrict__ status,
                                            const __grid_constant__ GatherHostParams p) {
-    gather_host<int>(out, ids, status, p);
+    gather_host<int>(out, ids, p);
 }
 #endif
 
 #if !defined(BURN_OFFLOAD_SELECT_ENTRY) || defined(BURN_OFFLOAD_ONLY_gather_host_i64)
 extern "C" __global__ void gather_host_i64(unsigned char* __restrict__ out,
                                            const long long* __restrict__ ids,
-                                           u64* __restrict__ status,
                                            const __grid_constant__ GatherHostParams p) {
-    gather_host<long long>(out, ids, status, p);
+    gather_host<long long>(out, ids, p);
 }
 #endif
