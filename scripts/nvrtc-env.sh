@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes NVRTC available without a CUDA toolkit or GPU, for `cargo test --features cuda --test
-# nvrtc` (compiles src/cuda/kernels/*.cu to PTX + SASS): installs NVIDIA's PyPI wheels into DIR
+# nvrtc` (compiles src/inner/cuda/kernels/*.cu to PTX + SASS): installs NVIDIA's PyPI wheels into DIR
 # (default .ci-cache/nvrtc, git-ignored) once, then prints the environment to use:
 #
 #   eval "$(bash scripts/nvrtc-env.sh [DIR])"

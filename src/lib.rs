@@ -23,8 +23,6 @@
 pub mod auto;
 pub mod backend;
 pub mod context;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod host;
@@ -38,6 +36,10 @@ mod random;
 mod recycle;
 pub mod stats;
 pub mod train;
+
+/// The CUDA target (feature `cuda`): [`inner::cuda`], re-exported where it has always been.
+#[cfg(feature = "cuda")]
+pub use inner::cuda;
 
 pub use auto::Calibration;
 pub use backend::{OffloadBackend, OffloadTensor, Offloaded};

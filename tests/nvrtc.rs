@@ -1,4 +1,4 @@
-//! Compiles every hand-written CUDA kernel (`src/cuda/kernels/*.cu`, found at run time) with
+//! Compiles every hand-written CUDA kernel (`src/inner/cuda/kernels/*.cu`, found at run time) with
 //! NVRTC, the way cubecl-cuda 0.10 does it, for the architectures we target (`sm_80`, and
 //! `sm_90a` on Hopper). No GPU is needed: only `libnvrtc` (and its `libnvrtc-builtins`).
 //!
@@ -54,7 +54,7 @@ const REQUIRED_ENTRY_POINTS: &[(&str, &[&str])] = &[
     ("gather_host.cu", &["gather_host_i32", "gather_host_i64"]),
 ];
 
-/// Parameters of each launched entry point as its launcher in `src/cuda/ops.rs` passes them:
+/// Parameters of each launched entry point as its launcher in `src/inner/cuda/ops.rs` passes them:
 /// the device buffers, then the by-value params struct. A kernel whose signature drifts from
 /// its launcher would read garbage pointers on a GPU; here it fails to compile-check.
 const ENTRY_PARAMS: &[(&str, usize)] = &[
@@ -80,7 +80,7 @@ const SELECT_DEFINE: &str = "BURN_OFFLOAD_SELECT_ENTRY";
 const ONLY_PREFIX: &str = "BURN_OFFLOAD_ONLY_";
 
 fn kernels_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda/kernels")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/inner/cuda/kernels")
 }
 
 fn strict() -> bool {
@@ -368,7 +368,7 @@ fn every_kernel_compiles_with_nvrtc() {
     println!("NVRTC {major}.{minor}, options {:?}", options("sm_XX"));
 
     let mut files: Vec<PathBuf> = std::fs::read_dir(kernels_dir())
-        .expect("src/cuda/kernels exists")
+        .expect("src/inner/cuda/kernels exists")
         .map(|e| e.expect("readable directory entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();

@@ -1,12 +1,15 @@
-//! [`OffloadTarget`]: what a wrapped backend provides so that [`OffloadBackend`] can keep
-//! tensors in host memory, copy them to the device, and read them in place.
+//! The wrapped backends. [`OffloadTarget`] is what a wrapped backend provides so that
+//! [`OffloadBackend`] can keep tensors in host memory, copy them to the device, and read them
+//! in place.
 //!
-//! Implementations: [`ndarray`] (the CPU reference, feature `ndarray`). The CUDA target
-//! (feature `cuda`) implements the same trait with pinned, device-mapped memory, DMA uploads
-//! and host-reading kernels.
+//! Implementations, side by side: [`ndarray`] (the CPU reference, feature `ndarray`) and
+//! `cuda` (feature `cuda`: pinned, device-mapped memory, DMA uploads and host-reading kernels
+//! for burn-cuda's unfused backend; also re-exported as `burn_offload::cuda`).
 //!
 //! [`OffloadBackend`]: crate::OffloadBackend
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "ndarray")]
 pub mod ndarray;
 

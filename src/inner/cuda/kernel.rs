@@ -17,7 +17,7 @@
 //! p`). [`launch_raw`] passes the words with `dynamic_metadata_offset == words.len()`, so no
 //! extra info buffer is created and inserted before them.
 //!
-//! Kernel sources live in `src/cuda/kernels/*.cu`: `extern "C"` entry points, no `#include`
+//! Kernel sources live in `src/inner/cuda/kernels/*.cu`: `extern "C"` entry points, no `#include`
 //! (NVRTC compiles them with no include path of ours).
 
 use std::collections::HashMap;
@@ -33,7 +33,7 @@ use cubecl::{CompilationError, Compiler, CubeTask};
 
 use super::{CudaError, driver, pinned};
 
-/// The source of `src/cuda/kernels/stream_read.cu`.
+/// The source of `src/inner/cuda/kernels/stream_read.cu`.
 pub const STREAM_READ_SOURCE: &str = include_str!("kernels/stream_read.cu");
 
 /// Threads per block of the stream-read kernels.

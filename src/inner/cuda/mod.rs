@@ -6,7 +6,7 @@
 //! and functions:
 //! - [`pinned`]: [`alloc_pinned`] returns an exact-size [`HostBuffer`](crate::HostBuffer) of
 //!   kind `Pinned { device_ptr }`, freed only once the device cannot read it any more;
-//! - [`kernel`]: [`RawKernel`], a `CubeTask` for hand-written sources in `src/cuda/kernels/`,
+//! - [`kernel`]: [`RawKernel`], a `CubeTask` for hand-written sources in `src/inner/cuda/kernels/`,
 //!   and [`launch_raw`]; the `stream_read` kernel (SM copy from host-mapped memory);
 //! - [`transfer`]: [`upload_dma`] (copy engine, no bounce copy), [`upload_sm_copy`] and
 //!   [`upload_tensor`], which gives a burn-cubecl tensor;
