@@ -40,7 +40,7 @@ pub use device::{OffloadDevice, with_host_placement};
 pub use error::OffloadError;
 pub use host::{HostBuffer, HostMemoryKind, HostMemoryStats, HostTensor, host_memory_stats};
 pub use mode::OffloadMode;
-pub use policy::{OffloadPolicy, OffloadReport, ParamReport};
+pub use policy::{OffloadPolicy, OffloadReport, ParamReport, Placement};
 pub use prefetch::{
     PrefetchStats, prefetch_stats, reset_prefetch_stats, set_prefetch_memory_probe,
 };
