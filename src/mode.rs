@@ -18,8 +18,10 @@ pub const DEFAULT_PREFETCH_LOOKAHEAD_BYTES: u64 = 256 << 20;
 /// How an op reads an offloaded tensor.
 ///
 /// Parsed from (and displayed as) `uva`, `copy`, `auto`, `prefetch` (default lookahead,
-/// [`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or `prefetch:<bytes>`. With serde, unit modes are
-/// strings (`"uva"`) and prefetch is `{"prefetch": {"lookahead_bytes": N}}`.
+/// [`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or `prefetch:<bytes>` (`bytes` > 0). With serde, unit
+/// modes are strings (`"uva"`) and prefetch is `{"prefetch": {"lookahead_bytes": N}}`; a
+/// lookahead of 0 is refused where a policy is validated
+/// ([`OffloadPolicy::validate`](crate::OffloadPolicy::validate)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OffloadMode {
@@ -60,9 +62,10 @@ impl std::str::FromStr for OffloadMode {
                 lookahead_bytes: DEFAULT_PREFETCH_LOOKAHEAD_BYTES,
             }),
             other => match other.strip_prefix("prefetch:") {
-                Some(bytes) => Ok(Self::Prefetch {
-                    lookahead_bytes: bytes.trim().parse().map_err(|_| unknown())?,
-                }),
+                Some(bytes) => match bytes.trim().parse().map_err(|_| unknown())? {
+                    0 => Err(OffloadError::ZeroPrefetchLookahead),
+                    lookahead_bytes => Ok(Self::Prefetch { lookahead_bytes }),
+                },
                 None => Err(unknown()),
             },
         }
@@ -213,5 +216,25 @@ mod tests {
         assert!(first_warning("BURN_OFFLOAD_TEST_FLAG_B"));
         assert!(!first_warning("BURN_OFFLOAD_TEST_FLAG_A"));
         assert!(!first_warning("BURN_OFFLOAD_TEST_FLAG_B"));
+    }
+
+    #[test]
+    fn prefetch_zero_is_refused_with_the_fix() {
+        for text in ["prefetch:0", " Prefetch: 0 ", "prefetch:00"] {
+            assert_eq!(
+                text.parse::<OffloadMode>(),
+                Err(OffloadError::ZeroPrefetchLookahead),
+                "{text}"
+            );
+        }
+        let message = OffloadError::ZeroPrefetchLookahead.to_string();
+        assert!(
+            message.contains("positive lookahead") && message.contains("`copy`"),
+            "{message}"
+        );
+        assert_eq!(
+            "prefetch:1".parse::<OffloadMode>(),
+            Ok(OffloadMode::Prefetch { lookahead_bytes: 1 })
+        );
     }
 }

@@ -512,6 +512,72 @@ fn invalid_budgets_are_rejected() {
     ));
 }
 
+#[test]
+fn budgets_too_large_to_represent_are_rejected() {
+    let max = OffloadPolicy::MAX_GIB;
+    assert_eq!(max, 17179869183.0);
+    // The largest accepted budget is exact, just below u64::MAX bytes.
+    assert_eq!(
+        OffloadPolicy::from_gib(max).unwrap().max_bytes,
+        (u64::MAX >> 30) << 30
+    );
+    for value in [1e30, max + 1.0, 2.0f64.powi(34), f64::MAX] {
+        match OffloadPolicy::from_gib(value) {
+            Err(OffloadError::BudgetTooLarge { value: got, max: m }) => {
+                assert_eq!((got, m), (value, max));
+            }
+            other => panic!("from_gib({value}) gave {other:?}"),
+        }
+    }
+    let err = OffloadPolicy::from_gib(1e30).unwrap_err().to_string();
+    assert!(
+        err.contains("the largest accepted budget is 17179869183 GiB"),
+        "{err}"
+    );
+    // In policy files too.
+    let too_large = |r: Result<OffloadPolicy, OffloadError>| match r {
+        Err(OffloadError::BudgetTooLarge { value, .. }) => value == 1e30,
+        _ => false,
+    };
+    assert!(too_large(OffloadPolicy::from_toml("max_gib = 1e30")));
+    assert!(too_large(OffloadPolicy::from_json(r#"{"max_gib": 1e30}"#)));
+}
+
+#[test]
+fn a_prefetch_lookahead_of_zero_is_rejected() {
+    let zero = OffloadMode::Prefetch { lookahead_bytes: 0 };
+    assert_eq!(
+        "prefetch:0".parse::<OffloadMode>(),
+        Err(OffloadError::ZeroPrefetchLookahead)
+    );
+    let message = OffloadError::ZeroPrefetchLookahead.to_string();
+    assert!(
+        message.contains("give a positive lookahead") && message.contains("use `copy`"),
+        "{message}"
+    );
+    // The builder: refused by validate and apply.
+    let policy = OffloadPolicy::from_bytes(u64::MAX).mode(zero);
+    assert_eq!(policy.validate(), Err(OffloadError::ZeroPrefetchLookahead));
+    assert_eq!(
+        policy.apply(net()).map(|_| ()),
+        Err(OffloadError::ZeroPrefetchLookahead)
+    );
+    // Policy files.
+    for result in [
+        OffloadPolicy::from_toml("mode = \"prefetch:0\""),
+        OffloadPolicy::from_json(r#"{"mode": "prefetch:0"}"#),
+    ] {
+        assert_eq!(result, Err(OffloadError::ZeroPrefetchLookahead));
+    }
+    // One byte is a (tiny) lookahead.
+    assert!(
+        OffloadPolicy::from_bytes(1)
+            .mode(OffloadMode::Prefetch { lookahead_bytes: 1 })
+            .validate()
+            .is_ok()
+    );
+}
+
 const BAD_FILTERS: &[&str] = &["", "mlp..up", ".mlp", "mlp.", ".", "ml p", "mlp.*"];
 
 #[test]

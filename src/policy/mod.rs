@@ -86,10 +86,21 @@ impl OffloadPolicy {
         }
     }
 
-    /// A budget in GiB (vLLM's `--cpu-offload-gb`). Errors on NaN, infinite or negative values.
+    /// The largest budget [`from_gib`](Self::from_gib) accepts: `u64::MAX` bytes rounded down
+    /// to whole GiB (17179869183 GiB).
+    pub const MAX_GIB: f64 = (u64::MAX >> 30) as f64;
+
+    /// A budget in GiB (vLLM's `--cpu-offload-gb`). Errors on NaN, infinite or negative values
+    /// and on values above [`MAX_GIB`](Self::MAX_GIB).
     pub fn from_gib(gib: f64) -> Result<Self, OffloadError> {
         if !gib.is_finite() || gib < 0.0 {
             return Err(OffloadError::InvalidBudget { value: gib });
+        }
+        if gib > Self::MAX_GIB {
+            return Err(OffloadError::BudgetTooLarge {
+                value: gib,
+                max: Self::MAX_GIB,
+            });
         }
         Ok(Self::from_bytes((gib * GIB).round() as u64))
     }
@@ -176,8 +187,12 @@ impl OffloadPolicy {
         Ok(policy)
     }
 
-    /// Checks the filters (also done by [`apply`](Self::apply)).
+    /// Checks the filters and the mode (a `Prefetch` lookahead of 0 is refused); also done by
+    /// [`apply`](Self::apply) and when parsing a policy file.
     pub fn validate(&self) -> Result<(), OffloadError> {
+        if self.mode == (OffloadMode::Prefetch { lookahead_bytes: 0 }) {
+            return Err(OffloadError::ZeroPrefetchLookahead);
+        }
         self.params.iter().try_for_each(|f| validate_filter(f))
     }
 
