@@ -534,13 +534,15 @@ fn budgets_too_large_to_represent_are_rejected() {
         err.contains("the largest accepted budget is 17179869183 GiB"),
         "{err}"
     );
-    // In policy files too.
+    // In policy files and through serde too.
     let too_large = |r: Result<OffloadPolicy, OffloadError>| match r {
         Err(OffloadError::BudgetTooLarge { value, .. }) => value == 1e30,
         _ => false,
     };
     assert!(too_large(OffloadPolicy::from_toml("max_gib = 1e30")));
     assert!(too_large(OffloadPolicy::from_json(r#"{"max_gib": 1e30}"#)));
+    let err = serde_json::from_str::<OffloadPolicy>(r#"{"max_gib": 1e30}"#).unwrap_err();
+    assert!(err.to_string().contains("17179869183 GiB"), "{err}");
 }
 
 #[test]
@@ -562,12 +564,24 @@ fn a_prefetch_lookahead_of_zero_is_rejected() {
         policy.apply(net()).map(|_| ()),
         Err(OffloadError::ZeroPrefetchLookahead)
     );
-    // Policy files.
+    // Policy files, as a string or in OffloadMode's serde form, and serde itself.
     for result in [
         OffloadPolicy::from_toml("mode = \"prefetch:0\""),
+        OffloadPolicy::from_toml("mode = { prefetch = { lookahead_bytes = 0 } }"),
         OffloadPolicy::from_json(r#"{"mode": "prefetch:0"}"#),
+        OffloadPolicy::from_json(r#"{"mode": {"prefetch": {"lookahead_bytes": 0}}}"#),
     ] {
         assert_eq!(result, Err(OffloadError::ZeroPrefetchLookahead));
+    }
+    for json in [
+        r#"{"mode": "prefetch:0"}"#,
+        r#"{"mode": {"prefetch": {"lookahead_bytes": 0}}}"#,
+    ] {
+        let err = serde_json::from_str::<OffloadPolicy>(json).unwrap_err();
+        assert!(
+            err.to_string().contains("positive lookahead"),
+            "{json}: {err}"
+        );
     }
     // One byte is a (tiny) lookahead.
     assert!(
@@ -732,4 +746,87 @@ fn malformed_policy_files_are_rejected() {
         "json",
         "negative bytes",
     );
+}
+
+#[test]
+fn serde_deserialisation_is_validated_like_policy_files() {
+    let de = |json: &str| serde_json::from_str::<OffloadPolicy>(json);
+    for (json, expected) in [
+        (
+            r#"{"max_bytes": 1, "params": ["mlp..up"]}"#,
+            "invalid parameter filter \"mlp..up\"",
+        ),
+        (r#"{"params": [""]}"#, "invalid parameter filter \"\""),
+        (
+            r#"{"max_bytes": 10, "max_gib": 1.0}"#,
+            "give either `max_bytes` or `max_gib`, not both",
+        ),
+        (r#"{"mode": "fast"}"#, "unknown offload mode \"fast\""),
+        (r#"{"mode": "prefetch:0"}"#, "positive lookahead"),
+        (r#"{"max_gib": 1e30}"#, "too large"),
+        (r#"{"max_gib": -1.0}"#, "invalid offload budget -1 GiB"),
+        (r#"{"max_gb": 1.0}"#, "unknown field `max_gb`"),
+        (r#"{"mode": 3}"#, "an offload mode"),
+        (
+            r#"{"mode": {"prefetch": {"lookahead": 4}}}"#,
+            "lookahead_bytes",
+        ),
+    ] {
+        let err = de(json).unwrap_err().to_string();
+        assert!(err.contains(expected), "{json}: {err}");
+    }
+    // The same as from_json where the input is valid, including the file form of a mode.
+    for json in [
+        r#"{"max_gib": 0.5, "params": ["mlp"], "mode": "Copy", "pin_memory": false}"#,
+        r#"{"max_bytes": 1234, "mode": "prefetch:4096"}"#,
+        r#"{"mode": {"prefetch": {"lookahead_bytes": 4096}}}"#,
+        r#"{"mode": "prefetch"}"#,
+        "{}",
+    ] {
+        assert_eq!(de(json).unwrap(), OffloadPolicy::from_json(json).unwrap());
+    }
+    assert_eq!(
+        OffloadPolicy::from_toml("mode = { prefetch = { lookahead_bytes = 4096 } }")
+            .unwrap()
+            .mode,
+        OffloadMode::Prefetch {
+            lookahead_bytes: 4096
+        }
+    );
+}
+
+#[test]
+fn policies_round_trip_through_serde_in_every_mode() {
+    let modes = [
+        OffloadMode::Uva,
+        OffloadMode::Copy,
+        OffloadMode::Auto,
+        OffloadMode::Prefetch { lookahead_bytes: 1 },
+        "prefetch".parse().unwrap(),
+    ];
+    for mode in modes {
+        for policy in [
+            OffloadPolicy::from_bytes(12345)
+                .params(["mlp", "attn.wq"])
+                .min_tensor_bytes(64)
+                .mode(mode)
+                .pin_memory(false),
+            OffloadPolicy::from_bytes(u64::MAX).mode(mode),
+        ] {
+            let json = serde_json::to_string(&policy).unwrap();
+            let back: OffloadPolicy = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, policy, "{json}");
+            assert_eq!(OffloadPolicy::from_json(&json).unwrap(), policy, "{json}");
+            let value = serde_json::to_value(&policy).unwrap();
+            assert_eq!(value["mode"], serde_json::to_value(mode).unwrap());
+        }
+        let policy = OffloadPolicy::from_gib(1.5)
+            .unwrap()
+            .params(["mlp"])
+            .mode(mode);
+        let toml = toml::to_string(&policy).unwrap();
+        assert_eq!(OffloadPolicy::from_toml(&toml).unwrap(), policy, "{toml}");
+        let back: OffloadPolicy = toml::from_str(&toml).unwrap();
+        assert_eq!(back, policy, "{toml}");
+    }
 }

@@ -4,7 +4,7 @@
 mod report;
 mod walk;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 pub use report::{OffloadReport, ParamReport, Placement};
 pub(crate) use walk::{ParamAction, walk_params};
@@ -23,6 +23,10 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// total is below `max_bytes` (checked before each parameter, as vLLM does, so the last one may
 /// cross it and a module may end up partly offloaded).
 ///
+/// Deserialising (serde) reads the same fields as [`from_toml`](Self::from_toml) and
+/// [`from_json`](Self::from_json) and validates them the same way; serialising writes
+/// `max_bytes`, and `mode` in [`OffloadMode`]'s serde form, which reads back.
+///
 /// ```
 /// use burn_offload::{OffloadMode, OffloadPolicy};
 /// let policy = OffloadPolicy::from_gib(12.0)?
@@ -35,6 +39,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// # Ok::<(), burn_offload::OffloadError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PolicyFile")]
 pub struct OffloadPolicy {
     /// Budget: bytes of parameters to keep in host memory (per device).
     pub max_bytes: u64,
@@ -73,8 +78,50 @@ struct PolicyFile {
     params: Vec<String>,
     #[serde(default)]
     min_tensor_bytes: u64,
-    mode: Option<String>,
+    mode: Option<ModeSpec>,
     pin_memory: Option<bool>,
+}
+
+/// A mode in a policy file: a string (`"uva"`, `"prefetch:4096"`), parsed by us, or
+/// [`OffloadMode`]'s serde form for prefetch (`{"prefetch": {"lookahead_bytes": 4096}}`), which
+/// is what serialising an [`OffloadPolicy`] writes.
+enum ModeSpec {
+    Text(String),
+    Mode(OffloadMode),
+}
+
+impl<'de> Deserialize<'de> for ModeSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ModeSpec;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an offload mode: \"uva\", \"copy\", \"auto\", \"prefetch\", \
+                     \"prefetch:<lookahead bytes>\" or {\"prefetch\": {\"lookahead_bytes\": N}}",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ModeSpec, E> {
+                Ok(ModeSpec::Text(v.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ModeSpec, A::Error> {
+                OffloadMode::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ModeSpec::Mode)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl TryFrom<PolicyFile> for OffloadPolicy {
+    type Error = OffloadError;
+
+    fn try_from(file: PolicyFile) -> Result<Self, OffloadError> {
+        Self::from_file(file)
+    }
 }
 
 impl OffloadPolicy {
@@ -177,8 +224,10 @@ impl OffloadPolicy {
         };
         policy.params = file.params;
         policy.min_tensor_bytes = file.min_tensor_bytes;
-        if let Some(mode) = file.mode {
-            policy.mode = mode.parse()?;
+        match file.mode {
+            Some(ModeSpec::Text(text)) => policy.mode = text.parse()?,
+            Some(ModeSpec::Mode(mode)) => policy.mode = mode,
+            None => {}
         }
         if let Some(pin) = file.pin_memory {
             policy.pin_memory = pin;
@@ -188,7 +237,7 @@ impl OffloadPolicy {
     }
 
     /// Checks the filters and the mode (a `Prefetch` lookahead of 0 is refused); also done by
-    /// [`apply`](Self::apply) and when parsing a policy file.
+    /// [`apply`](Self::apply) and when parsing or deserialising a policy.
     pub fn validate(&self) -> Result<(), OffloadError> {
         if self.mode == (OffloadMode::Prefetch { lookahead_bytes: 0 }) {
             return Err(OffloadError::ZeroPrefetchLookahead);
