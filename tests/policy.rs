@@ -393,6 +393,12 @@ fn report_totals_and_display() {
     );
     assert!(summary.contains("in 6 of 14 tensors"), "{summary}");
     assert!(summary.contains("mode copy"), "{summary}");
+    // Sizes in human units (a tiny model is not `0.000 GiB`).
+    assert_eq!(
+        summary,
+        "Total CPU offloaded parameters: 1.16 KiB in 6 of 14 tensors (2.45 KiB in all, budget \
+         1.16 KiB per device, mode copy)"
+    );
 
     let text = report.to_string();
     assert!(

@@ -6,6 +6,7 @@ mod walk;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub(crate) use report::human_bytes;
 pub use report::{OffloadReport, ParamReport, Placement};
 pub(crate) use walk::{ParamAction, walk_params};
 
@@ -15,7 +16,6 @@ use crate::mode::OffloadMode;
 use crate::target::{DeviceMemory, TargetDevice};
 
 const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
 
 /// Which parameters to keep in host memory, and how ops read them.
 ///
@@ -336,10 +336,10 @@ impl OffloadPolicy {
         let mut warnings = Vec::new();
         if self.max_bytes > eligible_bytes {
             warnings.push(format!(
-                "the budget of {:.3} GiB is larger than the {:.3} GiB of eligible parameters: \
-                 all of them are offloaded; a smaller budget keeps more on the device",
-                self.max_gib(),
-                eligible_bytes as f64 / GIB
+                "the budget of {} is larger than the {} of eligible parameters: all of them \
+                 are offloaded; a smaller budget keeps more on the device",
+                human_bytes(self.max_bytes),
+                human_bytes(eligible_bytes)
             ));
         }
         let mut calibration = None;
@@ -403,13 +403,13 @@ fn beyond_lookahead(params: &[ParamReport], lookahead: u64) -> Option<String> {
         });
     (count > 0).then(|| {
         format!(
-            "{count} offloaded tensors ({:.3} GiB) are larger than the prefetch lookahead of \
-             {:.1} MiB: they are never prefetched, every use copies them on demand without \
-             overlap; use prefetch:{} (twice the largest, {:.1} MiB) or more",
-            bytes as f64 / GIB,
-            lookahead as f64 / MIB,
+            "{count} offloaded tensors ({}) are larger than the prefetch lookahead of {}: they \
+             are never prefetched, every use copies them on demand without overlap; use \
+             prefetch:{} (twice the largest, {}) or more",
+            human_bytes(bytes),
+            human_bytes(lookahead),
             largest.saturating_mul(2),
-            largest as f64 / MIB
+            human_bytes(largest)
         )
     })
 }
@@ -459,13 +459,12 @@ fn offload_not_needed(
         None => "; each forward then moves them over the bus again".to_string(),
     };
     Some(format!(
-        "{:.3} GiB of parameters are offloaded although all {:.3} GiB of them fit in the {:.2} \
-         GiB free on {device} (of {:.2} GiB){cost}; use a budget of 0 (`--offload-gb 0`), or \
-         offload only what does not fit",
-        offloaded as f64 / GIB,
-        all as f64 / GIB,
-        memory.free as f64 / GIB,
-        memory.total as f64 / GIB,
+        "{} of parameters are offloaded although all {} of them fit in the {} free on {device} \
+         (of {}){cost}; use a budget of 0 (`--offload-gb 0`), or offload only what does not fit",
+        human_bytes(offloaded),
+        human_bytes(all),
+        human_bytes(memory.free),
+        human_bytes(memory.total),
     ))
 }
 
@@ -475,6 +474,34 @@ mod tests {
 
     const G: u64 = 1 << 30;
 
+    fn row(path: &str, bytes: u64, placement: Placement) -> ParamReport {
+        ParamReport {
+            path: path.into(),
+            shape: vec![bytes as usize / 4],
+            dtype: "f32".into(),
+            bytes,
+            placement,
+            moved: true,
+        }
+    }
+
+    #[test]
+    fn lookahead_warning_uses_human_sizes() {
+        let params = [
+            row("a", 3 << 20, Placement::Host),
+            row("b", 1 << 20, Placement::Host),
+            row("c", 8 << 20, Placement::Device),
+        ];
+        let w = beyond_lookahead(&params, 2 << 20).expect("a is larger");
+        assert_eq!(
+            w,
+            "1 offloaded tensors (3.00 MiB) are larger than the prefetch lookahead of 2.00 MiB: \
+             they are never prefetched, every use copies them on demand without overlap; use \
+             prefetch:6291456 (twice the largest, 3.00 MiB) or more"
+        );
+        assert_eq!(beyond_lookahead(&params, 3 << 20), None);
+    }
+
     #[test]
     fn warns_only_when_the_whole_model_fits() {
         let memory = DeviceMemory {
@@ -482,9 +509,13 @@ mod tests {
             total: 80 * G,
         };
         let w = offload_not_needed("Cuda(0)", 2 * G, 14 * G, memory, None).expect("fits");
-        assert!(w.contains("2.000 GiB") && w.contains("14.000 GiB"), "{w}");
         assert!(
-            w.contains("70.00 GiB free on Cuda(0)") && w.contains("--offload-gb 0"),
+            w.starts_with("2.00 GiB of parameters are offloaded although all 14.0 GiB"),
+            "{w}"
+        );
+        assert!(
+            w.contains("fit in the 70.0 GiB free on Cuda(0) (of 80.0 GiB)")
+                && w.contains("--offload-gb 0"),
             "{w}"
         );
         // Too big for 90 % of the free memory, or nothing offloaded: no warning.
