@@ -598,6 +598,32 @@ fn a_prefetch_lookahead_of_zero_is_rejected() {
     );
 }
 
+#[test]
+fn a_filter_matching_no_parameter_gets_its_own_warning() {
+    let (_, report) = filters(&["mlpp"]).apply(net()).unwrap();
+    assert_eq!(report.offloaded_tensors(), 0);
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let w = &report.warnings[0];
+    assert!(
+        w.starts_with("parameter filter `mlpp` matches no parameter;"),
+        "{w}"
+    );
+    assert!(!w.contains("all of them are offloaded"), "{w}");
+    // Several, one of which matches: the others are named together.
+    let (_, report) = filters(&["attn", "mlp", "ml"]).apply(net()).unwrap();
+    assert!(
+        report.warnings[0].starts_with("parameter filters `attn`, `ml` match no parameter"),
+        "{:?}",
+        report.warnings
+    );
+    // Every filter matching something: no such warning.
+    let (_, report) = OffloadPolicy::from_bytes(BLOCK_BYTES)
+        .params(["mlp", "head"])
+        .apply(net())
+        .unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+}
+
 const BAD_FILTERS: &[&str] = &["", "mlp..up", ".mlp", "mlp.", ".", "ml p", "mlp.*"];
 
 #[test]
