@@ -862,3 +862,50 @@ fn policies_round_trip_through_serde_in_every_mode() {
         assert_eq!(back, policy, "{toml}");
     }
 }
+
+/// `(target, message)` of every warning logged in this test binary.
+static LOGGED_WARNINGS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+struct WarningCapture;
+
+impl log::Log for WarningCapture {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record) {
+        if record.level() == log::Level::Warn {
+            let entry = (record.target().to_string(), record.args().to_string());
+            LOGGED_WARNINGS.lock().unwrap().push(entry);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+#[test]
+fn report_warnings_are_logged_under_their_own_target() {
+    // The only logger of this test binary; other tests' warnings are told apart by the filter.
+    log::set_logger(&WarningCapture).unwrap();
+    log::set_max_level(log::LevelFilter::Warn);
+    let filter = "only_in_the_log_target_test";
+    let (_, report) = filters(&[filter]).apply(net()).unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let logged: Vec<_> = LOGGED_WARNINGS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, message)| message.contains(filter))
+        .cloned()
+        .collect();
+    // Logged once, under the target a program that prints the report can turn off.
+    assert_eq!(
+        logged,
+        [(
+            burn_offload::policy::WARNINGS_LOG_TARGET.to_string(),
+            report.warnings[0].clone()
+        )]
+    );
+    // Under the crate's prefix, so `RUST_LOG=burn_offload=warn` still shows them.
+    assert!(burn_offload::policy::WARNINGS_LOG_TARGET.starts_with("burn_offload::"));
+}

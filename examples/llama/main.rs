@@ -141,7 +141,14 @@ fn parse_mode(s: &str) -> Result<OffloadMode, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // `apply` logs its warnings and puts them in the report, which is printed below: they are
+    // shown there, once, and not logged.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .filter_module(
+            burn_offload::policy::WARNINGS_LOG_TARGET,
+            log::LevelFilter::Off,
+        )
+        .init();
     let args = Args::parse();
     match run(&args) {
         Ok(code) => code,

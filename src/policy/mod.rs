@@ -17,6 +17,12 @@ use crate::target::{DeviceMemory, TargetDevice};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The log target of the warnings [`OffloadPolicy::apply`] logs (with `log::warn!`), which are
+/// also in [`OffloadReport::warnings`]. A program that prints the report can turn this target off
+/// (e.g. env_logger's `filter_module(WARNINGS_LOG_TARGET, LevelFilter::Off)`) so that each
+/// warning is shown once.
+pub const WARNINGS_LOG_TARGET: &str = "burn_offload::policy::warnings";
+
 /// Which parameters to keep in host memory, and how ops read them.
 ///
 /// Walks the parameters in module order and offloads each eligible one while the running
@@ -377,7 +383,7 @@ impl OffloadPolicy {
             prefetch_lookahead_bytes: prefetch_lookahead,
         };
         for w in &report.warnings {
-            log::warn!("{w}");
+            log::warn!(target: WARNINGS_LOG_TARGET, "{w}");
         }
         log::info!("{}", report.summary());
         Ok((module, report))
