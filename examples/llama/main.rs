@@ -96,7 +96,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
     /// GiB of parameters to keep in host memory (vLLM's --cpu-offload-gb).
-    #[arg(long, default_value_t = 0.0)]
+    // Negative numbers are taken as values, so that the policy says what is wrong with them.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     offload_gb: f64,
     /// Only offload parameters matching these dotted segments (comma list, e.g. `mlp,attn.wq`).
     #[arg(long)]
@@ -865,5 +866,17 @@ mod tests {
         assert!(report.warnings.is_empty(), "{report}");
         assert!(report.offloaded_tensors() > 0, "{report}");
         assert!(report.offloaded_tensors() < report.params.len(), "{report}");
+    }
+
+    #[test]
+    fn a_negative_budget_reaches_the_policy_and_fails_with_its_message() {
+        let args = Args::try_parse_from(["llama", "--offload-gb", "-1"])
+            .expect("a negative --offload-gb is a value, not a flag");
+        assert_eq!(args.offload_gb, -1.0);
+        let err = run(&args).expect_err("a negative budget").to_string();
+        assert!(
+            err.starts_with("invalid offload budget -1 GiB: give a finite number of GiB >= 0"),
+            "{err}"
+        );
     }
 }
