@@ -13,6 +13,26 @@ pub enum OffloadError {
         /// The value as given.
         value: f64,
     },
+    /// The offload budget in GiB is larger than the most bytes a budget can hold
+    /// ([`OffloadPolicy::MAX_GIB`](crate::OffloadPolicy::MAX_GIB), `u64::MAX` bytes rounded
+    /// down to whole GiB).
+    #[error(
+        "offload budget {value} GiB is too large: the largest accepted budget is {max} GiB; give \
+         at most that (any budget at least the model's size offloads every eligible parameter)"
+    )]
+    BudgetTooLarge {
+        /// The value as given.
+        value: f64,
+        /// The largest accepted value in GiB.
+        max: f64,
+    },
+    /// A `prefetch` mode with a lookahead of 0 bytes, which could never prefetch anything.
+    #[error(
+        "invalid offload mode `prefetch:0`: a lookahead of 0 bytes never prefetches anything; give \
+         a positive lookahead (`prefetch:<bytes>`, or `prefetch` for the default of 256 MiB) or \
+         use `copy`"
+    )]
+    ZeroPrefetchLookahead,
     /// A parameter-name filter is empty or has an empty dotted segment.
     #[error(
         "invalid parameter filter {filter:?}: {reason}; use dotted name segments such as `mlp` or `experts.w2_weight`"

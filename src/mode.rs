@@ -4,11 +4,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::OffloadError;
 
-/// Environment variable: when `1`, offloaded tensors are never read in place (vLLM's
-/// `VLLM_WEIGHT_OFFLOADING_DISABLE_UVA`): every use makes a transient device copy.
+/// Environment variable: when set to a true value (see [`parse_env_flag`]), offloaded tensors
+/// are never read in place (vLLM's `VLLM_WEIGHT_OFFLOADING_DISABLE_UVA`): every use makes a
+/// transient device copy.
 pub const ENV_DISABLE_UVA: &str = "BURN_OFFLOAD_DISABLE_UVA";
-/// Environment variable: when `1`, host memory is never pinned (vLLM's
-/// `VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY`).
+/// Environment variable: when set to a true value (see [`parse_env_flag`]), host memory is
+/// never pinned (vLLM's `VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY`).
 pub const ENV_DISABLE_PIN_MEMORY: &str = "BURN_OFFLOAD_DISABLE_PIN_MEMORY";
 
 /// Lookahead of [`OffloadMode::Prefetch`] when `prefetch` is given without a size: 256 MiB.
@@ -17,8 +18,10 @@ pub const DEFAULT_PREFETCH_LOOKAHEAD_BYTES: u64 = 256 << 20;
 /// How an op reads an offloaded tensor.
 ///
 /// Parsed from (and displayed as) `uva`, `copy`, `auto`, `prefetch` (default lookahead,
-/// [`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or `prefetch:<bytes>`. With serde, unit modes are
-/// strings (`"uva"`) and prefetch is `{"prefetch": {"lookahead_bytes": N}}`.
+/// [`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or `prefetch:<bytes>` (`bytes` > 0). With serde, unit
+/// modes are strings (`"uva"`) and prefetch is `{"prefetch": {"lookahead_bytes": N}}`; a
+/// lookahead of 0 is refused where a policy is validated
+/// ([`OffloadPolicy::validate`](crate::OffloadPolicy::validate)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OffloadMode {
@@ -59,9 +62,10 @@ impl std::str::FromStr for OffloadMode {
                 lookahead_bytes: DEFAULT_PREFETCH_LOOKAHEAD_BYTES,
             }),
             other => match other.strip_prefix("prefetch:") {
-                Some(bytes) => Ok(Self::Prefetch {
-                    lookahead_bytes: bytes.trim().parse().map_err(|_| unknown())?,
-                }),
+                Some(bytes) => match bytes.trim().parse().map_err(|_| unknown())? {
+                    0 => Err(OffloadError::ZeroPrefetchLookahead),
+                    lookahead_bytes => Ok(Self::Prefetch { lookahead_bytes }),
+                },
                 None => Err(unknown()),
             },
         }
@@ -79,10 +83,53 @@ impl std::fmt::Display for OffloadMode {
     }
 }
 
+/// The value of an environment switch: `Some(true)` for `1`, `true`, `yes`, `on`,
+/// `Some(false)` for `0`, `false`, `no`, `off` (any case, surrounding whitespace ignored), `None`
+/// for anything else.
+pub fn parse_env_flag(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// The warning for switch `name` set to `value`, which [`parse_env_flag`] does not recognise.
+fn unrecognised_flag_warning(name: &str, value: &str) -> String {
+    format!(
+        "{name}={value:?} is not recognised, so {name} is treated as unset; set it to 1, true, \
+         yes or on to switch it on, or 0, false, no or off (any case)"
+    )
+}
+
+/// Whether this is the first call for `name` in this process (each variable warns once).
+fn first_warning(name: &str) -> bool {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.iter().any(|n| n == name) {
+        false
+    } else {
+        warned.push(name.to_string());
+        true
+    }
+}
+
+/// Whether switch `name` is on. Unset, empty or off: `false`; an unrecognised value counts as
+/// unset and is logged (once per variable and process) with the spellings that work.
 fn env_flag(name: &str) -> bool {
-    std::env::var(name)
-        .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes"))
-        .unwrap_or(false)
+    let Some(value) = std::env::var_os(name) else {
+        return false;
+    };
+    let value = value.to_string_lossy();
+    match parse_env_flag(&value) {
+        Some(on) => on,
+        None => {
+            if !value.trim().is_empty() && first_warning(name) {
+                log::warn!("{}", unrecognised_flag_warning(name, &value));
+            }
+            false
+        }
+    }
 }
 
 /// `mode` after the environment overrides ([`ENV_DISABLE_UVA`] turns `Uva` and `Auto` into
@@ -105,4 +152,89 @@ pub fn in_place_disabled() -> bool {
 /// `pin_memory` after the environment overrides ([`ENV_DISABLE_PIN_MEMORY`]).
 pub fn effective_pin_memory(pin_memory: bool) -> bool {
     pin_memory && !env_flag(ENV_DISABLE_PIN_MEMORY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_flag_spellings() {
+        let table: &[(&str, Option<bool>)] = &[
+            ("1", Some(true)),
+            ("true", Some(true)),
+            ("TRUE", Some(true)),
+            ("True", Some(true)),
+            ("yes", Some(true)),
+            ("YES", Some(true)),
+            ("on", Some(true)),
+            ("On", Some(true)),
+            (" 1\n", Some(true)),
+            ("\ton ", Some(true)),
+            ("0", Some(false)),
+            ("false", Some(false)),
+            ("FALSE", Some(false)),
+            ("no", Some(false)),
+            ("No", Some(false)),
+            ("off", Some(false)),
+            ("OFF", Some(false)),
+            (" off ", Some(false)),
+            ("", None),
+            ("  ", None),
+            ("2", None),
+            ("-1", None),
+            ("01", None),
+            ("y", None),
+            ("n", None),
+            ("enable", None),
+            ("disabled", None),
+            ("truee", None),
+            ("o n", None),
+        ];
+        for &(value, expected) in table {
+            assert_eq!(parse_env_flag(value), expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn unrecognised_flag_warning_says_what_works() {
+        let w = unrecognised_flag_warning(ENV_DISABLE_UVA, "maybe");
+        assert!(
+            w.starts_with("BURN_OFFLOAD_DISABLE_UVA=\"maybe\" is not recognised"),
+            "{w}"
+        );
+        assert!(w.contains("treated as unset"), "{w}");
+        for spelling in ["1, true, yes or on", "0, false, no or off"] {
+            assert!(w.contains(spelling), "{w}");
+        }
+    }
+
+    #[test]
+    fn first_warning_is_once_per_name() {
+        assert!(first_warning("BURN_OFFLOAD_TEST_FLAG_A"));
+        assert!(!first_warning("BURN_OFFLOAD_TEST_FLAG_A"));
+        assert!(first_warning("BURN_OFFLOAD_TEST_FLAG_B"));
+        assert!(!first_warning("BURN_OFFLOAD_TEST_FLAG_A"));
+        assert!(!first_warning("BURN_OFFLOAD_TEST_FLAG_B"));
+    }
+
+    #[test]
+    fn prefetch_zero_is_refused_with_the_fix() {
+        for text in ["prefetch:0", " Prefetch: 0 ", "prefetch:00"] {
+            assert_eq!(
+                text.parse::<OffloadMode>(),
+                Err(OffloadError::ZeroPrefetchLookahead),
+                "{text}"
+            );
+        }
+        let message = OffloadError::ZeroPrefetchLookahead.to_string();
+        assert!(
+            message.contains("positive lookahead") && message.contains("`copy`"),
+            "{message}"
+        );
+        assert_eq!(
+            "prefetch:1".parse::<OffloadMode>(),
+            Ok(OffloadMode::Prefetch { lookahead_bytes: 1 })
+        );
+    }
 }

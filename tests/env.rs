@@ -1,5 +1,5 @@
-//! The environment switches. Environment variables are process-wide, so this file (its own
-//! test binary) has a single test.
+//! The environment switches. Environment variables (and the logger that records their
+//! warnings) are process-wide, so this file (its own test binary) has a single test.
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
@@ -12,6 +12,31 @@ use burn_offload::{
 };
 
 type B = OffloadBackend<NdArray>;
+
+/// The warnings logged about the environment switches (messages naming one of them).
+static SWITCH_WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records the warnings that name an environment switch.
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record) {
+        let message = record.args().to_string();
+        if record.level() == log::Level::Warn && message.contains("BURN_OFFLOAD_DISABLE_") {
+            SWITCH_WARNINGS.lock().unwrap().push(message);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn switch_warnings() -> Vec<String> {
+    SWITCH_WARNINGS.lock().unwrap().clone()
+}
 
 /// Applies a Uva policy to a linear layer, runs it on one row, and returns the report's mode
 /// and the (zero-copy ops, transient uploads) of that forward pass.
@@ -66,6 +91,8 @@ fn run_prefetch_embedding() -> (OffloadMode, u64, u64) {
 #[test]
 fn environment_switches_override_the_policy() {
     let cpu = NdArrayDevice::Cpu;
+    log::set_logger(&Capture).unwrap();
+    log::set_max_level(log::LevelFilter::Warn);
     // SAFETY: this is the only test in this binary, so no other thread reads the environment.
     unsafe {
         std::env::remove_var(ENV_DISABLE_UVA);
@@ -131,4 +158,74 @@ fn environment_switches_override_the_policy() {
     let (mode, zero_copy, _) = run_uva();
     assert_eq!(mode, OffloadMode::Uva);
     assert_eq!(zero_copy, 1);
+    assert!(switch_warnings().is_empty(), "{:?}", switch_warnings());
+
+    // Other spellings, in any case and with spaces around them.
+    for (value, on) in [
+        (" TRUE ", true),
+        ("Yes", true),
+        ("on", true),
+        ("OFF", false),
+        ("no", false),
+        ("False", false),
+    ] {
+        // SAFETY: as above.
+        unsafe {
+            std::env::set_var(ENV_DISABLE_UVA, value);
+            std::env::set_var(ENV_DISABLE_PIN_MEMORY, value);
+        }
+        let (mode, _, _) = run_uva();
+        let expected = if on {
+            OffloadMode::Copy
+        } else {
+            OffloadMode::Uva
+        };
+        assert_eq!(mode, expected, "{ENV_DISABLE_UVA}={value:?}");
+        assert_eq!(uva_context().pin_memory, !on, "{value:?}");
+    }
+    assert!(switch_warnings().is_empty(), "{:?}", switch_warnings());
+
+    // An unrecognised value counts as unset and warns once per variable, with what works.
+    // SAFETY: as above.
+    unsafe {
+        std::env::set_var(ENV_DISABLE_UVA, "maybe");
+        std::env::set_var(ENV_DISABLE_PIN_MEMORY, "2");
+    }
+    for _ in 0..3 {
+        let (mode, zero_copy, _) = run_uva();
+        assert_eq!(mode, OffloadMode::Uva);
+        assert_eq!(zero_copy, 1);
+        assert!(uva_context().pin_memory);
+    }
+    let warnings = switch_warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    let uva = warnings
+        .iter()
+        .find(|w| w.starts_with("BURN_OFFLOAD_DISABLE_UVA=\"maybe\" is not recognised"))
+        .unwrap_or_else(|| panic!("{warnings:?}"));
+    assert!(
+        uva.contains("1, true, yes or on") && uva.contains("0, false, no or off"),
+        "{uva}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("BURN_OFFLOAD_DISABLE_PIN_MEMORY=\"2\" is not recognised")),
+        "{warnings:?}"
+    );
+    // Once per variable and process, whatever the next bad value.
+    // SAFETY: as above.
+    unsafe {
+        std::env::set_var(ENV_DISABLE_UVA, "enable");
+    }
+    let _ = run_uva();
+    assert_eq!(switch_warnings().len(), 2, "{:?}", switch_warnings());
+    // An empty value is unset, without a warning.
+    // SAFETY: as above.
+    unsafe {
+        std::env::set_var(ENV_DISABLE_UVA, "");
+        std::env::remove_var(ENV_DISABLE_PIN_MEMORY);
+    }
+    let (mode, _, _) = run_uva();
+    assert_eq!(mode, OffloadMode::Uva);
 }

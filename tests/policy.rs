@@ -393,6 +393,12 @@ fn report_totals_and_display() {
     );
     assert!(summary.contains("in 6 of 14 tensors"), "{summary}");
     assert!(summary.contains("mode copy"), "{summary}");
+    // Sizes in human units (a tiny model is not `0.000 GiB`).
+    assert_eq!(
+        summary,
+        "Total CPU offloaded parameters: 1.16 KiB in 6 of 14 tensors (2.45 KiB in all, budget \
+         1.16 KiB per device, mode copy)"
+    );
 
     let text = report.to_string();
     assert!(
@@ -510,6 +516,112 @@ fn invalid_budgets_are_rejected() {
         OffloadPolicy::from_json(r#"{"max_gib": -0.5}"#),
         Err(OffloadError::InvalidBudget { value }) if value == -0.5
     ));
+}
+
+#[test]
+fn budgets_too_large_to_represent_are_rejected() {
+    let max = OffloadPolicy::MAX_GIB;
+    assert_eq!(max, 17179869183.0);
+    // The largest accepted budget is exact, just below u64::MAX bytes.
+    assert_eq!(
+        OffloadPolicy::from_gib(max).unwrap().max_bytes,
+        (u64::MAX >> 30) << 30
+    );
+    for value in [1e30, max + 1.0, 2.0f64.powi(34), f64::MAX] {
+        match OffloadPolicy::from_gib(value) {
+            Err(OffloadError::BudgetTooLarge { value: got, max: m }) => {
+                assert_eq!((got, m), (value, max));
+            }
+            other => panic!("from_gib({value}) gave {other:?}"),
+        }
+    }
+    let err = OffloadPolicy::from_gib(1e30).unwrap_err().to_string();
+    assert!(
+        err.contains("the largest accepted budget is 17179869183 GiB"),
+        "{err}"
+    );
+    // In policy files and through serde too.
+    let too_large = |r: Result<OffloadPolicy, OffloadError>| match r {
+        Err(OffloadError::BudgetTooLarge { value, .. }) => value == 1e30,
+        _ => false,
+    };
+    assert!(too_large(OffloadPolicy::from_toml("max_gib = 1e30")));
+    assert!(too_large(OffloadPolicy::from_json(r#"{"max_gib": 1e30}"#)));
+    let err = serde_json::from_str::<OffloadPolicy>(r#"{"max_gib": 1e30}"#).unwrap_err();
+    assert!(err.to_string().contains("17179869183 GiB"), "{err}");
+}
+
+#[test]
+fn a_prefetch_lookahead_of_zero_is_rejected() {
+    let zero = OffloadMode::Prefetch { lookahead_bytes: 0 };
+    assert_eq!(
+        "prefetch:0".parse::<OffloadMode>(),
+        Err(OffloadError::ZeroPrefetchLookahead)
+    );
+    let message = OffloadError::ZeroPrefetchLookahead.to_string();
+    assert!(
+        message.contains("give a positive lookahead") && message.contains("use `copy`"),
+        "{message}"
+    );
+    // The builder: refused by validate and apply.
+    let policy = OffloadPolicy::from_bytes(u64::MAX).mode(zero);
+    assert_eq!(policy.validate(), Err(OffloadError::ZeroPrefetchLookahead));
+    assert_eq!(
+        policy.apply(net()).map(|_| ()),
+        Err(OffloadError::ZeroPrefetchLookahead)
+    );
+    // Policy files, as a string or in OffloadMode's serde form, and serde itself.
+    for result in [
+        OffloadPolicy::from_toml("mode = \"prefetch:0\""),
+        OffloadPolicy::from_toml("mode = { prefetch = { lookahead_bytes = 0 } }"),
+        OffloadPolicy::from_json(r#"{"mode": "prefetch:0"}"#),
+        OffloadPolicy::from_json(r#"{"mode": {"prefetch": {"lookahead_bytes": 0}}}"#),
+    ] {
+        assert_eq!(result, Err(OffloadError::ZeroPrefetchLookahead));
+    }
+    for json in [
+        r#"{"mode": "prefetch:0"}"#,
+        r#"{"mode": {"prefetch": {"lookahead_bytes": 0}}}"#,
+    ] {
+        let err = serde_json::from_str::<OffloadPolicy>(json).unwrap_err();
+        assert!(
+            err.to_string().contains("positive lookahead"),
+            "{json}: {err}"
+        );
+    }
+    // One byte is a (tiny) lookahead.
+    assert!(
+        OffloadPolicy::from_bytes(1)
+            .mode(OffloadMode::Prefetch { lookahead_bytes: 1 })
+            .validate()
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_filter_matching_no_parameter_gets_its_own_warning() {
+    let (_, report) = filters(&["mlpp"]).apply(net()).unwrap();
+    assert_eq!(report.offloaded_tensors(), 0);
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let w = &report.warnings[0];
+    assert!(
+        w.starts_with("parameter filter `mlpp` matches no parameter;"),
+        "{w}"
+    );
+    assert!(!w.contains("all of them are offloaded"), "{w}");
+    // Several, one of which matches: the others are named together.
+    let (_, report) = filters(&["attn", "mlp", "ml"]).apply(net()).unwrap();
+    assert!(
+        report.warnings[0].starts_with("parameter filters `attn`, `ml` match no parameter"),
+        "{:?}",
+        report.warnings
+    );
+    // Every filter matching something: no such warning.
+    let (_, report) = OffloadPolicy::from_bytes(BLOCK_BYTES)
+        .params(["mlp", "head"])
+        .apply(net())
+        .unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
 }
 
 const BAD_FILTERS: &[&str] = &["", "mlp..up", ".mlp", "mlp.", ".", "ml p", "mlp.*"];
@@ -666,4 +778,134 @@ fn malformed_policy_files_are_rejected() {
         "json",
         "negative bytes",
     );
+}
+
+#[test]
+fn serde_deserialisation_is_validated_like_policy_files() {
+    let de = |json: &str| serde_json::from_str::<OffloadPolicy>(json);
+    for (json, expected) in [
+        (
+            r#"{"max_bytes": 1, "params": ["mlp..up"]}"#,
+            "invalid parameter filter \"mlp..up\"",
+        ),
+        (r#"{"params": [""]}"#, "invalid parameter filter \"\""),
+        (
+            r#"{"max_bytes": 10, "max_gib": 1.0}"#,
+            "give either `max_bytes` or `max_gib`, not both",
+        ),
+        (r#"{"mode": "fast"}"#, "unknown offload mode \"fast\""),
+        (r#"{"mode": "prefetch:0"}"#, "positive lookahead"),
+        (r#"{"max_gib": 1e30}"#, "too large"),
+        (r#"{"max_gib": -1.0}"#, "invalid offload budget -1 GiB"),
+        (r#"{"max_gb": 1.0}"#, "unknown field `max_gb`"),
+        (r#"{"mode": 3}"#, "an offload mode"),
+        (
+            r#"{"mode": {"prefetch": {"lookahead": 4}}}"#,
+            "lookahead_bytes",
+        ),
+    ] {
+        let err = de(json).unwrap_err().to_string();
+        assert!(err.contains(expected), "{json}: {err}");
+    }
+    // The same as from_json where the input is valid, including the file form of a mode.
+    for json in [
+        r#"{"max_gib": 0.5, "params": ["mlp"], "mode": "Copy", "pin_memory": false}"#,
+        r#"{"max_bytes": 1234, "mode": "prefetch:4096"}"#,
+        r#"{"mode": {"prefetch": {"lookahead_bytes": 4096}}}"#,
+        r#"{"mode": "prefetch"}"#,
+        "{}",
+    ] {
+        assert_eq!(de(json).unwrap(), OffloadPolicy::from_json(json).unwrap());
+    }
+    assert_eq!(
+        OffloadPolicy::from_toml("mode = { prefetch = { lookahead_bytes = 4096 } }")
+            .unwrap()
+            .mode,
+        OffloadMode::Prefetch {
+            lookahead_bytes: 4096
+        }
+    );
+}
+
+#[test]
+fn policies_round_trip_through_serde_in_every_mode() {
+    let modes = [
+        OffloadMode::Uva,
+        OffloadMode::Copy,
+        OffloadMode::Auto,
+        OffloadMode::Prefetch { lookahead_bytes: 1 },
+        "prefetch".parse().unwrap(),
+    ];
+    for mode in modes {
+        for policy in [
+            OffloadPolicy::from_bytes(12345)
+                .params(["mlp", "attn.wq"])
+                .min_tensor_bytes(64)
+                .mode(mode)
+                .pin_memory(false),
+            OffloadPolicy::from_bytes(u64::MAX).mode(mode),
+        ] {
+            let json = serde_json::to_string(&policy).unwrap();
+            let back: OffloadPolicy = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, policy, "{json}");
+            assert_eq!(OffloadPolicy::from_json(&json).unwrap(), policy, "{json}");
+            let value = serde_json::to_value(&policy).unwrap();
+            assert_eq!(value["mode"], serde_json::to_value(mode).unwrap());
+        }
+        let policy = OffloadPolicy::from_gib(1.5)
+            .unwrap()
+            .params(["mlp"])
+            .mode(mode);
+        let toml = toml::to_string(&policy).unwrap();
+        assert_eq!(OffloadPolicy::from_toml(&toml).unwrap(), policy, "{toml}");
+        let back: OffloadPolicy = toml::from_str(&toml).unwrap();
+        assert_eq!(back, policy, "{toml}");
+    }
+}
+
+/// `(target, message)` of every warning logged in this test binary.
+static LOGGED_WARNINGS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+struct WarningCapture;
+
+impl log::Log for WarningCapture {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record) {
+        if record.level() == log::Level::Warn {
+            let entry = (record.target().to_string(), record.args().to_string());
+            LOGGED_WARNINGS.lock().unwrap().push(entry);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+#[test]
+fn report_warnings_are_logged_under_their_own_target() {
+    // The only logger of this test binary; other tests' warnings are told apart by the filter.
+    log::set_logger(&WarningCapture).unwrap();
+    log::set_max_level(log::LevelFilter::Warn);
+    let filter = "only_in_the_log_target_test";
+    let (_, report) = filters(&[filter]).apply(net()).unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let logged: Vec<_> = LOGGED_WARNINGS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, message)| message.contains(filter))
+        .cloned()
+        .collect();
+    // Logged once, under the target a program that prints the report can turn off.
+    assert_eq!(
+        logged,
+        [(
+            burn_offload::policy::WARNINGS_LOG_TARGET.to_string(),
+            report.warnings[0].clone()
+        )]
+    );
+    // Under the crate's prefix, so `RUST_LOG=burn_offload=warn` still shows them.
+    assert!(burn_offload::policy::WARNINGS_LOG_TARGET.starts_with("burn_offload::"));
 }

@@ -2,7 +2,7 @@
 //! like vLLM's `--cpu-offload-gb`.
 //!
 //! ```text
-//! cargo run --release --example llama -- --preset tiny --offload-gb 0.0005 --mode uva
+//! cargo run --release --example llama -- --preset tiny --offload-gb 0.0002 --mode uva
 //! cargo run --release --example llama -- --preset small --offload-gb 0.05 --offload-params mlp
 //! # larger than an 80 GB card (100.7 GB in bf16), 40 GiB of it in host memory:
 //! cargo run --release --features cuda --example llama -- --device cuda --dtype bf16 \
@@ -96,7 +96,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
     /// GiB of parameters to keep in host memory (vLLM's --cpu-offload-gb).
-    #[arg(long, default_value_t = 0.0)]
+    // Negative numbers are taken as values, so that the policy says what is wrong with them.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     offload_gb: f64,
     /// Only offload parameters matching these dotted segments (comma list, e.g. `mlp,attn.wq`).
     #[arg(long)]
@@ -141,7 +142,14 @@ fn parse_mode(s: &str) -> Result<OffloadMode, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // `apply` logs its warnings and puts them in the report, which is printed below: they are
+    // shown there, once, and not logged.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .filter_module(
+            burn_offload::policy::WARNINGS_LOG_TARGET,
+            log::LevelFilter::Off,
+        )
+        .init();
     let args = Args::parse();
     match run(&args) {
         Ok(code) => code,
@@ -820,4 +828,54 @@ fn reference_does_not_fit(
             free as f64 / GIB
         )
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arguments of the README's first command, `cargo run ... --example llama -- ARGS`.
+    fn readme_args() -> Args {
+        let readme = include_str!("../../README.md");
+        let command = readme
+            .lines()
+            .find(|l| l.starts_with("cargo run --release --example llama -- "))
+            .expect("the README runs the example");
+        // The same command in CI and in this file's doc comment.
+        let args = command.split(" -- ").nth(1).expect("arguments");
+        assert!(
+            include_str!("../../.ci/run").contains(&args.replace("--mode uva", "--mode \"$mode\"")),
+            "{args}"
+        );
+        assert!(include_str!("main.rs").contains(&format!("//! {command}\n")));
+        Args::try_parse_from(std::iter::once("llama").chain(args.split_whitespace()))
+            .expect("the README's arguments parse")
+    }
+
+    #[test]
+    fn the_readme_command_offloads_part_of_the_model_without_warnings() {
+        let args = readme_args();
+        let config = LlamaConfig::preset(&args.preset).unwrap();
+        let policy = OffloadPolicy::from_gib(args.offload_gb)
+            .unwrap()
+            .mode(args.mode);
+        let device = OffloadDevice::device(NdArrayDevice::Cpu);
+        let model: Llama<OffloadBackend<NdArray>> = config.init(&device);
+        let (_, report) = policy.apply(model).unwrap();
+        assert!(report.warnings.is_empty(), "{report}");
+        assert!(report.offloaded_tensors() > 0, "{report}");
+        assert!(report.offloaded_tensors() < report.params.len(), "{report}");
+    }
+
+    #[test]
+    fn a_negative_budget_reaches_the_policy_and_fails_with_its_message() {
+        let args = Args::try_parse_from(["llama", "--offload-gb", "-1"])
+            .expect("a negative --offload-gb is a value, not a flag");
+        assert_eq!(args.offload_gb, -1.0);
+        let err = run(&args).expect_err("a negative budget").to_string();
+        assert!(
+            err.starts_with("invalid offload budget -1 GiB: give a finite number of GiB >= 0"),
+            "{err}"
+        );
+    }
 }

@@ -4,8 +4,9 @@
 mod report;
 mod walk;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
+pub(crate) use report::human_bytes;
 pub use report::{OffloadReport, ParamReport, Placement};
 pub(crate) use walk::{ParamAction, in_moves, walk_params};
 
@@ -16,13 +17,23 @@ use crate::inner::{DeviceMemory, TargetDevice};
 use crate::mode::OffloadMode;
 
 const GIB: f64 = (1u64 << 30) as f64;
-const MIB: f64 = (1u64 << 20) as f64;
+
+/// The log target of the warnings [`OffloadPolicy::apply`] logs (with `log::warn!`), which are
+/// also in [`OffloadReport::warnings`]. A program that prints the report can turn this target off
+/// (e.g. env_logger's `filter_module(WARNINGS_LOG_TARGET, LevelFilter::Off)`) so that each
+/// warning is shown once.
+pub const WARNINGS_LOG_TARGET: &str = "burn_offload::policy::warnings";
 
 /// Which parameters to keep in host memory, and how ops read them.
 ///
 /// Walks the parameters in module order and offloads each eligible one while the running
-/// total is below `max_bytes` (checked before each parameter, as vLLM does, so the last one may
-/// cross it and a module may end up partly offloaded).
+/// total of its compute device is below `max_bytes` (checked before each parameter, as vLLM
+/// does, so the last one may cross it and a module may end up partly offloaded). The budget is
+/// per device, like vLLM's per-GPU `--cpu-offload-gb`.
+///
+/// Deserialising (serde) reads the same fields as [`from_toml`](Self::from_toml) and
+/// [`from_json`](Self::from_json) and validates them the same way; serialising writes
+/// `max_bytes`, and `mode` in [`OffloadMode`]'s serde form, which reads back.
 ///
 /// ```
 /// use burn_offload::{OffloadMode, OffloadPolicy};
@@ -36,6 +47,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// # Ok::<(), burn_offload::OffloadError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PolicyFile")]
 pub struct OffloadPolicy {
     /// Budget: bytes of parameters to keep in host memory (per device).
     pub max_bytes: u64,
@@ -74,8 +86,50 @@ struct PolicyFile {
     params: Vec<String>,
     #[serde(default)]
     min_tensor_bytes: u64,
-    mode: Option<String>,
+    mode: Option<ModeSpec>,
     pin_memory: Option<bool>,
+}
+
+/// A mode in a policy file: a string (`"uva"`, `"prefetch:4096"`), parsed by us, or
+/// [`OffloadMode`]'s serde form for prefetch (`{"prefetch": {"lookahead_bytes": 4096}}`), which
+/// is what serialising an [`OffloadPolicy`] writes.
+enum ModeSpec {
+    Text(String),
+    Mode(OffloadMode),
+}
+
+impl<'de> Deserialize<'de> for ModeSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ModeSpec;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an offload mode: \"uva\", \"copy\", \"auto\", \"prefetch\", \
+                     \"prefetch:<lookahead bytes>\" or {\"prefetch\": {\"lookahead_bytes\": N}}",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ModeSpec, E> {
+                Ok(ModeSpec::Text(v.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<ModeSpec, A::Error> {
+                OffloadMode::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ModeSpec::Mode)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl TryFrom<PolicyFile> for OffloadPolicy {
+    type Error = OffloadError;
+
+    fn try_from(file: PolicyFile) -> Result<Self, OffloadError> {
+        Self::from_file(file)
+    }
 }
 
 impl OffloadPolicy {
@@ -87,10 +141,21 @@ impl OffloadPolicy {
         }
     }
 
-    /// A budget in GiB (vLLM's `--cpu-offload-gb`). Errors on NaN, infinite or negative values.
+    /// The largest budget [`from_gib`](Self::from_gib) accepts: `u64::MAX` bytes rounded down
+    /// to whole GiB (17179869183 GiB).
+    pub const MAX_GIB: f64 = (u64::MAX >> 30) as f64;
+
+    /// A budget in GiB (vLLM's `--cpu-offload-gb`). Errors on NaN, infinite or negative values
+    /// and on values above [`MAX_GIB`](Self::MAX_GIB).
     pub fn from_gib(gib: f64) -> Result<Self, OffloadError> {
         if !gib.is_finite() || gib < 0.0 {
             return Err(OffloadError::InvalidBudget { value: gib });
+        }
+        if gib > Self::MAX_GIB {
+            return Err(OffloadError::BudgetTooLarge {
+                value: gib,
+                max: Self::MAX_GIB,
+            });
         }
         Ok(Self::from_bytes((gib * GIB).round() as u64))
     }
@@ -167,8 +232,10 @@ impl OffloadPolicy {
         };
         policy.params = file.params;
         policy.min_tensor_bytes = file.min_tensor_bytes;
-        if let Some(mode) = file.mode {
-            policy.mode = mode.parse()?;
+        match file.mode {
+            Some(ModeSpec::Text(text)) => policy.mode = text.parse()?,
+            Some(ModeSpec::Mode(mode)) => policy.mode = mode,
+            None => {}
         }
         if let Some(pin) = file.pin_memory {
             policy.pin_memory = pin;
@@ -177,18 +244,24 @@ impl OffloadPolicy {
         Ok(policy)
     }
 
-    /// Checks the filters (also done by [`apply`](Self::apply)).
+    /// Checks the filters and the mode (a `Prefetch` lookahead of 0 is refused); also done by
+    /// [`apply`](Self::apply) and when parsing or deserialising a policy.
     pub fn validate(&self) -> Result<(), OffloadError> {
+        if self.mode == (OffloadMode::Prefetch { lookahead_bytes: 0 }) {
+            return Err(OffloadError::ZeroPrefetchLookahead);
+        }
         self.params.iter().try_for_each(|f| validate_filter(f))
     }
 
     /// Whether `path` (a dotted parameter path) is eligible under the filters.
     pub fn matches(&self, path: &str) -> bool {
-        self.params.is_empty() || {
-            let name = format!(".{path}.");
-            self.params.iter().any(|p| name.contains(&format!(".{p}.")))
-        }
+        self.params.is_empty() || self.params.iter().any(|p| filter_matches(p, path))
     }
+}
+
+/// Whether `filter` matches whole consecutive dotted segments of `path`.
+fn filter_matches(filter: &str, path: &str) -> bool {
+    format!(".{path}.").contains(&format!(".{filter}."))
 }
 
 fn validate_filter(filter: &str) -> Result<(), OffloadError> {
@@ -215,7 +288,8 @@ impl OffloadPolicy {
     /// device memory. Returns the module and a report.
     ///
     /// - Parameters are visited in module order with full dotted paths; each eligible one is
-    ///   offloaded while the running total is below the budget.
+    ///   offloaded while the running total of its compute device is below the budget (the
+    ///   budget is per device).
     /// - Parameters already in host memory stay where they are and count towards the budget,
     ///   so applying the same policy twice changes nothing.
     /// - Lazy (uninitialised) parameters are retargeted without being initialised: when they
@@ -239,8 +313,6 @@ impl OffloadPolicy {
         let config = context.config();
         // Per compute device: (device, offloaded bytes, all bytes, largest offloaded tensor).
         let mut devices: Vec<(D, u64, u64, u64)> = Vec::new();
-        let mut total = 0u64;
-        let mut eligible_bytes = 0u64;
         let (module, params) = walk_params(module, &context, |info| {
             let device = info.device.compute();
             let index = match devices.iter().position(|(d, ..)| d == device) {
@@ -255,25 +327,15 @@ impl OffloadPolicy {
             if !eligible {
                 return ParamAction::Device;
             }
-            eligible_bytes += info.bytes;
-            if total < self.max_bytes {
-                total += info.bytes;
-                devices[index].1 += info.bytes;
+            if offload_decision(&mut devices[index].1, info.bytes, self.max_bytes) {
                 devices[index].3 = devices[index].3.max(info.bytes);
                 ParamAction::Host
             } else {
                 ParamAction::Device
             }
         });
-        let mut warnings = Vec::new();
-        if self.max_bytes > eligible_bytes {
-            warnings.push(format!(
-                "the budget of {:.3} GiB is larger than the {:.3} GiB of eligible parameters: \
-                 all of them are offloaded; a smaller budget keeps more on the device",
-                self.max_gib(),
-                eligible_bytes as f64 / GIB
-            ));
-        }
+        let offloaded: Vec<u64> = devices.iter().map(|d| d.1).collect();
+        let mut warnings = selection_warnings(self, &params, &offloaded);
         let mut calibration = None;
         let mut device_memory = None;
         let mut prefetch_lookahead = None;
@@ -318,11 +380,96 @@ impl OffloadPolicy {
             context: report::ReportContext(Some(context)),
         };
         for w in &report.warnings {
-            log::warn!("{w}");
+            log::warn!(target: WARNINGS_LOG_TARGET, "{w}");
         }
         log::info!("{}", report.summary());
         Ok((module, report))
     }
+}
+
+/// Whether an eligible parameter of `bytes` is offloaded, given `device_offloaded`, the bytes
+/// already offloaded on its compute device (updated when it is): yes while that device's total
+/// is below the per-device budget `max_bytes` (checked before, so the last one may cross it).
+fn offload_decision(device_offloaded: &mut u64, bytes: u64, max_bytes: u64) -> bool {
+    let offload = *device_offloaded < max_bytes;
+    if offload {
+        *device_offloaded = device_offloaded.saturating_add(bytes);
+    }
+    offload
+}
+
+/// The filters that match none of `paths`.
+fn unmatched_filters<'a>(filters: &'a [String], paths: &[&str]) -> Vec<&'a str> {
+    filters
+        .iter()
+        .filter(|f| !paths.iter().any(|path| filter_matches(f, path)))
+        .map(String::as_str)
+        .collect()
+}
+
+/// The warning naming the filters that match no parameter.
+fn unmatched_filters_warning(unmatched: &[&str]) -> Option<String> {
+    let names = unmatched
+        .iter()
+        .map(|f| format!("`{f}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (what, verb, them) = match unmatched.len() {
+        0 => return None,
+        1 => ("filter", "matches", "it"),
+        _ => ("filters", "match", "them"),
+    };
+    Some(format!(
+        "parameter {what} {names} {verb} no parameter; check {them} against the paths in the \
+         report (a filter matches whole dotted segments: `mlp` matches `layers.0.mlp.up.weight`, \
+         not `layers.0.mlp_norm.gamma`)"
+    ))
+}
+
+/// The warnings about what the filters and the budget selected, from the report's rows and the
+/// bytes offloaded on each compute device: filters that match no parameter; no eligible
+/// parameter at all (all below `min_tensor_bytes`); or a budget above what every device has
+/// eligible, so that everything eligible is offloaded (only claimed when something was).
+fn selection_warnings(
+    policy: &OffloadPolicy,
+    params: &[ParamReport],
+    device_offloaded: &[u64],
+) -> Vec<String> {
+    let paths: Vec<&str> = params.iter().map(|p| p.path.as_str()).collect();
+    let unmatched = unmatched_filters(&policy.params, &paths);
+    let most = device_offloaded.iter().copied().max().unwrap_or(0);
+    let mut warnings: Vec<String> = unmatched_filters_warning(&unmatched).into_iter().collect();
+    if policy.max_bytes == 0 || params.is_empty() {
+        return warnings;
+    }
+    if most == 0 {
+        // With a budget, the first eligible parameter is always offloaded: none is eligible.
+        if unmatched.len() < policy.params.len() || policy.params.is_empty() {
+            warnings.push(format!(
+                "no parameter is eligible: every parameter {}is smaller than min_tensor_bytes \
+                 ({}), so nothing is offloaded; lower min_tensor_bytes to offload some",
+                if policy.params.is_empty() {
+                    ""
+                } else {
+                    "the filters select "
+                },
+                human_bytes(policy.min_tensor_bytes)
+            ));
+        }
+    } else if policy.max_bytes > most {
+        warnings.push(format!(
+            "the budget of {} per device is larger than the {} of eligible parameters{}: all of \
+             them are offloaded; a smaller budget keeps more on the device",
+            human_bytes(policy.max_bytes),
+            human_bytes(most),
+            if device_offloaded.len() > 1 {
+                " on the device with the most"
+            } else {
+                ""
+            }
+        ));
+    }
+    warnings
 }
 
 /// The warning for a `Prefetch` lookahead smaller than some offloaded tensors: those are never
@@ -336,13 +483,13 @@ fn beyond_lookahead(params: &[ParamReport], lookahead: u64) -> Option<String> {
         });
     (count > 0).then(|| {
         format!(
-            "{count} offloaded tensors ({:.3} GiB) are larger than the prefetch lookahead of \
-             {:.1} MiB: they are never prefetched, every use copies them on demand without \
-             overlap; use prefetch:{} (twice the largest, {:.1} MiB) or more",
-            bytes as f64 / GIB,
-            lookahead as f64 / MIB,
+            "{count} offloaded tensors ({}) are larger than the prefetch lookahead of {}: they \
+             are never prefetched, every use copies them on demand without overlap; use \
+             prefetch:{} (twice the largest, {}) or more",
+            human_bytes(bytes),
+            human_bytes(lookahead),
             largest.saturating_mul(2),
-            largest as f64 / MIB
+            human_bytes(largest)
         )
     })
 }
@@ -392,13 +539,12 @@ fn offload_not_needed(
         None => "; each forward then moves them over the bus again".to_string(),
     };
     Some(format!(
-        "{:.3} GiB of parameters are offloaded although all {:.3} GiB of them fit in the {:.2} \
-         GiB free on {device} (of {:.2} GiB){cost}; use a budget of 0 (`--offload-gb 0`), or \
-         offload only what does not fit",
-        offloaded as f64 / GIB,
-        all as f64 / GIB,
-        memory.free as f64 / GIB,
-        memory.total as f64 / GIB,
+        "{} of parameters are offloaded although all {} of them fit in the {} free on {device} \
+         (of {}){cost}; use a budget of 0 (`--offload-gb 0`), or offload only what does not fit",
+        human_bytes(offloaded),
+        human_bytes(all),
+        human_bytes(memory.free),
+        human_bytes(memory.total),
     ))
 }
 
@@ -408,6 +554,177 @@ mod tests {
 
     const G: u64 = 1 << 30;
 
+    /// Runs [`offload_decision`] over `(device index, bytes, eligible)` rows in order, as
+    /// `apply`'s walk does with one running total per device.
+    fn decisions(max_bytes: u64, rows: &[(usize, u64, bool)]) -> Vec<bool> {
+        let devices = rows.iter().map(|r| r.0 + 1).max().unwrap_or(0);
+        let mut offloaded = vec![0u64; devices];
+        rows.iter()
+            .map(|&(device, bytes, eligible)| {
+                eligible && offload_decision(&mut offloaded[device], bytes, max_bytes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_budget_is_per_device() {
+        // Two devices, 100 bytes each: each takes 60 + 60 (the second crosses), then stops;
+        // an ineligible row does not count.
+        let rows = [
+            (0, 60, true),
+            (1, 60, true),
+            (0, 60, true),
+            (1, 10, false),
+            (1, 60, true),
+            (0, 60, true),
+            (1, 60, true),
+        ];
+        assert_eq!(
+            decisions(100, &rows),
+            [true, true, true, false, true, false, false]
+        );
+        // One device: the same walk as before, crossing once.
+        assert_eq!(
+            decisions(
+                100,
+                &[(0, 60, true), (0, 30, true), (0, 20, true), (0, 1, true)]
+            ),
+            [true, true, true, false]
+        );
+        // Ending exactly at the budget stops before the next one; a zero budget takes nothing.
+        assert_eq!(
+            decisions(90, &[(0, 60, true), (0, 30, true), (0, 1, true)]),
+            [true, true, false]
+        );
+        assert_eq!(decisions(0, &[(0, 1, true), (1, 1, true)]), [false, false]);
+        // A device's total saturates instead of overflowing.
+        let mut total = u64::MAX - 1;
+        assert!(offload_decision(&mut total, 10, u64::MAX));
+        assert_eq!(total, u64::MAX);
+        assert!(!offload_decision(&mut total, 10, u64::MAX));
+    }
+
+    fn row(path: &str, bytes: u64, placement: Placement) -> ParamReport {
+        ParamReport {
+            path: path.into(),
+            shape: vec![bytes as usize / 4],
+            dtype: "f32".into(),
+            bytes,
+            placement,
+            moved: true,
+        }
+    }
+
+    #[test]
+    fn filters_that_match_nothing_are_named() {
+        let filters = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let paths = [
+            "layers.0.mlp.up.weight",
+            "layers.0.mlp_norm.gamma",
+            "head.weight",
+        ];
+        assert_eq!(
+            unmatched_filters(&filters(&["mlp", "mlpp", "head", "ml"]), &paths),
+            ["mlpp", "ml"]
+        );
+        assert!(unmatched_filters(&filters(&["mlp_norm", "weight"]), &paths).is_empty());
+        assert!(unmatched_filters(&[], &paths).is_empty());
+        assert_eq!(unmatched_filters(&filters(&["mlp"]), &[]), ["mlp"]);
+
+        assert_eq!(unmatched_filters_warning(&[]), None);
+        let w = unmatched_filters_warning(&["mlpp"]).unwrap();
+        assert!(
+            w.starts_with("parameter filter `mlpp` matches no parameter; check it against"),
+            "{w}"
+        );
+        let w = unmatched_filters_warning(&["mlpp", "atn"]).unwrap();
+        assert!(
+            w.starts_with("parameter filters `mlpp`, `atn` match no parameter; check them"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn selection_warnings_say_what_happened() {
+        let params = [
+            row("a.mlp.w", 400, Placement::Host),
+            row("a.norm.g", 40, Placement::Host),
+        ];
+        let policy = |max_bytes| OffloadPolicy::from_bytes(max_bytes);
+        // A budget above everything eligible: said once, with human sizes.
+        let w = selection_warnings(&policy(1 << 20), &params, &[440]);
+        assert_eq!(
+            w,
+            [
+                "the budget of 1.00 MiB per device is larger than the 440 B of eligible \
+              parameters: all of them are offloaded; a smaller budget keeps more on the device"
+            ]
+        );
+        // With several devices, compared with the device that has the most.
+        let w = selection_warnings(&policy(500), &params, &[440, 40]);
+        assert!(w[0].contains("440 B of eligible parameters on the device with the most"));
+        assert!(selection_warnings(&policy(440), &params, &[440]).is_empty());
+        assert!(selection_warnings(&policy(100), &params, &[440]).is_empty());
+        assert!(selection_warnings(&policy(0), &params, &[0]).is_empty());
+
+        // A filter matching nothing: named, and nothing is claimed about the budget.
+        let device = |p: &ParamReport| ParamReport {
+            placement: Placement::Device,
+            ..p.clone()
+        };
+        let resident: Vec<_> = params.iter().map(device).collect();
+        let w = selection_warnings(&policy(1 << 20).params(["mlpp"]), &resident, &[0]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("parameter filter `mlpp` matches no parameter"),
+            "{w:?}"
+        );
+        // One of two filters matching nothing, the other one's parameters all offloaded: both
+        // are true.
+        let w = selection_warnings(&policy(1 << 20).params(["mlp", "mlpp"]), &params, &[400]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("filter `mlpp` matches"), "{w:?}");
+        assert!(w[1].contains("larger than the 400 B"), "{w:?}");
+        // Everything below min_tensor_bytes: not "all of them are offloaded".
+        let w = selection_warnings(&policy(1 << 20).min_tensor_bytes(1024), &resident, &[0]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "no parameter is eligible: every parameter is smaller than \
+                 min_tensor_bytes (1.00 KiB)"
+            ),
+            "{w:?}"
+        );
+        let w = selection_warnings(
+            &policy(1 << 20).params(["mlp"]).min_tensor_bytes(1024),
+            &resident,
+            &[0],
+        );
+        assert!(
+            w[0].contains("every parameter the filters select is smaller"),
+            "{w:?}"
+        );
+        // No parameters at all: nothing to say.
+        assert!(selection_warnings(&policy(1 << 20), &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn lookahead_warning_uses_human_sizes() {
+        let params = [
+            row("a", 3 << 20, Placement::Host),
+            row("b", 1 << 20, Placement::Host),
+            row("c", 8 << 20, Placement::Device),
+        ];
+        let w = beyond_lookahead(&params, 2 << 20).expect("a is larger");
+        assert_eq!(
+            w,
+            "1 offloaded tensors (3.00 MiB) are larger than the prefetch lookahead of 2.00 MiB: \
+             they are never prefetched, every use copies them on demand without overlap; use \
+             prefetch:6291456 (twice the largest, 3.00 MiB) or more"
+        );
+        assert_eq!(beyond_lookahead(&params, 3 << 20), None);
+    }
+
     #[test]
     fn warns_only_when_the_whole_model_fits() {
         let memory = DeviceMemory {
@@ -415,9 +732,13 @@ mod tests {
             total: 80 * G,
         };
         let w = offload_not_needed("Cuda(0)", 2 * G, 14 * G, memory, None).expect("fits");
-        assert!(w.contains("2.000 GiB") && w.contains("14.000 GiB"), "{w}");
         assert!(
-            w.contains("70.00 GiB free on Cuda(0)") && w.contains("--offload-gb 0"),
+            w.starts_with("2.00 GiB of parameters are offloaded although all 14.0 GiB"),
+            "{w}"
+        );
+        assert!(
+            w.contains("fit in the 70.0 GiB free on Cuda(0) (of 80.0 GiB)")
+                && w.contains("--offload-gb 0"),
             "{w}"
         );
         // Too big for 90 % of the free memory, or nothing offloaded: no warning.

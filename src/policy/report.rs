@@ -73,6 +73,31 @@ impl PartialEq for ReportContext {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// `bytes` for people: whole bytes below 1 KiB (`12 B`), else KiB, MiB, GiB, TiB, PiB or EiB
+/// with three significant digits (`1.50 GiB`, `42.5 KiB`, `425 KiB`; up to `1023` of a unit).
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    // Values that would print as 1024 go up a unit.
+    while value >= 1023.5 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    // Decimals for three significant digits after rounding (9.996 prints as 10.0, not 10.00).
+    let decimals = if value < 9.995 {
+        2
+    } else if value < 99.95 {
+        1
+    } else {
+        0
+    };
+    format!("{value:.decimals$} {}", UNITS[unit])
+}
+
 impl OffloadReport {
     /// Parameters in host memory.
     pub fn offloaded(&self) -> impl Iterator<Item = &ParamReport> {
@@ -124,15 +149,18 @@ impl OffloadReport {
         self.offloaded().any(|p| p.path == path)
     }
 
-    /// The one-line summary that is also logged.
+    /// The one-line summary that is also logged, sizes in human units (see the field docs for
+    /// exact bytes), e.g. `Total CPU offloaded parameters: 425 KiB in 20 of 20 tensors (425 KiB
+    /// in all, budget 512 KiB per device, mode uva)`.
     pub fn summary(&self) -> String {
         format!(
-            "Total CPU offloaded parameters: {:.3} GiB in {} of {} tensors ({:.3} GiB in all, budget {:.3} GiB, mode {})",
-            self.offloaded_gib(),
+            "Total CPU offloaded parameters: {} in {} of {} tensors ({} in all, budget {} per \
+             device, mode {})",
+            human_bytes(self.offloaded_bytes()),
             self.offloaded_tensors(),
             self.params.len(),
-            self.total_gib(),
-            self.max_bytes as f64 / GIB,
+            human_bytes(self.total_bytes()),
+            human_bytes(self.max_bytes),
             self.mode,
         )
     }
@@ -173,5 +201,69 @@ impl std::fmt::Display for OffloadReport {
             writeln!(f, "warning: {w}")?;
         }
         write!(f, "{}", self.summary())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_table() {
+        const K: u64 = 1 << 10;
+        const M: u64 = 1 << 20;
+        const G: u64 = 1 << 30;
+        let table: &[(u64, &str)] = &[
+            (0, "0 B"),
+            (12, "12 B"),
+            (1023, "1023 B"),
+            (1024, "1.00 KiB"),
+            (1536, "1.50 KiB"),
+            (10 * K - 6, "9.99 KiB"),
+            (10 * K - 1, "10.0 KiB"),
+            (42 * K + K / 2, "42.5 KiB"),
+            (100 * K - 1, "100 KiB"),
+            (425 * K + 256, "425 KiB"),
+            (1023 * K, "1023 KiB"),
+            (M - 1, "1.00 MiB"),
+            (M, "1.00 MiB"),
+            (256 * M, "256 MiB"),
+            (3 * G / 2, "1.50 GiB"),
+            (14 * G, "14.0 GiB"),
+            (70 * G, "70.0 GiB"),
+            (1 << 40, "1.00 TiB"),
+            (1 << 50, "1.00 PiB"),
+            (u64::MAX, "16.0 EiB"),
+        ];
+        for &(bytes, expected) in table {
+            assert_eq!(human_bytes(bytes), expected, "{bytes} bytes");
+        }
+    }
+
+    #[test]
+    fn summary_uses_human_sizes() {
+        let row = |bytes, placement| ParamReport {
+            path: "w".into(),
+            shape: vec![bytes as usize / 4],
+            dtype: "f32".into(),
+            bytes,
+            placement,
+            moved: false,
+        };
+        let report = OffloadReport {
+            params: vec![row(12, Placement::Host), row(3 << 29, Placement::Device)],
+            max_bytes: 20,
+            mode: crate::OffloadMode::Uva,
+            warnings: Vec::new(),
+            calibration: None,
+            device_memory: None,
+            prefetch_lookahead_bytes: None,
+            context: ReportContext::default(),
+        };
+        assert_eq!(
+            report.summary(),
+            "Total CPU offloaded parameters: 12 B in 1 of 2 tensors (1.50 GiB in all, budget 20 B \
+             per device, mode uva)"
+        );
     }
 }
