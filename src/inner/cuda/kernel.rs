@@ -2,8 +2,9 @@
 //! launch path, so they run on CubeCL's stream in order with Burn's kernels: no host sync is
 //! needed before or after them.
 //!
-//! [`RawKernel`] is a `CubeTask<CudaCompiler>` whose [`compile`](CubeTask::compile) returns the
-//! hand-written source and entry point. cubecl-cuda 0.10 (`compute/context.rs`,
+//! [`RawKernel`] is a `CubeTask<CudaCompiler>` (implemented in [`super::bridge`], with the
+//! other places that rely on CubeCL's internals) whose `compile` returns the hand-written
+//! source and entry point. cubecl-cuda 0.10 (`compute/context.rs`,
 //! `CudaContext::compile_kernel`) sends `source` to NVRTC and then calls `repr.unwrap()` for
 //! the shared-memory size, so `repr` must be present: it is the compiler's representation of
 //! an *empty* kernel definition with the same cube dim and name (no shared memory), built with
@@ -23,13 +24,9 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use cubecl::cuda::{CudaCompiler, CudaDevice};
-use cubecl::prelude::{
-    AddressType, CompiledKernel, CubeDim, ExecutionMode, KernelBuilder, KernelId, KernelMetadata,
-    KernelSettings, StorageType,
-};
+use cubecl::cuda::CudaDevice;
+use cubecl::prelude::CubeDim;
 use cubecl::server::{Binding, CubeCount, KernelArguments, MetadataBindingInfo};
-use cubecl::{CompilationError, Compiler, CubeTask};
 
 use super::{CudaError, driver, pinned};
 
@@ -58,10 +55,10 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
 /// CubeCL compiles with NVRTC and launches on its own stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawKernel {
-    source: &'static str,
-    entrypoint: &'static str,
-    cube_dim: CubeDim,
-    source_hash: u64,
+    pub(super) source: &'static str,
+    pub(super) entrypoint: &'static str,
+    pub(super) cube_dim: CubeDim,
+    pub(super) source_hash: u64,
 }
 
 impl RawKernel {
@@ -88,52 +85,6 @@ impl RawKernel {
     /// Threads per block.
     pub fn cube_dim(&self) -> CubeDim {
         self.cube_dim
-    }
-}
-
-impl KernelMetadata for RawKernel {
-    fn name(&self) -> &'static str {
-        self.entrypoint
-    }
-
-    /// Unique per (entry point, source, cube dim): CubeCL caches compiled modules (and, when
-    /// configured, PTX on disk) by this id.
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>()
-            .address_type(AddressType::U32)
-            .cube_dim(self.cube_dim)
-            .info((self.entrypoint, self.source_hash, self.source.len()))
-    }
-
-    fn address_type(&self) -> StorageType {
-        AddressType::U32.unsigned_type()
-    }
-}
-
-impl CubeTask<CudaCompiler> for RawKernel {
-    fn compile(
-        &self,
-        compiler: &mut CudaCompiler,
-        compilation_options: &<CudaCompiler as Compiler>::CompilationOptions,
-        mode: ExecutionMode,
-        address_type: StorageType,
-    ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
-        // A legitimate representation of an empty kernel with the same cube dim and name:
-        // cubecl-cuda reads only its shared-memory size (0) from it.
-        let definition = KernelBuilder::default().build(
-            KernelSettings::default()
-                .cube_dim(self.cube_dim)
-                .kernel_name(self.entrypoint),
-        );
-        let repr = compiler.compile(definition, compilation_options, mode, address_type)?;
-        Ok(CompiledKernel {
-            entrypoint_name: self.entrypoint.to_string(),
-            debug_name: Some(self.entrypoint),
-            source: self.source.to_string(),
-            repr: Some(repr),
-            cube_dim: self.cube_dim,
-            debug_info: None,
-        })
     }
 }
 
@@ -298,6 +249,8 @@ pub fn launch_device_copy(
 
 #[cfg(test)]
 mod tests {
+    use cubecl::prelude::KernelMetadata;
+
     use super::*;
 
     #[test]
@@ -311,26 +264,6 @@ mod tests {
         assert_ne!(STREAM_READ.id(), other.id());
         assert_eq!(STREAM_READ.id(), STREAM_READ.id());
         assert_eq!(STREAM_READ.id().cube_dim, STREAM_READ.cube_dim());
-    }
-
-    /// `compile` runs the real CUDA compiler on the empty definition (pure Rust, no GPU).
-    #[test]
-    fn compile_returns_the_hand_written_source_with_a_repr() {
-        let mut compiler = CudaCompiler::default();
-        let options = Default::default();
-        let compiled = STREAM_READ
-            .compile(
-                &mut compiler,
-                &options,
-                ExecutionMode::Checked,
-                STREAM_READ.address_type(),
-            )
-            .expect("compiles");
-        assert_eq!(compiled.entrypoint_name, "burn_offload_stream_read");
-        assert_eq!(compiled.source, STREAM_READ_SOURCE);
-        assert_eq!(compiled.cube_dim, CubeDim::new_1d(STREAM_READ_BLOCK));
-        let repr = compiled.repr.expect("cubecl-cuda unwraps the repr");
-        assert_eq!(repr.shared_memory_size(), 0);
     }
 
     #[test]

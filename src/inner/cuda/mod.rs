@@ -11,6 +11,9 @@
 //! - [`transfer`]: [`upload_dma`] (copy engine, no bounce copy), [`upload_sm_copy`] and
 //!   [`upload_tensor`], which gives a burn-cubecl tensor;
 //! - [`ops`]: launchers of the zero-copy `matmul_host` and `gather_host` kernels;
+//! - `bridge.rs`: the few places that rely on CubeCL's internals (a buffer written by one
+//!   server task, draining CubeCL's queue, the stream of a thread, `RawKernel`'s compiled
+//!   representation), each with a test that fails if CubeCL changes them;
 //! - `offload.rs`: the [`OffloadTarget`](crate::inner::OffloadTarget) implementation for
 //!   [`CudaBackend`](crate::CudaBackend) built from the above.
 //!
@@ -21,6 +24,7 @@
 //! [`probe`] tells whether a CUDA driver and device are present; tests and benches use it to
 //! skip cleanly on machines without a GPU.
 
+mod bridge;
 pub mod driver;
 pub mod error;
 pub mod kernel;

@@ -44,18 +44,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, OnceLock};
 
-use cubecl::Runtime;
-use cubecl::cuda::{CudaDevice, CudaRuntime};
-use cubecl::device::Device;
-use cubecl::device_handle::DeviceHandle;
 use cudarc::driver::CudaContext;
 use cudarc::driver::sys::CUdevice_attribute;
 
 use super::{CudaError, driver};
 use crate::host::{DeviceReaders, HostBuffer, HostMemoryKind, HostRelease};
-
-/// CubeCL's compute server for CUDA devices.
-type CudaServer = <CudaRuntime as Runtime>::Server;
 
 /// Buffers at least this large are zeroed by several threads (a 100 GB model's offloaded
 /// weights would otherwise spend seconds in one memset).
@@ -276,8 +269,7 @@ fn drain_device(ordinal: usize, ctx: Option<&Arc<CudaContext>>) -> bool {
     if device_reads(ordinal) {
         // Every task submitted to CubeCL's server for this device before this one has run once
         // this blocking no-op returns (one FIFO queue per device).
-        let handle = DeviceHandle::<CudaServer>::new(CudaDevice::new(ordinal).to_id());
-        if handle.submit_blocking(|_server| ()).is_err() {
+        if !super::bridge::drain_queue(ordinal) {
             log::warn!("could not drain CubeCL's queue for CUDA device {ordinal}");
         }
     }

@@ -25,19 +25,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::Runtime;
 use cubecl::bytes::{AllocationController, AllocationProperty, Bytes};
 use cubecl::cuda::{CudaDevice, CudaRuntime};
-use cubecl::device::Device;
-use cubecl::device_handle::DeviceHandle;
-use cubecl::server::{ComputeServer, CopyDescriptor, Handle};
+use cubecl::server::Handle;
 use cubecl::stream_id::StreamId;
 
-use super::{CudaError, driver, kernel, pinned};
+use super::{CudaError, bridge, driver, kernel, pinned};
 use crate::host::{HostBuffer, HostMemoryKind, HostTensor};
-
-/// CubeCL's compute server for CUDA devices.
-type CudaServer = <CudaRuntime as Runtime>::Server;
 
 /// How an upload moves the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -181,29 +175,13 @@ pub fn upload_dma_after(
         client.flush().map_err(CudaError::server)?;
     }
     let stream_id = StreamId::current();
-    let handle = Handle::new(stream_id, len as u64);
-    let memory = handle.memory.clone();
-    let descriptor = CopyDescriptor::new(handle.clone().binding(), [len].into(), [1].into(), 1);
+    let handle = bridge::new_handle(stream_id, len as u64);
     let after: Vec<StreamId> = after
         .iter()
         .map(|&value| StreamId { value })
         .filter(|&other| other != stream_id)
         .collect();
-    // The same queue `client` submits to (one per device), so the task runs in order with the
-    // calling thread's other CubeCL work. Wait, reserve and write in one task, as `do_create`
-    // reserves and writes.
-    DeviceHandle::<CudaServer>::new(device.to_id()).submit(move |server| {
-        for other in after {
-            let token = Handle::new(other, 1);
-            server.initialize_memory(token.memory.clone(), 1, other);
-            if let Err(e) = server.get_resource(token.binding(), stream_id) {
-                // The alignment has happened by then; only the token's lookup failed.
-                log::warn!("ordering an upload after stream {}: {e:?}", other.value);
-            }
-        }
-        server.initialize_memory(memory, len as u64, stream_id);
-        server.write(vec![(descriptor, bytes)], stream_id);
-    });
+    bridge::write_after(device, stream_id, handle.clone(), bytes, after);
     let unflushed = UNFLUSHED_UPLOAD_BYTES.with(|c| {
         c.set(c.get() + len as u64);
         c.get()
@@ -263,7 +241,7 @@ pub fn upload(
 
 /// The calling thread's CubeCL stream (its [`StreamId`] value), for [`upload_tensor_after`].
 pub fn current_stream() -> u64 {
-    StreamId::current().value
+    bridge::current_stream()
 }
 
 /// [`upload_tensor`] by DMA, ordered after all the work already queued on the CubeCL streams
