@@ -26,15 +26,16 @@
 //! without a host-reading kernel always copy. When the target's copies overlap compute, the
 //! copies of `Auto` go through the [prefetcher](crate::prefetch), so a repeating order of
 //! copies (a prefill, say) is uploaded ahead while the previous op runs. Its lookahead is the
-//! default ([`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`](crate::mode::DEFAULT_PREFETCH_LOOKAHEAD_BYTES)) or twice the largest tensor `apply` offloaded
-//! to the device, whichever is larger: the prefetcher never prefetches a tensor larger than
-//! its lookahead, and a large model's biggest weights (344 MiB each for the example's `50b`
-//! preset in bf16) are the ones worth overlapping.
+//! default ([`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`](crate::mode::DEFAULT_PREFETCH_LOOKAHEAD_BYTES))
+//! or twice the largest tensor `apply` offloaded, whichever is larger: the prefetcher never
+//! prefetches a tensor larger than its lookahead, and a large model's biggest weights (344 MiB
+//! each for the example's `50b` preset in bf16) are the ones worth overlapping.
 //!
 //! The decision itself is [`crate::plan`]'s. Without a calibration (tensors in host memory
-//! that no policy placed, or a calibration that failed), `Auto` reads in place up to the target's static row threshold, as `Uva` does, and
-//! never prefetches. [`set_calibration`] installs a calibration measured earlier (it is
-//! `serde`-serialisable) for the policies applied after it, [`clear_calibration`] removes one.
+//! that no policy placed, or a calibration that failed), `Auto` reads in place up to the
+//! target's static row threshold, as `Uva` does, and never prefetches. [`set_calibration`]
+//! installs a calibration measured earlier (it is `serde`-serialisable) for the policies applied
+//! after it, [`clear_calibration`] removes one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};

@@ -3,7 +3,7 @@
 //!
 //! A [`HostBuffer`] is one allocation of exactly the requested size (never rounded up to a
 //! power of two). Its memory is released when the last [`HostTensor`] view of it is dropped.
-//! Process-wide counters ([`host_memory_stats`]) tell how much is alive, so tests can prove
+//! Process-wide counters ([`host_memory_stats`](crate::host_memory_stats)) tell how much is alive, so tests can prove
 //! that nothing leaks.
 
 use std::alloc::Layout;
@@ -15,6 +15,7 @@ use std::sync::{Arc, Weak};
 use burn_backend::{DType, Shape, TensorData};
 
 use crate::error::OffloadError;
+use crate::stats::HostMemoryStats;
 
 /// Alignment of pageable host allocations (one cache line, enough for every dtype and SIMD).
 const HOST_ALIGN: usize = 64;
@@ -24,21 +25,8 @@ static LIVE_ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 static LIVE_PINNED_BYTES: AtomicUsize = AtomicUsize::new(0);
 static TOTAL_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
-/// A snapshot of the process-wide host memory counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub struct HostMemoryStats {
-    /// Bytes of host memory currently allocated by burn-offload.
-    pub live_bytes: usize,
-    /// Number of host allocations currently alive.
-    pub live_allocations: usize,
-    /// Of `live_bytes`, the bytes that are pinned (page-locked, device-mapped).
-    pub live_pinned_bytes: usize,
-    /// Host allocations made since the process started.
-    pub total_allocations: u64,
-}
-
 /// Reads the process-wide host memory counters.
-pub fn host_memory_stats() -> HostMemoryStats {
+pub(crate) fn host_memory_counters() -> HostMemoryStats {
     HostMemoryStats {
         live_bytes: LIVE_BYTES.load(Ordering::Acquire),
         live_allocations: LIVE_ALLOCATIONS.load(Ordering::Acquire),
@@ -915,10 +903,10 @@ mod tests {
 
     #[test]
     fn allocations_are_exact_and_counted() {
-        let before = host_memory_stats();
+        let before = host_memory_counters();
         let buf = HostBuffer::pageable(1000).unwrap();
         assert_eq!(buf.len(), 1000);
-        let during = host_memory_stats();
+        let during = host_memory_counters();
         assert!(during.live_bytes >= before.live_bytes + 1000);
         drop(buf);
     }

@@ -1,7 +1,7 @@
 //! Where a module's parameters live, and bringing a whole module back into device memory.
 //!
 //! Burn's own `Module::to_device` never changes placement (see
-//! [`OffloadDevice`](crate::OffloadDevice)), and `Module::devices()` lists compute devices
+//! [`OffloadDevice`]), and `Module::devices()` lists compute devices
 //! (both placements of a device compare equal, so it names one of them per device): these two
 //! functions are the explicit way to ask and to undo.
 

@@ -7,8 +7,6 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-pub use crate::host::{HostMemoryStats, host_memory_stats};
-
 /// Counts of what the current thread's ops did with offloaded and resident float tensors.
 ///
 /// Thread-local, so concurrent tests do not see each other's work; read it with
@@ -236,4 +234,23 @@ pub fn prefetch_stats() -> PrefetchStats {
 /// [`OffloadContext::reset_prefetch_stats`](crate::OffloadContext::reset_prefetch_stats)).
 pub fn reset_prefetch_stats() {
     PROCESS.reset()
+}
+
+/// A snapshot of the process-wide host memory counters (host memory is the process's: every
+/// model's buffers count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct HostMemoryStats {
+    /// Bytes of host memory currently allocated by burn-offload.
+    pub live_bytes: usize,
+    /// Number of host allocations currently alive.
+    pub live_allocations: usize,
+    /// Of `live_bytes`, the bytes that are pinned (page-locked, device-mapped).
+    pub live_pinned_bytes: usize,
+    /// Host allocations made since the process started.
+    pub total_allocations: u64,
+}
+
+/// Reads the process-wide host memory counters.
+pub fn host_memory_stats() -> HostMemoryStats {
+    crate::host::host_memory_counters()
 }

@@ -3,7 +3,7 @@
 //!
 //! Model-agnostic: nothing is configured per layer (unlike vLLM's `PrefetchOffloader`, which
 //! needs layer groups and only reaches the decoder stack). Per model (its
-//! [`OffloadContext`](crate::OffloadContext)), compute device and wrapped backend type, a
+//! [`OffloadContext`]), compute device and wrapped backend type, a
 //! prefetcher watches the transient uploads that ops ask for:
 //!
 //! 1. **Learning.** Every upload is made on demand (a *miss*) and its key is appended to a
@@ -33,9 +33,9 @@
 //! order once a buffer of that order is gone (a request for a tensor of another model is a
 //! mismatch anyway). Once it holds nothing more (no order, no history, no copies) it lets
 //! the target drop the host sources its uploads still hold
-//! ([`OffloadTarget::release_uploads`](crate::inner::OffloadTarget::release_uploads), counted in [`PrefetchStats::releases`](crate::PrefetchStats::releases)), and only
-//! then: on CUDA a release holds up CubeCL's device thread, which launches every thread's
-//! kernels, until all the copies queued on the prefetch stream are done; released whenever
+//! ([`OffloadTarget::release_uploads`], counted in
+//! [`PrefetchStats::releases`](crate::PrefetchStats::releases)), and only then: on CUDA a
+//! release holds up CubeCL's device thread, which launches every thread's kernels, until all the copies queued on the prefetch stream are done; released whenever
 //! the lookahead is full (after nearly every copy) it would serialise copies and compute.
 //! It also releases once when a buffer it copied from has died while another model keeps it
 //! busy (that model's requests replaced the dropped one's order, so it never holds nothing):
@@ -50,15 +50,15 @@
 //! thread its own stream, so the copies run on a second stream and overlap the kernels of the
 //! op thread. Both directions are ordered on the device: a copy read on the op thread's stream
 //! waits for its DMA (CubeCL's cross-stream events), and each DMA waits for the work already
-//! queued on the op threads' streams ([`OffloadTarget::work_queue`](crate::inner::OffloadTarget::work_queue)), because a dropped copy's
+//! queued on the op threads' streams ([`OffloadTarget::work_queue`]), because a dropped copy's
 //! memory goes back to the prefetch stream's pool while kernels that read it may still be
 //! queued: without that wait the next copy could overwrite it (seen on an H100 as logits that
 //! differed from copy mode's). A thread that requests copies for the first time makes the
 //! prefetcher drop its copies and relearn, so that no copy ordered without it is handed to it.
 //!
 //! **Limitations.** One learned cycle per model and device: threads that run the same model
-//! with different inputs orders interleave their requests and mostly miss. A view whose key changes every step (a
-//! slice of an offloaded tensor at a moving offset) mismatches once per step. A request that
+//! with different read orders interleave their requests and mostly miss. A view whose key
+//! changes every step (a slice of an offloaded tensor at a moving offset) mismatches once per step. A request that
 //! skips ahead in the cycle is a mismatch (the prefetched copies are dropped, not searched).
 
 mod cycle;

@@ -2,7 +2,7 @@
 //! launch path, so they run on CubeCL's stream in order with Burn's kernels: no host sync is
 //! needed before or after them.
 //!
-//! [`RawKernel`] is a `CubeTask<CudaCompiler>` (implemented in [`super::bridge`], with the
+//! [`RawKernel`] is a `CubeTask<CudaCompiler>` (implemented in `bridge.rs`, with the
 //! other places that rely on CubeCL's internals) whose `compile` returns the hand-written
 //! source and entry point. cubecl-cuda 0.10 (`compute/context.rs`,
 //! `CudaContext::compile_kernel`) sends `source` to NVRTC and then calls `repr.unwrap()` for
