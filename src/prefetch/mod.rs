@@ -35,8 +35,9 @@
 //! the target drop the host sources its uploads still hold
 //! ([`OffloadTarget::release_uploads`], counted in
 //! [`PrefetchStats::releases`](crate::PrefetchStats::releases)), and only then: on CUDA a
-//! release holds up CubeCL's device thread, which launches every thread's kernels, until all the copies queued on the prefetch stream are done; released whenever
-//! the lookahead is full (after nearly every copy) it would serialise copies and compute.
+//! release holds up CubeCL's device thread, which launches every thread's kernels, until all
+//! the copies queued on the prefetch stream are done; released whenever the lookahead is full
+//! (after nearly every copy) it would serialise copies and compute.
 //! It also releases once when a buffer it copied from has died while another model keeps it
 //! busy (that model's requests replaced the dropped one's order, so it never holds nothing):
 //! it keeps weak references to the buffers of the copies made since its last release.
