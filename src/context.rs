@@ -222,6 +222,11 @@ impl OffloadContext {
         made
     }
 
+    /// A reference that does not keep the context alive.
+    pub(crate) fn downgrade(&self) -> WeakContext {
+        WeakContext(Arc::downgrade(&self.inner))
+    }
+
     /// Whether `self` and `other` are the same context.
     pub fn same(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
@@ -238,6 +243,17 @@ impl OffloadContext {
             },
             f,
         )
+    }
+}
+
+/// An [`OffloadContext`] that may have been dropped.
+#[derive(Clone)]
+pub(crate) struct WeakContext(std::sync::Weak<Inner>);
+
+impl WeakContext {
+    /// The context, if something still holds it.
+    pub(crate) fn upgrade(&self) -> Option<OffloadContext> {
+        self.0.upgrade().map(|inner| OffloadContext { inner })
     }
 }
 

@@ -92,6 +92,11 @@ impl DeviceReaders {
         self.0 == 0
     }
 
+    /// The devices that may read a buffer of either set.
+    pub fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
     /// The devices whose work must be drained before freeing a buffer that was allocated for
     /// device `allocating`, on a machine with `device_count` devices: `allocating` first, then
     /// every other recorded reader in increasing order. Where the shared bit is set, every

@@ -144,7 +144,7 @@ pub fn effective_mode(mode: OffloadMode) -> OffloadMode {
 }
 
 /// Whether [`ENV_DISABLE_UVA`] switches reading host memory in place off. `apply` records it
-/// per device (what keeps `Prefetch` from gathering embedding rows in place).
+/// in the model's context (what keeps `Prefetch` from gathering embedding rows in place).
 pub fn in_place_disabled() -> bool {
     env_flag(ENV_DISABLE_UVA)
 }

@@ -79,7 +79,8 @@ impl OffloadContext {
     /// Moves `tensor` to `device` *with* its placement: `Host(d)` puts it in host memory of
     /// this context (a resident tensor is copied there; an offloaded one is re-tagged, O(1)),
     /// `Device(d)` brings it into device memory. Burn's own `Tensor::to_device` never changes
-    /// placement (see [`OffloadDevice`]).
+    /// placement (see [`OffloadDevice`]). The result is a leaf with `tensor`'s gradient flag,
+    /// as `Module::fork` gives: for parameters and inputs, not for the middle of a graph.
     pub fn place<B, D, const N: usize>(
         &self,
         tensor: Tensor<B, N>,
@@ -89,7 +90,15 @@ impl OffloadContext {
         B: Backend<Device = OffloadDevice<D>>,
         D: DeviceOps,
     {
-        crate::policy::in_moves(self, || tensor.to_device(device))
+        // A leaf with the same gradient flag, as `Module::fork` gives (with autodiff a move
+        // is an op, whose result is no leaf: an optimizer could not update it).
+        let require_grad = tensor.is_require_grad();
+        let moved = crate::policy::in_moves(self, || tensor.to_device(device)).detach();
+        if require_grad {
+            moved.require_grad()
+        } else {
+            moved
+        }
     }
 
     /// Gives `tensor`, if it is offloaded, to this context: an O(1) re-tag (the same host

@@ -103,16 +103,10 @@ where
     M: burn::module::Module<B>,
 {
     let old = OldValues::of(&module);
-    let devices = module.devices();
     crate::recycle::recycling(|| {
         let module = step(module);
-        // Kernels queued before the step may still read the old values in place: let them
-        // finish before the buffers are rewritten (one wait per device and step).
-        for device in &devices {
-            if let Err(e) = B::sync(device) {
-                log::warn!("synchronising {device:?} before reusing host buffers: {e}");
-            }
-        }
+        // The target settles the pool (waits for device reads of the old values) before the
+        // first buffer is rewritten.
         crate::recycle::donating(|| old.donate());
         keep_offloaded(module, report)
     })

@@ -209,3 +209,72 @@ fn lazy_parameters_are_listed_without_being_initialised() {
         "placements initialised a parameter"
     );
 }
+
+/// The context of every offloaded parameter of `net`, in module order.
+fn contexts(net: &Net<B>) -> Vec<Option<burn_offload::OffloadContext>> {
+    struct Visitor(Vec<Option<burn_offload::OffloadContext>>);
+    impl burn::module::ModuleVisitor<B> for Visitor {
+        fn visit_float<const N: usize>(&mut self, param: &burn::module::Param<Tensor<B, N>>) {
+            let primitive = param.val().into_primitive().tensor();
+            self.0
+                .push(primitive.offloaded().map(|o| o.context().clone()));
+        }
+    }
+    let mut visitor = Visitor(Vec::new());
+    net.visit(&mut visitor);
+    visitor.0
+}
+
+#[test]
+fn loading_keeps_the_policys_context_and_the_placement() {
+    use burn_store::ModuleSnapshot;
+    let source = base(5);
+    let load = |net: &mut Net<B>| {
+        let result = net.apply(source.collect(None, None, false), None, None, false);
+        assert!(
+            result.errors.is_empty() && result.missing.is_empty(),
+            "{result:?}"
+        );
+    };
+    // Applied to the lazy model, then loaded: each tensor created in host memory, in the
+    // policy's context (read in its mode).
+    let (mut net, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .mode(OffloadMode::Copy)
+        .apply(Net::<B>::new(&device()))
+        .unwrap();
+    load(&mut net);
+    let context = report.context().expect("apply made one");
+    assert!(
+        contexts(&net)
+            .iter()
+            .all(|c| c.as_ref().is_some_and(|c| c.same(context))),
+        "every parameter is offloaded in the policy's context"
+    );
+    reset_op_stats();
+    assert_eq!(run(&net, &inputs(1)), run(&source, &inputs(1)));
+    assert_eq!(op_stats().zero_copy_ops, 0, "copy mode");
+
+    // Brought back into device memory, a later load keeps it there.
+    let mut net = to_device_memory(net);
+    load(&mut net);
+    assert!(
+        placements(&net)
+            .iter()
+            .all(|(_, p)| *p == Placement::Device)
+    );
+    assert!(contexts(&net).iter().all(Option::is_none));
+
+    // Applied again in another mode: the parameters take the new context.
+    drop(report);
+    let (net, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .mode(OffloadMode::Uva)
+        .apply(net)
+        .unwrap();
+    let context = report.context().unwrap();
+    assert_eq!(context.mode(), OffloadMode::Uva);
+    assert!(
+        contexts(&net)
+            .iter()
+            .all(|c| c.as_ref().is_some_and(|c| c.same(context)))
+    );
+}

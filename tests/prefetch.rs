@@ -303,8 +303,7 @@ fn nothing_outlives_the_model() {
     // The thread notices the dropped buffers and frees its prefetched copies.
     eventually("prefetched copies are freed", |s| s.alive_bytes == 0);
 
-    // Changing the device's mode ends the thread.
-    fresh();
+    // The model (and with it its context) is gone: its prefetch thread ends.
     no_prefetch_threads();
 }
 

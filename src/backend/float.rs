@@ -157,7 +157,8 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                 }
             }
             OffloadTensor::Offloaded(o) if recycle::is_donating() => {
-                recycle::donate(o.host());
+                let device = o.device().clone();
+                recycle::donate(o.host(), move |pool| B::settle_host_reads(&device, pool));
                 OffloadTensor::Offloaded(o)
             }
             OffloadTensor::Offloaded(o) => match moves {

@@ -137,6 +137,15 @@ pub trait OffloadTarget: Backend {
         Ok(())
     }
 
+    /// Called once before an optimizer step rewrites the host buffers `pool` that the step gave
+    /// back, instead of freeing them ([`crate::recycle`]): let go of references to them that
+    /// the target's queues still hold, and wait until no device work can still read them, as
+    /// freeing them would. The default does nothing: right where ops finish their host reads
+    /// before they return (the CPU target).
+    fn settle_host_reads(device: &Self::Device, pool: &[HostTensor]) {
+        let _ = (device, pool);
+    }
+
     /// Records that `device` may read `host`'s buffer from now on (an offloaded tensor moved to
     /// `Host(device)`), so that freeing the buffer waits for `device`'s work as well as for the
     /// device it was allocated for ([`HostBuffer::note_reader`]). The default records nothing:

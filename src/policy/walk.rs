@@ -194,8 +194,8 @@ where
     let require_grad = carrier.val().is_require_grad();
     let original = Arc::new(param);
     let (on_load, on_save) = (carrier.clone(), carrier);
-    let load_context = context.clone();
-    let load_target = target.clone();
+    // Weak: a later policy re-tags the parameter, and this one's context may then go.
+    let load_context = context.downgrade();
     Param::uninitialized(
         id,
         move |device: &OffloadDevice<D>, require_grad| {
@@ -217,11 +217,18 @@ where
         shape,
     )
     // Placements compare equal, so the carrier's `transform_for_load` does not move `tensor`;
-    // a tensor a store created in host memory is given this context (an O(1) re-tag).
+    // a tensor a store created in host memory is given this context while it lives (an O(1)
+    // re-tag), one created in device memory stays there.
     .load_mapper(move |tensor| {
         let loaded = on_load.clone().transform_for_load(tensor, id).val();
-        // A leaf again (with autodiff, a move is an op): Burn sets the gradient flag next.
-        in_moves(&load_context, || loaded.to_device(&load_target)).detach()
+        let device = loaded.device();
+        match load_context.upgrade() {
+            // A leaf again (with autodiff, a move is an op): Burn sets the gradient flag next.
+            Some(context) if device.is_host() => {
+                in_moves(&context, || loaded.to_device(&device)).detach()
+            }
+            _ => loaded,
+        }
     })
     .save_mapper(move |tensor| on_save.clone().map(|_| tensor).transform_for_save().val())
 }

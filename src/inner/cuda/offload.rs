@@ -116,6 +116,28 @@ impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, 
             .ok()
     }
 
+    /// Two flushes of the calling thread's stream (CubeCL's drop queue then lets go of the
+    /// upload sources it holds: references to these buffers), then the waits a free would make
+    /// (CubeCL's queue drained and the context synchronised, for this device and every recorded
+    /// reader): once per optimizer step, not per buffer.
+    fn settle_host_reads(device: &CudaDevice, pool: &[HostTensor]) {
+        if let Err(e) = super::release_upload_sources(device) {
+            log::warn!("releasing upload sources on cuda:{}: {e}", device.index);
+        }
+        let pinned: Vec<&HostBuffer> = pool
+            .iter()
+            .map(|h| h.buffer().as_ref())
+            .filter(|b| pinned::device_ptr(b).is_some())
+            .collect();
+        if !pinned.is_empty() && !pinned::settle_reads(device.index, &pinned) {
+            log::error!(
+                "cuda:{}: a device that read offloaded parameters could not be synchronised; \
+                 the optimizer step writes them anyway",
+                device.index
+            );
+        }
+    }
+
     fn can_read_in_place(host: &HostTensor, _device: &CudaDevice) -> bool {
         matches!(host.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && pinned::device_ptr(host.buffer()).is_some()
@@ -141,7 +163,11 @@ impl<F: FloatElement, I: IntElement> OffloadTarget for CubeBackend<CudaRuntime, 
         weights: &HostTensor,
         indices: IntTensor<Self>,
     ) -> Result<FloatTensor<Self>, IntTensor<Self>> {
-        let rows_ok = weights.dims().len() == 2 && weights.strides()[1] == 1;
+        // Contiguous rows that do not overlap (what `gather_host` takes; a flipped or
+        // broadcast table is copied instead).
+        let rows_ok = weights.dims().len() == 2
+            && weights.strides()[1] == 1
+            && weights.strides()[0] >= weights.dims()[1] as isize;
         if !rows_ok || !matches!(indices.dtype, DType::I32 | DType::I64) {
             return Err(indices);
         }

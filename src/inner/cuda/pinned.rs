@@ -265,7 +265,7 @@ fn free_now(pending: PendingFree) {
 /// for it (if kernels there may read pinned memory) and synchronises its primary context
 /// (`ctx` where the caller has it, else looked up). `false` when the device exists but its
 /// context could not be had, so its work could not be waited for.
-fn drain_device(ordinal: usize, ctx: Option<&Arc<CudaContext>>) -> bool {
+pub(crate) fn drain_device(ordinal: usize, ctx: Option<&Arc<CudaContext>>) -> bool {
     if device_reads(ordinal) {
         // Every task submitted to CubeCL's server for this device before this one has run once
         // this blocking no-op returns (one FIFO queue per device).
@@ -291,6 +291,23 @@ fn drain_device(ordinal: usize, ctx: Option<&Arc<CudaContext>>) -> bool {
         log::error!("synchronising CUDA device {ordinal} before freeing pinned memory: {e}");
     }
     true
+}
+
+/// Waits until no device work can still read `buffers` (allocated for device `ordinal`): the
+/// same waits as freeing them ([`drain_device`] for the allocating device and every recorded
+/// reader, once each), for buffers that are rewritten instead of freed. `false` if a reader
+/// could not be waited for.
+pub(crate) fn settle_reads(ordinal: usize, buffers: &[&HostBuffer]) -> bool {
+    let readers = buffers
+        .iter()
+        .fold(DeviceReaders::none(), |r, b| r.union(b.readers()));
+    let device_count = driver::probe().map_or(0, |info| info.device_count);
+    // Every reader is waited for, even after one fails.
+    let mut settled = true;
+    for device in readers.drain_order(ordinal, device_count) {
+        settled &= drain_device(device, None);
+    }
+    settled
 }
 
 /// Blocks until every pinned buffer dropped so far has actually been freed. Do not call it
