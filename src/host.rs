@@ -308,7 +308,8 @@ impl StridedRead {
     pub(crate) fn check(&self, len: usize) -> Result<(), String> {
         match self.byte_span()? {
             Some(span) if span.end > len as u64 => Err(format!(
-                "the read ({} rows of {} elements of {} bytes, row stride {}, offset {}) touches                  bytes {}..{} of a host buffer of {len} bytes",
+                "the read ({} rows of {} elements of {} bytes, row stride {}, offset {}) touches \
+                 bytes {}..{} of a host buffer of {len} bytes",
                 self.rows,
                 self.cols,
                 self.elem_size,

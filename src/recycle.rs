@@ -13,7 +13,7 @@
 //! CUDA it lets CubeCL's drop queue release the upload sources it holds (references to these
 //! buffers) and waits until no device work can still read them in place, as freeing them would.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use crate::host::HostTensor;
 
@@ -29,7 +29,7 @@ struct Pool {
 
 thread_local! {
     static POOL: RefCell<Option<Pool>> = const { RefCell::new(None) };
-    static DONATING: RefCell<bool> = const { RefCell::new(false) };
+    static DONATING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `f` with a pool of recyclable host buffers on this thread (dropped afterwards, with
@@ -53,17 +53,17 @@ pub(crate) fn donating<R>(f: impl FnOnce() -> R) -> R {
     struct Guard;
     impl Drop for Guard {
         fn drop(&mut self) {
-            DONATING.with(|d| *d.borrow_mut() = false);
+            DONATING.with(|d| d.set(false));
         }
     }
-    DONATING.with(|d| *d.borrow_mut() = true);
+    DONATING.with(|d| d.set(true));
     let _guard = Guard;
     f()
 }
 
 /// Whether `to_device` of an offloaded tensor should [`donate`] it now.
 pub(crate) fn is_donating() -> bool {
-    DONATING.with(|d| *d.borrow())
+    DONATING.with(Cell::get)
 }
 
 /// Adds `host` to this thread's pool, if there is one; `settle` is how its target settles the

@@ -176,17 +176,13 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     }
 
     /// [`upload`](Self::upload) of a view without the permuted-block shortcut: a prefetched
-    /// copy where the planner says so, else the target's upload.
+    /// copy where the context prefetches (the planner's `PrefetchedCopy`, which it gives for a
+    /// copy exactly then), else the target's upload.
     fn upload_contiguous(offloaded: &Offloaded<B>) -> FloatTensor<B> {
         let (host, device, context) = (offloaded.host(), offloaded.device(), offloaded.context());
-        match (
-            Self::read_path(offloaded, OpKind::Other),
-            context.prefetch_lookahead(device),
-        ) {
-            (ReadPath::PrefetchedCopy, Some(lookahead)) => {
-                crate::prefetch::upload::<B>(host, device, context, lookahead)
-            }
-            _ => B::upload(host, device),
+        match context.prefetch_lookahead(device) {
+            Some(lookahead) => crate::prefetch::upload::<B>(host, device, context, lookahead),
+            None => B::upload(host, device),
         }
     }
 

@@ -70,8 +70,8 @@ pub(crate) fn spawn_worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::
 
 /// The background thread: makes the next copies of the cycle, within the lookahead.
 fn worker<B: OffloadTarget>(shared: Arc<Shared<B>>, device: B::Device) {
-    let counters = shared.lock().counters.clone();
     let mut st = shared.lock();
+    let counters = st.counters.clone();
     // The host buffers of the uploads made since the target last released their sources
     // (weak, by identity): empty when there is nothing to release.
     let mut sources: HashMap<usize, WeakHostTensor> = HashMap::new();
