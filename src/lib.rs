@@ -37,6 +37,9 @@ mod recycle;
 pub mod stats;
 pub mod train;
 
+/// The wgpu target (feature `wgpu`): [`inner::cubecl::wgpu`] (its [`probe`](wgpu::probe)).
+#[cfg(feature = "wgpu")]
+pub use inner::cubecl::wgpu;
 /// The CUDA target (feature `cuda`): [`inner::cuda`], re-exported where it has always been.
 #[cfg(feature = "cuda")]
 pub use inner::cuda;

@@ -2,12 +2,18 @@
 //! [`OffloadBackend`] can keep tensors in host memory, copy them to the device, and read them
 //! in place.
 //!
-//! Implementations, side by side: [`ndarray`] (the CPU reference, feature `ndarray`) and
-//! `cuda` (feature `cuda`: pinned, device-mapped memory, DMA uploads and host-reading kernels
-//! for burn-cuda's unfused backend; also re-exported as `burn_offload::cuda`).
+//! Implementations, side by side:
+//! - [`ndarray`] (feature `ndarray`): the CPU reference;
+//! - `cubecl` (feature `cubecl`, on with `cuda`, `wgpu` or `rocm`): one target generic over
+//!   the CubeCL runtime, for the unfused `CubeBackend<R, …>` and for Burn's fused
+//!   `Fusion<CubeBackend<R, …>>` (`burn::backend::Cuda`, `Wgpu`, `Rocm`);
+//! - `cuda` (feature `cuda`): what CUDA adds to it (pinned, device-mapped memory and kernels
+//!   that read it in place; also re-exported as `burn_offload::cuda`).
 //!
 //! [`OffloadBackend`]: crate::OffloadBackend
 
+#[cfg(feature = "cubecl")]
+pub mod cubecl;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "ndarray")]
@@ -78,6 +84,13 @@ pub trait TargetDevice: DeviceOps {
         None
     }
 
+    /// Whether this device's kernels can read host memory in place (the CPU; CUDA from pinned,
+    /// device-mapped memory). Where they cannot (wgpu, ROCm here), `uva` copies each
+    /// offloaded weight per use, as `copy` does, and the policy's report says so.
+    fn reads_host_in_place(&self) -> bool {
+        false
+    }
+
     /// Measures what [`OffloadMode::Auto`](crate::OffloadMode::Auto) decides from, with host
     /// memory pinned if `pin` (see [`crate::auto`]).
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError>;
@@ -90,6 +103,13 @@ pub trait TargetDevice: DeviceOps {
 /// and a target overrides them with faster paths: a DMA from pinned memory, or kernels that
 /// read host memory in place.
 pub trait OffloadTarget: Backend {
+    /// A device copy made on the prefetch thread and handed to an op thread later
+    /// ([`prefetch_upload`](Self::prefetch_upload), [`take_staged`](Self::take_staged)): the
+    /// backend's own tensor where that can move between threads as it is; the inner
+    /// backend's, not yet registered, for a fused backend (a tensor registered on the prefetch
+    /// thread would belong to that thread's fusion stream).
+    type Staged: Send + 'static;
+
     /// Allocates exactly `bytes` of host memory that `device` can read (never rounded up).
     ///
     /// With `pin`, the target should pin and device-map the memory where it can, and fall back
@@ -187,10 +207,10 @@ pub trait OffloadTarget: Backend {
         host: &HostTensor,
         device: &Self::Device,
         consumers: &[u64],
-    ) -> Option<FloatTensor<Self>> {
-        let _ = consumers;
-        Some(Self::upload(host, device))
-    }
+    ) -> Option<Self::Staged>;
+
+    /// Turns a prefetched copy into this backend's tensor, on the op thread that takes it.
+    fn take_staged(staged: Self::Staged) -> FloatTensor<Self>;
 
     /// Device memory that the calling thread's allocations on `device` hold now (CUDA: the
     /// bytes the memory pool of the thread's CubeCL stream has handed out, padding excluded),

@@ -25,6 +25,10 @@ use crate::host::HostTensor;
 pub const CPU_ZERO_COPY_MAX_ROWS: usize = 16;
 
 impl TargetDevice for NdArrayDevice {
+    fn reads_host_in_place(&self) -> bool {
+        true
+    }
+
     /// Measured with `NdArray<f32>`. Copies are memcpys on the op thread's own cores: they do
     /// not overlap compute, so `Auto` does not prefetch here.
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
@@ -38,6 +42,22 @@ where
     NdArrayTensor: From<SharedArray<E>>,
     NdArrayTensor: From<SharedArray<I>>,
 {
+    type Staged = FloatTensor<Self>;
+
+    /// A plain upload: the CPU target runs each op to completion, so any thread's copy is
+    /// ready for any other's.
+    fn prefetch_upload(
+        host: &HostTensor,
+        device: &NdArrayDevice,
+        _consumers: &[u64],
+    ) -> Option<FloatTensor<Self>> {
+        Some(Self::upload(host, device))
+    }
+
+    fn take_staged(staged: FloatTensor<Self>) -> FloatTensor<Self> {
+        staged
+    }
+
     fn can_read_in_place(host: &HostTensor, _device: &NdArrayDevice) -> bool {
         matches!(host.dtype(), DType::F32 | DType::F64)
     }

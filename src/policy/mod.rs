@@ -343,6 +343,13 @@ impl OffloadPolicy {
             if *offloaded == 0 {
                 continue;
             }
+            if config.mode == OffloadMode::Uva && !device.reads_host_in_place() {
+                warnings.push(format!(
+                    "mode uva on {device:?}: this device cannot read host memory in place (no \
+                     device-mapped host memory), so ops copy each offloaded weight per use, as \
+                     mode copy does; use mode prefetch to copy ahead of use"
+                ));
+            }
             let measured = (config.mode == OffloadMode::Auto)
                 .then(|| calibrate(device, config.pin_memory))
                 .flatten();

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use burn_backend::{DType, tensor::FloatTensor};
+use burn_backend::DType;
 
 use crate::host::{HostTensor, WeakHostTensor};
 use crate::inner::OffloadTarget;
@@ -92,7 +92,7 @@ pub(crate) struct State<B: OffloadTarget> {
     pub(crate) last_seen: HashMap<Key, usize>,
     pub(crate) cycle: Option<Cycle>,
     /// Prefetched copies, in increasing position.
-    pub(crate) ready: VecDeque<Ready<FloatTensor<B>>>,
+    pub(crate) ready: VecDeque<Ready<B::Staged>>,
     pub(crate) in_flight: Option<InFlight>,
     /// Bytes of `ready` and of the copy in flight (counted until the thread has dropped or
     /// queued it, so a cancelled copy still counts against the lookahead).
@@ -280,7 +280,7 @@ impl<B: OffloadTarget> State<B> {
     /// For a request predicted at position `pos` of the cycle of `generation`: its copy, a wait
     /// for the copy in flight, or an upload on demand (which the thread then skips). Drops the
     /// copies before `pos`, which no request will take.
-    pub(crate) fn take(&mut self, pos: u64, generation: u64) -> Take<FloatTensor<B>> {
+    pub(crate) fn take(&mut self, pos: u64, generation: u64) -> Take<B::Staged> {
         if self.generation != generation {
             // Positions count from the start of each cycle: a copy of a newer cycle at `pos`
             // is another tensor.
@@ -334,6 +334,7 @@ pub(crate) enum Take<T> {
 mod tests {
     use burn_backend::TensorData;
     use burn_backend::ops::FloatTensorOps;
+    use burn_backend::tensor::FloatTensor;
     use burn_ndarray::{NdArray, NdArrayDevice};
 
     use super::*;

@@ -138,11 +138,11 @@ pub(crate) fn upload<B: OffloadTarget>(
     let generation = st.generation;
     loop {
         match st.take(pos, generation) {
-            Take::Copy(tensor) => {
+            Take::Copy(staged) => {
                 drop(st);
                 shared.changed.notify_all(); // room for the next copy
                 counters.bump(Counter::Hits);
-                return tensor;
+                return B::take_staged(staged);
             }
             Take::Wait => {
                 let waiting = Instant::now();

@@ -233,3 +233,27 @@ pub fn assert_same_values(actual: &[(String, TensorData)], expected: &[(String, 
         );
     }
 }
+
+/// `module` with its float parameters set to `values` (in module order, as [`values`] reads
+/// them), created on `device`: the same weights on another backend.
+pub fn load_values<B: Backend, M: Module<B>>(
+    module: M,
+    values: &[(String, TensorData)],
+    device: &B::Device,
+) -> M {
+    struct Loader<'a, B: Backend> {
+        values: std::slice::Iter<'a, (String, TensorData)>,
+        device: &'a B::Device,
+    }
+    impl<B: Backend> burn::module::ModuleMapper<B> for Loader<'_, B> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, _, mapper) = param.consume();
+            let (_, data) = self.values.next().expect("as many values as parameters");
+            Param::from_mapped_value(id, Tensor::from_data(data.clone(), self.device), mapper)
+        }
+    }
+    module.map(&mut Loader {
+        values: values.iter(),
+        device,
+    })
+}

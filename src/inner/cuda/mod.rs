@@ -1,5 +1,6 @@
-//! The CUDA layer (feature `cuda`): pinned, device-mapped host memory, uploads from it into
-//! CubeCL device buffers, and hand-written CUDA C++ kernels launched on CubeCL's own stream.
+//! The CUDA layer (feature `cuda`): what CUDA adds to the generic CubeCL target
+//! ([`crate::inner::cubecl`]): pinned, device-mapped host memory, DMA and SM-copy uploads from
+//! it, and hand-written CUDA C++ kernels that read it in place, launched on CubeCL's own stream.
 //!
 //! Layered like cudarc: raw driver calls (`cudarc::driver::sys`) → checked results
 //! ([`driver`], `Result<_, CudaError>`, never a panic when there is no driver) → safe types
@@ -11,11 +12,11 @@
 //! - [`transfer`]: [`upload_dma`] (copy engine, no bounce copy), [`upload_sm_copy`] and
 //!   [`upload_tensor`], which gives a burn-cubecl tensor;
 //! - [`ops`]: launchers of the zero-copy `matmul_host` and `gather_host` kernels;
-//! - `bridge.rs`: the few places that rely on CubeCL's internals (a buffer written by one
-//!   server task, draining CubeCL's queue, the stream of a thread, `RawKernel`'s compiled
-//!   representation), each with a test that fails if CubeCL changes them;
-//! - `offload.rs`: the [`OffloadTarget`](crate::inner::OffloadTarget) implementation for
-//!   [`CudaBackend`](crate::CudaBackend) built from the above.
+//! - `bridge.rs`: where this layer relies on CubeCL's internals (`RawKernel`'s compiled
+//!   representation), with a test that fails if CubeCL changes it;
+//! - `runtime.rs`: [`OffloadRuntime`](crate::inner::cubecl::OffloadRuntime) for `CudaRuntime`,
+//!   built from the above, which the generic target uses for both the fused
+//!   `burn::backend::Cuda` and the unfused [`CudaBackend`](crate::CudaBackend).
 //!
 //! Everything here works on the device's primary context, the one CubeCL uses, and queues
 //! device work on CubeCL's stream of the calling thread (CubeCL gives each OS thread its own
@@ -28,9 +29,9 @@ mod bridge;
 pub mod driver;
 pub mod error;
 pub mod kernel;
-mod offload;
 pub mod ops;
 pub mod pinned;
+mod runtime;
 pub mod transfer;
 
 pub use driver::{DriverInfo, driver_available, memory_info, probe};

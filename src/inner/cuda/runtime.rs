@@ -1,0 +1,153 @@
+//! What CUDA adds to the generic CubeCL target ([`OffloadRuntime`] for `CudaRuntime`), so that
+//! `OffloadBackend<burn::backend::Cuda>` (fused) and `OffloadBackend<CudaBackend>` (unfused)
+//! get it alike:
+//!
+//! - host memory: exact-size pinned, device-mapped allocations ([`alloc_pinned`]); when pinning
+//!   is disabled or fails, pageable memory with a logged warning (UVA ops then take the copy
+//!   path: nothing fails);
+//! - zero-copy: `matmul_host.cu` (rows ≤ [`ops::MAX_ROWS`]) and `gather_host.cu` read pinned
+//!   memory in place, queued on CubeCL's stream like Burn's own kernels (no host sync);
+//! - pinned memory is freed, and rewritten by an optimizer step, only once every device that
+//!   may read it has finished its work ([`pinned`]).
+//!
+//! [`alloc_pinned`]: super::alloc_pinned
+
+use burn_backend::DType;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+use cubecl::prelude::ComputeClient;
+
+use super::ops::{self, matmul_plan};
+use super::{alloc_pinned, pinned};
+use crate::auto::Calibration;
+use crate::error::OffloadError;
+use crate::host::{HostBuffer, HostTensor};
+use crate::inner::cubecl::{OffloadRuntime, TransferError, calibrate};
+use crate::inner::{DeviceMemory, TargetDevice};
+
+impl TargetDevice for CudaDevice {
+    /// From pinned, device-mapped memory (`pin_memory`, the default).
+    fn reads_host_in_place(&self) -> bool {
+        true
+    }
+
+    fn memory(&self) -> Option<DeviceMemory> {
+        super::memory_info(self.index)
+            .map(|(free, total)| DeviceMemory { free, total })
+            .map_err(|e| log::warn!("cuda:{}: cuMemGetInfo failed ({e})", self.index))
+            .ok()
+    }
+
+    /// Measured with [`CudaBackend<f32>`](crate::CudaBackend) (rates are per byte, so they
+    /// carry over to half-precision weights and to the fused backend, which runs the same
+    /// kernels). Uploads are DMAs on the copy engine, which run beside the kernels of another
+    /// stream, so `Auto` prefetches its copies.
+    fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
+        super::driver::probe()?;
+        let calibration = calibrate::<CudaRuntime, u8>(self, pin)?;
+        // The DMA uploads keep their pinned sources alive in this thread's queue: free them
+        // now, as `measure` promises, rather than in the middle of later work.
+        super::free_upload_sources(self)?;
+        Ok(calibration)
+    }
+}
+
+/// Whether `gather_host` can read this table: contiguous rows that do not overlap (a flipped
+/// or broadcast table is copied instead), i32 or i64 ids.
+fn gather_supported(weights: &HostTensor, indices_dtype: DType) -> bool {
+    weights.dims().len() == 2
+        && weights.strides()[1] == 1
+        && weights.strides()[0] >= weights.dims()[1] as isize
+        && matches!(indices_dtype, DType::I32 | DType::I64)
+}
+
+impl OffloadRuntime for CudaRuntime {
+    const NAME: &'static str = "cuda";
+    const READS_HOST_MEMORY: bool = true;
+    const COPIES_OVERLAP_COMPUTE: bool = true;
+
+    fn offload_client(device: &CudaDevice) -> Result<ComputeClient<CudaRuntime>, TransferError> {
+        super::driver::cubecl_client(device).map_err(|e| TransferError::Unavailable {
+            reason: e.to_string(),
+        })
+    }
+
+    fn alloc_host(
+        device: &CudaDevice,
+        bytes: usize,
+        pin: bool,
+    ) -> Result<HostBuffer, OffloadError> {
+        if pin {
+            match alloc_pinned(device.index, bytes) {
+                Ok(buffer) => return Ok(buffer),
+                Err(e) => log::warn!(
+                    "could not pin {bytes} bytes of host memory for cuda:{} ({e}); using pageable \
+                     memory: ops on it take the copy path",
+                    device.index
+                ),
+            }
+        }
+        HostBuffer::pageable(bytes)
+    }
+
+    fn note_host_reader(buffer: &HostBuffer, device: &CudaDevice) {
+        buffer.note_reader(device.index);
+    }
+
+    /// The waits a free would make (CubeCL's queue drained and the context synchronised, for
+    /// this device and every recorded reader), for the pinned buffers of `pool`.
+    fn settle_reads(device: &CudaDevice, pool: &[HostTensor]) {
+        let pinned: Vec<&HostBuffer> = pool
+            .iter()
+            .map(|h| h.buffer().as_ref())
+            .filter(|b| pinned::device_ptr(b).is_some())
+            .collect();
+        if !pinned.is_empty() && !pinned::settle_reads(device.index, &pinned) {
+            log::error!(
+                "cuda:{}: a device that read offloaded parameters could not be synchronised; \
+                 the optimizer step writes them anyway",
+                device.index
+            );
+        }
+    }
+
+    fn can_read_in_place(host: &HostTensor, _device: &CudaDevice) -> bool {
+        matches!(host.dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && pinned::device_ptr(host.buffer()).is_some()
+    }
+
+    fn zero_copy_max_rows(_device: &CudaDevice) -> usize {
+        ops::MAX_ROWS
+    }
+
+    fn host_matmul_supported(lhs_shape: &[usize], lhs_dtype: DType, rhs: &HostTensor) -> bool {
+        matmul_plan(lhs_shape, lhs_dtype, rhs).is_some()
+    }
+
+    fn host_matmul(
+        lhs: CubeTensor<CudaRuntime>,
+        rhs: &HostTensor,
+    ) -> Result<CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>> {
+        let Some(plan) = matmul_plan(&lhs.meta.shape().to_vec(), lhs.dtype, rhs) else {
+            return Err(lhs);
+        };
+        // With a plan only a failure of the driver itself is left (the kernel's own errors
+        // surface when the stream next synchronises, like any failed launch).
+        Ok(ops::matmul_host(lhs, rhs, plan).unwrap_or_else(|e| panic!("zero-copy matmul: {e}")))
+    }
+
+    fn host_embedding_supported(weights: &HostTensor, indices_dtype: DType) -> bool {
+        gather_supported(weights, indices_dtype)
+    }
+
+    fn host_embedding(
+        weights: &HostTensor,
+        indices: CubeTensor<CudaRuntime>,
+    ) -> Result<CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>> {
+        if !gather_supported(weights, indices.dtype) {
+            return Err(indices);
+        }
+        Ok(ops::gather_host(weights, indices)
+            .unwrap_or_else(|e| panic!("zero-copy embedding: {e}")))
+    }
+}

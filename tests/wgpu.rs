@@ -1,0 +1,491 @@
+//! The CubeCL target on wgpu (lavapipe, Vulkan on the CPU, in CI): every op family through
+//! `OffloadBackend<Wgpu>` (Burn's fused default) and `OffloadBackend<CubeBackend<WgpuRuntime,
+//! …>>` (unfused) equals NdArray within tolerance in copy, auto and prefetch modes; uva falls
+//! back to copies and the report says so; prefetched runs are bit-identical to copy runs on the
+//! same backend; an upload leaves a matmul and its epilogue fused; nothing leaks after a model
+//! drops. Skips, saying why, where there is no Vulkan driver.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::NdArray;
+use burn::backend::ndarray::NdArrayDevice;
+use burn::tensor::activation::{gelu, log_softmax, relu, sigmoid, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{conv1d, conv2d, embedding, linear};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData, Tolerance, s};
+use burn_cubecl::CubeBackend;
+use burn_offload::inner::OffloadTarget;
+use burn_offload::{
+    OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, OffloadPolicy, OpStats,
+    host_memory_stats, op_stats, reset_op_stats,
+};
+use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+
+/// `burn::backend::Wgpu` as Burn defines it with its default `fusion` feature.
+type Fused = burn_wgpu::Wgpu<f32, i32>;
+/// The same without fusion.
+type Unfused = CubeBackend<WgpuRuntime, f32, i32, u32>;
+type Ref = NdArray<f32>;
+
+const MODES: [OffloadMode; 3] = [
+    OffloadMode::Copy,
+    OffloadMode::Auto,
+    OffloadMode::Prefetch {
+        lookahead_bytes: 1 << 20,
+    },
+];
+
+/// `None` where there is no Vulkan driver (the test then returns, printing why); else the lock
+/// that runs this file's tests one at a time: they count process-wide host memory, and
+/// lavapipe runs one queue anyway.
+fn start() -> Option<std::sync::MutexGuard<'static, ()>> {
+    match burn_offload::wgpu::probe() {
+        Ok(()) => Some(common::lock()),
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            None
+        }
+    }
+}
+
+fn wgpu() -> WgpuDevice {
+    WgpuDevice::default()
+}
+
+/// Deterministic pseudo-random values in [-2, 2).
+fn data(shape: &[usize], seed: u64) -> TensorData {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    TensorData::new(values, shape.to_vec())
+}
+
+/// Values from {-1, -0.5, 0, 0.5, 1}, shifted off the rounding ties.
+fn coarse(shape: &[usize], seed: u64) -> TensorData {
+    let values = data(shape, seed).to_vec::<f32>().unwrap();
+    let values: Vec<f32> = values
+        .iter()
+        .map(|v| (v * 1.25).round() / 2.0 + 0.1)
+        .collect();
+    TensorData::new(values, shape.to_vec())
+}
+
+/// The device an op body creates its int and bool inputs on; its type names the backend.
+struct Dev<Bk: Backend>(Bk::Device);
+
+impl<Bk: Backend> Dev<Bk> {
+    fn int<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<Bk, N, Int> {
+        Tensor::from_data(data.into(), &self.0)
+    }
+
+    fn bool<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<Bk, N, Bool> {
+        Tensor::from_data(data.into(), &self.0)
+    }
+}
+
+/// `data` as a float tensor of `OffloadBackend<Inner>`, offloaded or resident.
+fn place<Inner: OffloadTarget<Device = WgpuDevice>, const N: usize>(
+    data: &TensorData,
+    offloaded: bool,
+) -> Tensor<OffloadBackend<Inner>, N> {
+    let device = if offloaded {
+        OffloadDevice::host(wgpu())
+    } else {
+        OffloadDevice::device(wgpu())
+    };
+    let tensor = Tensor::<OffloadBackend<Inner>, N>::from_data(data.clone(), &device);
+    assert_eq!(tensor.device().is_host(), offloaded);
+    tensor
+}
+
+/// How a run's result must come out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// Computed on the device: offloaded inputs copied, nothing read in place.
+    Device,
+    /// A metadata op on the first input: an offloaded view, nothing copied.
+    View,
+}
+
+struct Case<'a> {
+    backend: &'a str,
+    op: &'a str,
+    mode: OffloadMode,
+    rule: Rule,
+    placement: &'a [bool],
+}
+
+fn check(case: &Case, on_host: bool, stats: OpStats, got: &TensorData, expected: &TensorData) {
+    let p = case.placement;
+    let ctx = format!(
+        "{}: `{}` in {} mode, offloaded inputs {p:?}",
+        case.backend, case.op, case.mode
+    );
+    assert_eq!(stats.zero_copy_ops, 0, "{ctx}: wgpu reads nothing in place");
+    let host_out = case.rule == Rule::View && p[0];
+    assert_eq!(on_host, host_out, "{ctx}: is the result offloaded?");
+    let uploads = !host_out && p.iter().any(|&o| o);
+    assert_eq!(
+        stats.transient_uploads > 0,
+        uploads,
+        "{ctx}: transient copies? {stats:?}"
+    );
+    assert_eq!(got.shape, expected.shape, "{ctx}: shape");
+    match expected.dtype {
+        DType::F32 => {
+            got.assert_approx_eq::<f32>(expected, Tolerance::rel_abs(1e-4, 1e-5));
+        }
+        DType::Bool(_) => assert_eq!(
+            got.iter::<u8>().collect::<Vec<_>>(),
+            expected.iter::<u8>().collect::<Vec<_>>(),
+            "{ctx}"
+        ),
+        _ => assert_eq!(
+            got.clone().convert::<i64>().to_vec::<i64>().unwrap(),
+            expected.clone().convert::<i64>().to_vec::<i64>().unwrap(),
+            "{ctx}"
+        ),
+    }
+}
+
+/// `equiv!(RULE, [x: RANK = data, ...], |dev| { body, ... })` runs each body on NdArray and
+/// on both wgpu backends, decorated, in every mode of [`MODES`] and with every
+/// resident/offloaded combination of the float inputs, and [`check`]s each run.
+macro_rules! equiv {
+    (@backend $name:literal, $inner:ty, $rule:expr, $expected:expr, [$($x:ident : $n:literal),+], |$dev:ident| $body:expr) => {{
+        let count = [$(stringify!($x)),+].len();
+        for mode in MODES {
+            OffloadContext::with_mode(mode).run(|| {
+                for mask in 0..1usize << count {
+                    let placement: Vec<bool> = (0..count).map(|i| (mask >> i) & 1 == 1).collect();
+                    let mut next = placement.iter().copied();
+                    let $dev = &Dev::<OffloadBackend<$inner>>(OffloadDevice::device(wgpu()));
+                    let _ = $dev;
+                    $(let $x = place::<$inner, $n>(&$x, next.next().unwrap());)+
+                    reset_op_stats();
+                    let out = $body;
+                    let stats = op_stats();
+                    let case = Case {
+                        backend: $name,
+                        op: stringify!($body),
+                        mode,
+                        rule: $rule,
+                        placement: &placement,
+                    };
+                    check(&case, out.device().is_host(), stats, &out.into_data(), &$expected);
+                }
+            });
+        }
+    }};
+    (@one $rule:expr, [$($x:ident : $n:literal = $data:expr),+ $(,)?], |$dev:ident| $body:expr) => {{
+        $(let $x: TensorData = $data;)+
+        #[allow(unused_variables)]
+        let expected = {
+            let $dev = &Dev::<Ref>(NdArrayDevice::Cpu);
+            let _ = $dev;
+            $(let $x = Tensor::<Ref, $n>::from_data($x.clone(), &NdArrayDevice::Cpu);)+
+            $body.into_data()
+        };
+        equiv!(@backend "OffloadBackend<Wgpu>", Fused, $rule, expected, [$($x : $n),+], |$dev| $body);
+        equiv!(@backend "OffloadBackend<CubeBackend<WgpuRuntime>>", Unfused, $rule, expected, [$($x : $n),+], |$dev| $body);
+    }};
+    ($rule:expr, $inputs:tt, |$dev:ident| { $($body:expr),+ $(,)? }) => {
+        $(equiv!(@one $rule, $inputs, |$dev| $body);)+
+    };
+}
+
+#[test]
+fn elementwise_and_activations() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    equiv!(Rule::Device, [x: 2 = data(&[3, 5], 1)], |dev| {
+        x.exp(),
+        (x.abs() + 0.1).log(),
+        x.abs().sqrt(),
+        x.abs().powf_scalar(1.7),
+        x.clamp(-0.5, 0.75),
+        x.recip(),
+        x.tanh(),
+        x.sin(),
+        x * 2.0 + 1.0,
+        relu(x),
+        gelu(x),
+        silu(x),
+        sigmoid(x),
+        softmax(x, 1),
+        log_softmax(x, 0),
+    });
+    equiv!(Rule::Device, [x: 2 = coarse(&[4, 5], 2)], |dev| {
+        x.round(),
+        x.floor(),
+        x.sign(),
+    });
+    equiv!(Rule::Device, [a: 2 = data(&[3, 5], 3), b: 2 = data(&[1, 5], 4)], |dev| {
+        a + b,
+        a * b,
+        a / (b.abs() + 0.5),
+        a.max_pair(b),
+        (a.clone() * b).sub(a),
+    });
+}
+
+#[test]
+fn reductions_comparisons_and_casts() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    equiv!(Rule::Device, [x: 2 = data(&[4, 6], 7)], |dev| {
+        x.sum(),
+        x.mean_dim(1),
+        x.max_dim(1),
+        x.argmax(1),
+        x.cumsum(1),
+        x.var(1),
+        x.transpose().sum_dim(1),
+        x.greater_elem(0.25),
+        x.int(),
+    });
+    equiv!(Rule::Device, [a: 2 = data(&[3, 4], 8), b: 2 = data(&[3, 4], 9)], |dev| {
+        a.greater(b),
+        a.lower_equal(b),
+        a.mask_where(dev.bool([[true, false, true, false]; 3]), b),
+    });
+}
+
+#[test]
+fn matmul_linear_embedding_and_conv() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    for m in [1, 7, 33] {
+        equiv!(Rule::Device, [x: 2 = data(&[m, 24], 10), w: 2 = data(&[24, 10], 11)], |dev| {
+            x.matmul(w),
+        });
+    }
+    equiv!(Rule::Device, [x: 2 = data(&[3, 16], 12), w: 2 = data(&[12, 16], 13)], |dev| {
+        x.matmul(w.transpose()),
+        x.matmul(w.slice(s![..;2, ..]).transpose()),
+    });
+    equiv!(Rule::Device, [x: 3 = data(&[2, 3, 8], 14), w: 2 = data(&[8, 5], 15), b: 1 = data(&[5], 16)], |dev| {
+        linear(x, w, Some(b)),
+    });
+    equiv!(Rule::Device, [w: 2 = data(&[10, 4], 17)], |dev| {
+        embedding(w, dev.int([[1, 3, 9], [0, 0, 5]])),
+        embedding(w.transpose(), dev.int([[2, 1], [3, 0]])),
+    });
+    equiv!(Rule::Device, [x: 3 = data(&[2, 3, 9], 18), w: 3 = data(&[4, 3, 3], 19), b: 1 = data(&[4], 20)], |dev| {
+        conv1d(x, w, Some(b), ConvOptions::new([2], [1], [1], 1)),
+    });
+    equiv!(Rule::Device, [x: 4 = data(&[1, 2, 5, 6], 21), w: 4 = data(&[3, 2, 3, 3], 22)], |dev| {
+        conv2d(x, w, None, ConvOptions::new([1, 2], [1, 1], [1, 1], 1)),
+    });
+}
+
+#[test]
+fn cat_indexing_and_views() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    equiv!(Rule::Device, [a: 2 = data(&[2, 3], 23), b: 2 = data(&[4, 3], 24)], |dev| {
+        Tensor::cat(vec![a, b], 0),
+        b.slice_assign([1..3, 0..3], a),
+    });
+    equiv!(Rule::Device, [b: 2 = data(&[4, 3], 24)], |dev| {
+        b.select(0, dev.int([1, 0, 1])),
+        b.gather(1, dev.int([[0, 2], [1, 1], [2, 0], [0, 0]])),
+    });
+    equiv!(Rule::View, [x: 3 = data(&[2, 3, 4], 25)], |dev| {
+        x.reshape([6, 4]),
+        x.swap_dims(0, 2),
+        x.permute([2, 0, 1]),
+        x.slice(s![.., ..;2, 1..]),
+        x.flip([0, 2]),
+        x.narrow(2, 1, 2),
+        x.unsqueeze::<4>(),
+    });
+    equiv!(Rule::View, [x: 3 = data(&[2, 1, 4], 26)], |dev| {
+        x.expand([3, 2, 5, 4]),
+    });
+}
+
+/// The test model of the CPU tests, on a wgpu backend.
+type Net<Bk> = common::Net<OffloadBackend<Bk>>;
+
+/// The CPU reference's weights and outputs for [`inputs`].
+fn reference() -> (Vec<(String, TensorData)>, Vec<TensorData>) {
+    let net = common::Net::<Ref>::new(&NdArrayDevice::Cpu);
+    let weights = common::values(&net);
+    let outputs = inputs()
+        .into_iter()
+        .map(|x| {
+            net.forward(Tensor::<Ref, 3>::from_data(x, &NdArrayDevice::Cpu))
+                .into_data()
+        })
+        .collect();
+    (weights, outputs)
+}
+
+/// Prefill-like and decode-like inputs `[2, seq, D_MODEL]`.
+fn inputs() -> Vec<TensorData> {
+    [3, 1, 3, 1, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &seq)| data(&[2, seq, common::D_MODEL], 100 + i as u64))
+        .collect()
+}
+
+/// A `Net` on `OffloadBackend<Bk>` with `weights` loaded, every parameter offloaded in `mode`.
+fn offloaded_net<Bk: OffloadTarget<Device = WgpuDevice>>(
+    weights: &[(String, TensorData)],
+    mode: OffloadMode,
+) -> (Net<Bk>, burn_offload::OffloadReport) {
+    let device = OffloadDevice::device(wgpu());
+    let net = common::load_values(Net::<Bk>::new(&device), weights, &device);
+    OffloadPolicy::from_bytes(u64::MAX)
+        .mode(mode)
+        .apply(net)
+        .unwrap()
+}
+
+fn forwards<Bk: OffloadTarget<Device = WgpuDevice>>(net: &Net<Bk>) -> Vec<TensorData> {
+    let device = OffloadDevice::device(wgpu());
+    inputs()
+        .into_iter()
+        .map(|x| {
+            net.forward(Tensor::<_, 3>::from_data(x, &device))
+                .into_data()
+        })
+        .collect()
+}
+
+/// Every mode on one backend: equal to NdArray; prefetch bit-identical to copy, with its
+/// copies used; uva copies and says so.
+fn model_in_every_mode<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
+    let (weights, expected) = reference();
+    let mut copy_outputs = None;
+    for mode in [
+        OffloadMode::Copy,
+        OffloadMode::Uva,
+        OffloadMode::Auto,
+        OffloadMode::Prefetch {
+            lookahead_bytes: 1 << 20,
+        },
+    ] {
+        let (net, report) = offloaded_net::<Bk>(&weights, mode);
+        assert_eq!(report.offloaded_tensors(), 14, "{name} {mode}");
+        let uva_warning = report
+            .warnings
+            .iter()
+            .any(|w| w.contains("cannot read host memory in place"));
+        assert_eq!(
+            uva_warning,
+            mode == OffloadMode::Uva,
+            "{name} {mode}: the report says when uva falls back to copies: {:?}",
+            report.warnings
+        );
+        reset_op_stats();
+        let got = forwards(&net);
+        assert_eq!(op_stats().zero_copy_ops, 0, "{name} {mode}");
+        for (g, e) in got.iter().zip(&expected) {
+            g.assert_approx_eq::<f32>(e, Tolerance::rel_abs(1e-4, 1e-5));
+        }
+        match mode {
+            OffloadMode::Copy => copy_outputs = Some(got),
+            OffloadMode::Prefetch { .. } => {
+                let stats = report.prefetch_stats();
+                assert!(stats.hits > 0, "{name}: prefetched copies used: {stats:?}");
+                for (p, c) in got.iter().zip(copy_outputs.as_ref().unwrap()) {
+                    assert_eq!(
+                        p.as_bytes(),
+                        c.as_bytes(),
+                        "{name}: prefetch = copy, bitwise"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn model_in_every_mode_fused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    model_in_every_mode::<Fused>("OffloadBackend<Wgpu>");
+}
+
+#[test]
+fn model_in_every_mode_unfused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    model_in_every_mode::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
+}
+
+/// After a model in prefetch mode (with its prefetch thread) drops, its host memory is freed
+/// and the device memory of its copies given back.
+fn no_leaks<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
+    let (weights, _) = reference();
+    // Warm up (kernels compiled, pools grown), then measure around a second model.
+    let (net, _) = offloaded_net::<Bk>(&weights, OffloadMode::Copy);
+    drop(forwards(&net));
+    drop(net);
+    Bk::sync(&wgpu()).unwrap();
+    let host_before = host_memory_stats().live_bytes;
+    let device_before = Bk::device_bytes_in_use(&wgpu()).unwrap();
+    for mode in [
+        OffloadMode::Copy,
+        OffloadMode::Prefetch {
+            lookahead_bytes: 1 << 20,
+        },
+    ] {
+        let (net, report) = offloaded_net::<Bk>(&weights, mode);
+        assert!(host_memory_stats().live_bytes >= host_before + report.offloaded_bytes() as usize);
+        drop(forwards(&net));
+        drop(net);
+        drop(report);
+        Bk::sync(&wgpu()).unwrap();
+        // The prefetch thread lets go of its copies (and their sources) once it sees the
+        // model gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while host_memory_stats().live_bytes > host_before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(
+            host_memory_stats().live_bytes,
+            host_before,
+            "{name} {mode}: host memory freed"
+        );
+        assert!(
+            Bk::device_bytes_in_use(&wgpu()).unwrap() <= device_before,
+            "{name} {mode}: device memory of this thread's pool given back"
+        );
+    }
+}
+
+#[test]
+fn no_leaks_after_a_model_drops_fused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    no_leaks::<Fused>("OffloadBackend<Wgpu>");
+}
+
+#[test]
+fn no_leaks_after_a_model_drops_unfused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    no_leaks::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
+}
