@@ -489,3 +489,70 @@ fn no_leaks_after_a_model_drops_unfused() {
     };
     no_leaks::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
 }
+
+/// The fused blocks that ran (fuser name, operations) and whether one has a matmul.
+#[cfg(feature = "fusion-inspect")]
+fn fused_blocks(
+    reports: &[burn_fusion::inspect::FusionReport],
+) -> Vec<(&'static str, Vec<burn_ir::OperationIr>)> {
+    use burn_fusion::inspect::BlockKind;
+    reports
+        .iter()
+        .flat_map(|r| r.blocks.iter())
+        .filter_map(|b| match b.kind {
+            BlockKind::Fused { name, .. } => Some((name, b.operations.clone())),
+            BlockKind::Unfused => None,
+        })
+        .collect()
+}
+
+/// An offloaded weight uploaded right before a matmul (what `linear` does) leaves the matmul
+/// and its elementwise epilogue fused in one kernel, as with a resident weight.
+#[cfg(feature = "fusion-inspect")]
+#[test]
+fn an_upload_before_a_matmul_keeps_the_matmul_and_its_epilogue_fused() {
+    use burn_fusion::inspect::FusionInspector;
+    use burn_fusion::stream::StreamId;
+    use burn_ir::{FloatOperationIr, OperationIr};
+    let Some(_serial) = start() else {
+        return;
+    };
+    let is_matmul =
+        |op: &OperationIr| matches!(op, OperationIr::Float(_, FloatOperationIr::Matmul(_)));
+    let run = |offloaded: bool| {
+        let inspector = FusionInspector::install(StreamId::current());
+        let out = OffloadContext::with_mode(OffloadMode::Copy).run(|| {
+            let x = place::<Fused, 2>(&data(&[4, 16], 1), false);
+            let w = place::<Fused, 2>(&data(&[16, 8], 2), offloaded);
+            let b = place::<Fused, 2>(&data(&[1, 8], 3), false);
+            reset_op_stats();
+            let out = relu(x.matmul(w) + b) * 2.0;
+            assert_eq!(op_stats().transient_uploads > 0, offloaded);
+            out.into_data()
+        });
+        let blocks = fused_blocks(&inspector.drain());
+        let with_matmul: Vec<_> = blocks
+            .iter()
+            .filter(|(_, ops)| ops.iter().any(is_matmul))
+            .map(|(name, ops)| (*name, ops.len()))
+            .collect();
+        (out, with_matmul, blocks)
+    };
+    let (resident, resident_blocks, all_resident) = run(false);
+    let (offloaded, offloaded_blocks, all_offloaded) = run(true);
+    eprintln!("matmul blocks: {offloaded_blocks:?}");
+    assert_eq!(resident.as_bytes(), offloaded.as_bytes());
+    assert_eq!(
+        resident_blocks.len(),
+        1,
+        "one fused block holds the matmul: {all_resident:?}"
+    );
+    assert!(
+        resident_blocks[0].1 >= 4,
+        "the epilogue (add, relu, mul) is fused into the matmul's block: {all_resident:?}"
+    );
+    assert_eq!(
+        offloaded_blocks, resident_blocks,
+        "the same fused matmul block with the weight uploaded: {all_offloaded:?}"
+    );
+}

@@ -4,6 +4,9 @@
 //! ```text
 //! cargo run --release --example llama -- --preset tiny --offload-gb 0.0002 --mode uva
 //! cargo run --release --example llama -- --preset small --offload-gb 0.05 --offload-params mlp
+//! # Burn's fused wgpu backend (Vulkan/Metal/DX12; lavapipe on a CPU-only Linux machine):
+//! cargo run --release --features wgpu --example llama -- --device wgpu --preset tiny \
+//!     --offload-gb 0.0002 --mode prefetch
 //! # larger than an 80 GB card (100.7 GB in bf16), 40 GiB of it in host memory:
 //! cargo run --release --features cuda --example llama -- --device cuda --dtype bf16 \
 //!     --preset 50b --offload-gb 40 --no-check --prompt-len 16 --gen-tokens 4
@@ -49,8 +52,20 @@ use model::{Cache, Llama, LlamaConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceKind {
+    /// burn-ndarray on the CPU (the reference target; no fusion).
     Cpu,
+    /// wgpu (feature `wgpu`): Vulkan, Metal or DX12.
+    Wgpu,
+    /// CUDA (feature `cuda`).
     Cuda,
+}
+
+/// Burn's operation fusion on the GPU backends: `on` wraps `burn::backend::Wgpu`/`Cuda` as
+/// Burn defines them (fused, Burn's default), `off` their unfused `CubeBackend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Fusion {
+    On,
+    Off,
 }
 
 /// Float type of the weights and activations.
@@ -117,6 +132,10 @@ struct Args {
     /// Compute device.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
+    /// Operation fusion on `--device wgpu|cuda` (on, as Burn's default; the CPU target has
+    /// none).
+    #[arg(long, value_enum, default_value_t = Fusion::On)]
+    fusion: Fusion,
     /// Load weights from a .safetensors or .bpk (burnpack) file instead of random ones.
     #[arg(long)]
     weights: Option<String>,
@@ -168,25 +187,51 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
         )
         .into()),
         DeviceKind::Cpu => run_on::<NdArray>(args, NdArrayDevice::Cpu, None),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => {
+            use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+            if args.dtype != Dtype::F32 {
+                return Err(format!("--dtype {}: the example runs wgpu in f32", args.dtype).into());
+            }
+            burn_offload::wgpu::probe().map_err(|e| format!("--device wgpu: {e}"))?;
+            let device = WgpuDevice::default();
+            match args.fusion {
+                Fusion::On => run_on::<burn_wgpu::Wgpu>(args, device, None),
+                Fusion::Off => run_on::<burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>>(
+                    args, device, None,
+                ),
+            }
+        }
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => {
             use burn::tensor::{bf16, f16};
             use burn_offload::CudaBackend;
+            type Fused<F> = burn_cuda::Cuda<F, i32>;
             burn_offload::cuda::probe().map_err(|e| format!("--device cuda: {e}"))?;
             let device = cubecl::cuda::CudaDevice::new(0);
             let memory: MemoryInfo =
                 || burn_offload::cuda::memory_info(0).map_err(|e| e.to_string());
-            match args.dtype {
-                Dtype::F32 => run_on::<CudaBackend>(args, device, Some(memory)),
-                Dtype::Bf16 => run_on::<CudaBackend<bf16>>(args, device, Some(memory)),
-                Dtype::F16 => run_on::<CudaBackend<f16>>(args, device, Some(memory)),
+            match (args.fusion, args.dtype) {
+                (Fusion::On, Dtype::F32) => run_on::<Fused<f32>>(args, device, Some(memory)),
+                (Fusion::On, Dtype::Bf16) => run_on::<Fused<bf16>>(args, device, Some(memory)),
+                (Fusion::On, Dtype::F16) => run_on::<Fused<f16>>(args, device, Some(memory)),
+                (Fusion::Off, Dtype::F32) => run_on::<CudaBackend>(args, device, Some(memory)),
+                (Fusion::Off, Dtype::Bf16) => {
+                    run_on::<CudaBackend<bf16>>(args, device, Some(memory))
+                }
+                (Fusion::Off, Dtype::F16) => run_on::<CudaBackend<f16>>(args, device, Some(memory)),
             }
         }
-        #[cfg(not(feature = "cuda"))]
-        DeviceKind::Cuda => {
+        #[allow(unreachable_patterns)]
+        other => {
+            let feature = if other == DeviceKind::Cuda {
+                "cuda"
+            } else {
+                "wgpu"
+            };
             eprintln!(
-                "error: this example was built without the `cuda` feature; rebuild it with \
-                 `--features cuda` (burn-cuda, unfused) or use `--device cpu`"
+                "error: this example was built without the `{feature}` feature; rebuild it with \
+                 `--features {feature}` or use `--device cpu`"
             );
             Ok(ExitCode::from(2))
         }

@@ -303,3 +303,80 @@ where
         ))
     }
 }
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    //! The lazy host-read plumbing on wgpu (lavapipe in CI), with a copy + GEMM as the op's
+    //! body: CUDA's in-place kernels run through the same registration.
+
+    use std::sync::Arc;
+
+    use burn_backend::{Backend, TensorData, read_sync};
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+
+    use super::*;
+
+    type R = WgpuRuntime;
+    type In = Inner<R, f32, i32, u32>;
+    type Fu = Fused<R, f32, i32, u32>;
+
+    fn upload_then_matmul(mut inputs: Vec<CubeTensor<R>>, host: &HostTensor) -> CubeTensor<R> {
+        let lhs = inputs.remove(0);
+        let rhs = <In as OffloadTarget>::upload(host, &lhs.device.clone());
+        In::float_matmul(lhs, rhs)
+    }
+
+    #[test]
+    fn a_host_read_op_runs_in_order_and_holds_its_view_until_it_has_run() {
+        if let Err(reason) = super::super::wgpu::probe() {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+        let device = WgpuDevice::default();
+        let lhs = Fu::float_from_data(
+            TensorData::new(vec![1f32, 2., 3., 4., 5., 6.], [2, 3]),
+            &device,
+        );
+        // Queued before the op: the op must read its result, not the original.
+        let lhs = Fu::float_mul_scalar(lhs, 2.0.into());
+        let rhs: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let host =
+            HostTensor::from_data(&TensorData::new(rhs.clone(), [3, 4]), HostBuffer::pageable)
+                .unwrap();
+        let refs = Arc::strong_count(host.buffer());
+        let out = register_host_read::<R, f32, i32, u32>(
+            "burn_offload_test_host_read",
+            vec![(lhs, InputKind::Float)],
+            Shape::new([2, 4]),
+            DType::F32,
+            &host,
+            upload_then_matmul,
+        );
+        assert!(
+            Arc::strong_count(host.buffer()) > refs,
+            "the op holds the view"
+        );
+        // An elementwise op after it, as a model's epilogue would be.
+        let out = Fu::float_add_scalar(out, 1.0.into());
+        let got = read_sync(Fu::float_into_data(out))
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
+        let lhs = [2f32, 4., 6., 8., 10., 12.];
+        let expected: Vec<f32> = (0..2)
+            .flat_map(|i| {
+                let rhs = &rhs;
+                (0..4).map(move |j| {
+                    (0..3).map(|k| lhs[i * 3 + k] * rhs[k * 4 + j]).sum::<f32>() + 1.0
+                })
+            })
+            .collect();
+        assert_eq!(got, expected);
+        Fu::sync(&device).unwrap();
+        assert_eq!(
+            Arc::strong_count(host.buffer()),
+            refs,
+            "once run, the op has let go of the view"
+        );
+    }
+}
