@@ -6,8 +6,10 @@
 //! copy engine's DMA (`cuda::upload_dma`) and a kernel reading host-mapped memory
 //! (`cuda::upload_sm_copy`, what the zero-copy kernels do). Then, for the `1b` and `7b`
 //! presets of `examples/llama/model.rs` with bf16 weights:
-//! - `plain`: `CudaBackend<bf16>` (burn-cuda without fusion), every weight resident;
-//! - `offload 0%`: `OffloadBackend<CudaBackend<bf16>>` with nothing offloaded (the decorator);
+//! - `plain`: `burn::backend::Cuda<bf16>` as Burn defines it (fused: what users run today),
+//!   every weight resident; with `MODEL_BENCH_FUSION=off`, `CudaBackend<bf16>` (burn-cuda
+//!   without fusion) instead, for the whole run;
+//! - `offload 0%`: `OffloadBackend<` that backend `>` with nothing offloaded (the decorator);
 //! - `offload F% <mode>`: `OffloadPolicy::from_bytes(F × total weight bytes)` (the offloaded
 //!   bytes reported are the `OffloadReport`'s: whole tensors, so a little more than F), read in
 //!   `uva`, `copy` and `prefetch` mode (default lookahead). The modes are switched on the same
@@ -47,6 +49,7 @@
 //! Environment: `MODEL_BENCH_JSON=path` also writes everything as JSON (rewritten after each
 //! preset, so a killed run leaves the finished presets); `MODEL_BENCH_SAMPLES` (default 5);
 //! `MODEL_BENCH_PRESETS` (default `1b,7b`); `MODEL_BENCH_FRACTIONS` (default `0,0.25,0.5,1`);
+//! `MODEL_BENCH_FUSION` (`on`, the default, or `off`: see `plain` above);
 //! `MODEL_BENCH_BUDGET_S` (default 195): no measurement starts after that many seconds since
 //! start, and each preset gets an equal share of what is left when it starts (so a slow `1b`
 //! cannot starve `7b`); the skipped ones are listed, so the table still comes out under a 240 s
@@ -85,9 +88,10 @@ use cuda_common::{MIB, WARMUP, env_usize, limits, median, timed, timed_queued};
 use model::{Cache, Llama, LlamaConfig};
 use serde_json::{Value, json};
 
-/// burn-cuda without fusion, bf16 weights and activations.
-type Plain = CudaBackend<bf16>;
-type Off = OffloadBackend<Plain>;
+/// Burn's CUDA backend as users write it (`burn::backend::Cuda`, fused), bf16.
+type Fused = burn_cuda::Cuda<bf16, i32>;
+/// burn-cuda without fusion, bf16 (`MODEL_BENCH_FUSION=off`).
+type Unfused = CudaBackend<bf16>;
 
 /// Seed of the random weights (each model is initialised after seeding).
 const SEED: u64 = 5;
@@ -520,7 +524,12 @@ impl Bench {
         self.sections.push((name, start.elapsed().as_secs_f64()));
     }
 
-    fn preset(&mut self, name: &str) -> BenchResult<()> {
+    /// One preset on `OffloadBackend<Plain>` against `Plain`.
+    fn preset<Plain>(&mut self, name: &str) -> BenchResult<()>
+    where
+        Plain: burn_offload::inner::OffloadTarget<Device = cubecl::cuda::CudaDevice>,
+    {
+        type Off<P> = OffloadBackend<P>;
         let config = LlamaConfig::preset(name)?;
         println!(
             "\n{name}: {:.2} B parameters, {:.2} GB in bf16",
@@ -565,8 +574,8 @@ impl Bench {
         // clone of it (same weights), so its logits can be compared with the resident ones.
         let start = Instant::now();
         let device = OffloadDevice::device(cuda.clone());
-        <Off as Backend>::seed(&device, SEED);
-        let resident: Llama<Off> = config.init(&device);
+        <Off<Plain> as Backend>::seed(&device, SEED);
+        let resident: Llama<Off<Plain>> = config.init(&device);
         resident.visit(&mut Materialize);
         let inputs = Inputs::new(&resident, vocab, &device);
         let reference: [Vec<f32>; 3] =
@@ -639,7 +648,7 @@ impl Bench {
         }
         drop(inputs);
         drop(resident);
-        <Off as Backend>::memory_cleanup(&device);
+        <Off<Plain> as Backend>::memory_cleanup(&device);
         cuda::free_upload_sources(&cuda)?;
         Ok(())
     }
@@ -777,6 +786,11 @@ fn run() -> BenchResult<bool> {
     let started = Instant::now();
     let samples = env_usize("MODEL_BENCH_SAMPLES", 5);
     let presets = env_list("MODEL_BENCH_PRESETS", "1b,7b");
+    let fused = match std::env::var("MODEL_BENCH_FUSION").as_deref() {
+        Ok("off") => false,
+        Ok("on") | Err(_) => true,
+        Ok(other) => return Err(format!("MODEL_BENCH_FUSION={other}: give on or off").into()),
+    };
     for p in &presets {
         LlamaConfig::preset(p)?;
     }
@@ -832,7 +846,11 @@ fn run() -> BenchResult<bool> {
     for (i, preset) in presets.iter().enumerate() {
         let left = bench.deadline.saturating_duration_since(Instant::now());
         bench.preset_deadline = Instant::now() + left / (presets.len() - i) as u32;
-        bench.preset(preset)?;
+        if fused {
+            bench.preset::<Fused>(preset)?;
+        } else {
+            bench.preset::<Unfused>(preset)?;
+        }
         if let Some(path) = &json_path {
             write_json(
                 path,
@@ -842,6 +860,14 @@ fn run() -> BenchResult<bool> {
     }
 
     println!("\ncard: {name}");
+    println!(
+        "plain = {}",
+        if fused {
+            "burn::backend::Cuda<bf16> (fused, Burn's default)"
+        } else {
+            "CudaBackend<bf16> (burn-cuda without fusion)"
+        }
+    );
     println!("DMA from pinned host memory (256 MiB): {dma:.1} GB/s");
     println!("kernel read of host-mapped memory (256 MiB): {sm:.1} GB/s");
     println!(

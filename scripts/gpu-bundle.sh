@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu && mkdir -p .gpu/tests .gpu/benches .gpu/examples
 # Test binaries: cargo prints their paths as JSON artifacts.
-cargo test --release --features cuda --no-run --message-format=json 2>/dev/null |
+cargo test --release --features cuda,autotune --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, sys, shutil, os
 for line in sys.stdin:
@@ -18,7 +18,7 @@ for line in sys.stdin:
         if kind in ("test", "lib") and name in ("cuda_transfer", "cuda_target", "nvrtc", "burn_offload"):
             shutil.copy(m["executable"], os.path.join(".gpu/tests", name))
 '
-cargo build --release --features cuda --example llama --benches --message-format=json 2>/dev/null |
+cargo build --release --features cuda,autotune --example llama --benches --message-format=json 2>/dev/null |
   python3 -c '
 import json, sys, shutil, os
 for line in sys.stdin:

@@ -29,7 +29,7 @@ use burn::tensor::module::{embedding, linear};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_offload::auto::clear_calibration;
 use burn_offload::cuda::{self, driver, ops::MAX_ROWS};
-use burn_offload::inner::TargetDevice;
+use burn_offload::inner::{OffloadTarget, TargetDevice};
 use burn_offload::mode::{
     ENV_DISABLE_PIN_MEMORY, ENV_DISABLE_UVA, effective_mode, effective_pin_memory,
 };
@@ -841,8 +841,8 @@ fn pageable_host_memory_takes_the_copy_path() {
 
 /// Logits of a prefill of `prompt` and of `steps` decode steps after it; each step feeds
 /// `forced[i]` if given, else the greedy (argmax) token. Returns the tokens fed and the logits.
-fn decode(
-    model: &Llama<B>,
+fn decode<T: OffloadTarget<Device = CudaDevice>>(
+    model: &Llama<OffloadBackend<T>>,
     cuda: &CudaDevice,
     prompt: &[i64],
     forced: Option<&[i64]>,
@@ -873,20 +873,31 @@ fn argmax(values: &[f32]) -> i64 {
 
 #[test]
 fn llama_generates_the_same_tokens_offloaded() {
-    let Some((cuda, _gpu)) = gpu("llama_generates_the_same_tokens_offloaded") else {
+    llama_tokens::<CudaBackend>("llama_generates_the_same_tokens_offloaded");
+}
+
+/// The same on Burn's fused `burn::backend::Cuda`: copies enter the fused graph, the
+/// zero-copy kernels run as lazy custom ops, prefetched copies are registered on the op thread.
+#[test]
+fn llama_generates_the_same_tokens_offloaded_fused() {
+    llama_tokens::<burn_cuda::Cuda>("llama_generates_the_same_tokens_offloaded_fused");
+}
+
+fn llama_tokens<T: OffloadTarget<Device = CudaDevice>>(test: &str) {
+    let Some((cuda, _gpu)) = gpu(test) else {
         return;
     };
     let config = LlamaConfig::preset("tiny").unwrap();
     let device = resident(&cuda);
-    B::seed(&device, 7);
-    let model: Llama<B> = config.init(&device);
+    OffloadBackend::<T>::seed(&device, 7);
+    let model: Llama<OffloadBackend<T>> = config.init(&device);
     // 20 prompt tokens: the prefill takes the copy path (more than MAX_ROWS rows) even in
     // `uva` mode, the decode steps the zero-copy kernels.
     let prompt: Vec<i64> = (0..20)
         .map(|i| (i * 37 + 11) % config.vocab_size as i64)
         .collect();
     let steps = 6;
-    let (tokens, reference) = decode(&model, &cuda, &prompt, None, steps);
+    let (tokens, reference) = decode::<T>(&model, &cuda, &prompt, None, steps);
     let (offloaded, report) = OffloadPolicy::from_bytes(u64::MAX)
         .mode(OffloadMode::Uva)
         .apply(model.clone())
@@ -913,7 +924,7 @@ fn llama_generates_the_same_tokens_offloaded() {
         reset_prefetch_stats();
         // Fed the resident run's tokens: where every argmax matches, free generation would
         // give exactly these tokens.
-        let (_, logits) = decode(&offloaded, &cuda, &prompt, Some(&tokens), steps);
+        let (_, logits) = decode::<T>(&offloaded, &cuda, &prompt, Some(&tokens), steps);
         let stats = op_stats();
         match mode {
             OffloadMode::Uva => assert!(stats.zero_copy_ops > 0, "{mode}: {stats:?}"),
