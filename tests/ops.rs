@@ -10,17 +10,19 @@
 //!   in `Prefetch` mode only for `embedding`);
 //! - views of offloaded tensors stay offloaded and make no transient copy.
 
+mod common;
+
 use burn::backend::{Autodiff, NdArray, ndarray::NdArrayDevice};
 use burn::tensor::activation::{gelu, log_softmax, relu, sigmoid, silu, softmax};
-use burn::tensor::backend::Backend;
 use burn::tensor::module::{conv1d, conv2d, embedding, linear};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{
-    Bool, DType, FloatDType, IndexingUpdateOp, Int, IntDType, Tensor, TensorData, Tolerance, s,
+    DType, FloatDType, IndexingUpdateOp, IntDType, Tensor, TensorData, Tolerance, s,
 };
 use burn_offload::{
     OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, OpStats, op_stats, reset_op_stats,
 };
+use common::{Dev, data};
 
 type Inner = NdArray<f32>;
 type B = OffloadBackend<Inner>;
@@ -59,21 +61,6 @@ fn copies_matmul_weights(mode: OffloadMode) -> bool {
     matches!(mode, OffloadMode::Copy | OffloadMode::Prefetch { .. })
 }
 
-/// Deterministic pseudo-random values in [-2, 2) (24-bit fractions).
-fn data(shape: &[usize], seed: u64) -> TensorData {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let n = shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect();
-    TensorData::new(values, shape.to_vec())
-}
-
 /// Values from {-1, -0.5, 0, 0.5, 1}: ties for comparisons, rounding and sorting.
 fn coarse(shape: &[usize], seed: u64) -> TensorData {
     let values = data(shape, seed).to_vec::<f32>().unwrap();
@@ -91,19 +78,6 @@ fn place<const N: usize>(data: &TensorData, offloaded: bool) -> Tensor<B, N> {
     let tensor = Tensor::<B, N>::from_data(data.clone(), (&device, data.dtype));
     assert_eq!(tensor.device().is_host(), offloaded);
     tensor
-}
-
-/// The device an op body creates its int and bool inputs on; its type names the backend.
-struct Dev<Bk: Backend>(Bk::Device);
-
-impl<Bk: Backend> Dev<Bk> {
-    fn int<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<Bk, N, Int> {
-        Tensor::from_data(data.into(), &self.0)
-    }
-
-    fn bool<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<Bk, N, Bool> {
-        Tensor::from_data(data.into(), &self.0)
-    }
 }
 
 /// What a run must do besides computing the reference result; `p[i]`: input `i` offloaded.

@@ -11,16 +11,16 @@ mod common;
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
 use burn::tensor::activation::{gelu, log_softmax, relu, sigmoid, silu, softmax};
-use burn::tensor::backend::Backend;
 use burn::tensor::module::{conv1d, conv2d, embedding, linear};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData, Tolerance, s};
+use burn::tensor::{DType, Tensor, TensorData, Tolerance, s};
 use burn_cubecl::CubeBackend;
 use burn_offload::inner::OffloadTarget;
 use burn_offload::{
     OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, OffloadPolicy, OpStats,
     host_memory_stats, op_stats, reset_op_stats,
 };
+use common::{Dev, data};
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 
 /// `burn::backend::Wgpu` as Burn defines it with its default `fusion` feature.
@@ -54,21 +54,6 @@ fn wgpu() -> WgpuDevice {
     WgpuDevice::default()
 }
 
-/// Deterministic pseudo-random values in [-2, 2).
-fn data(shape: &[usize], seed: u64) -> TensorData {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let n = shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-        })
-        .collect();
-    TensorData::new(values, shape.to_vec())
-}
-
 /// Values from {-1, -0.5, 0, 0.5, 1}, shifted off the rounding ties.
 fn coarse(shape: &[usize], seed: u64) -> TensorData {
     let values = data(shape, seed).to_vec::<f32>().unwrap();
@@ -77,19 +62,6 @@ fn coarse(shape: &[usize], seed: u64) -> TensorData {
         .map(|v| (v * 1.25).round() / 2.0 + 0.1)
         .collect();
     TensorData::new(values, shape.to_vec())
-}
-
-/// The device an op body creates its int and bool inputs on; its type names the backend.
-struct Dev<Bk: Backend>(Bk::Device);
-
-impl<Bk: Backend> Dev<Bk> {
-    fn int<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<Bk, N, Int> {
-        Tensor::from_data(data.into(), &self.0)
-    }
-
-    fn bool<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<Bk, N, Bool> {
-        Tensor::from_data(data.into(), &self.0)
-    }
 }
 
 /// `data` as a float tensor of `OffloadBackend<Inner>`, offloaded or resident.

@@ -257,3 +257,31 @@ pub fn load_values<B: Backend, M: Module<B>>(
         device,
     })
 }
+
+/// Deterministic pseudo-random values in [-2, 2) (24-bit fractions).
+pub fn data(shape: &[usize], seed: u64) -> TensorData {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    TensorData::new(values, shape.to_vec())
+}
+
+/// The device an op body creates its int and bool inputs on; its type names the backend.
+pub struct Dev<B: Backend>(pub B::Device);
+
+impl<B: Backend> Dev<B> {
+    pub fn int<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<B, N, Int> {
+        Tensor::from_data(data.into(), &self.0)
+    }
+
+    pub fn bool<const N: usize>(&self, data: impl Into<TensorData>) -> Tensor<B, N, Bool> {
+        Tensor::from_data(data.into(), &self.0)
+    }
+}
