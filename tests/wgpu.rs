@@ -528,3 +528,144 @@ fn an_upload_before_a_matmul_keeps_the_matmul_and_its_epilogue_fused() {
         "the same fused matmul block with the weight uploaded: {all_offloaded:?}"
     );
 }
+
+/// Adam steps on `Autodiff<OffloadBackend<Bk>>` with every parameter offloaded: the losses and
+/// weights follow `Autodiff<NdArray>` step for step, the parameters stay offloaded, and after
+/// the first step `OffloadOptimizer` writes each update into the host buffer it had (no new
+/// host allocation).
+fn training<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
+    use burn::backend::Autodiff;
+    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    use burn_offload::OffloadOptimizer;
+    type AdRef = Autodiff<Ref>;
+    let (weights, _) = reference();
+    let (x, y) = (
+        data(&[4, common::D_MODEL], 200),
+        data(&[4, common::D_OUT], 201),
+    );
+    let steps = 4;
+
+    let mut reference_model = common::load_values(
+        common::Net::<AdRef>::new(&NdArrayDevice::Cpu),
+        &weights,
+        &NdArrayDevice::Cpu,
+    );
+    let mut optim = AdamConfig::new().init();
+    let mut reference_losses = Vec::new();
+    for _ in 0..steps {
+        let xr = Tensor::<AdRef, 2>::from_data(x.clone(), &NdArrayDevice::Cpu);
+        let yr = Tensor::<AdRef, 2>::from_data(y.clone(), &NdArrayDevice::Cpu);
+        let loss = (reference_model.forward(xr) - yr).powi_scalar(2).mean();
+        reference_losses.push(loss.clone().into_data().iter::<f32>().next().unwrap());
+        let grads = GradientsParams::from_grads(loss.backward(), &reference_model);
+        reference_model = optim.step(1e-2, reference_model, grads);
+    }
+
+    type Ad<Bk> = Autodiff<OffloadBackend<Bk>>;
+    let device = OffloadDevice::device(wgpu());
+    let model = common::load_values(common::Net::<Ad<Bk>>::new(&device), &weights, &device);
+    let (mut model, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .mode(OffloadMode::Copy)
+        .apply(model)
+        .unwrap();
+    assert_eq!(report.offloaded_tensors(), 14);
+    let mut optim = OffloadOptimizer::new(AdamConfig::new().init(), &report);
+    let mut allocations = None;
+    for (step, expected) in reference_losses.iter().enumerate() {
+        let xs = Tensor::<Ad<Bk>, 2>::from_data(x.clone(), &device);
+        let ys = Tensor::<Ad<Bk>, 2>::from_data(y.clone(), &device);
+        let loss = (model.forward(xs) - ys).powi_scalar(2).mean();
+        let got = loss.clone().into_data().iter::<f32>().next().unwrap();
+        assert!(
+            (got - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+            "{name}: loss {got} at step {step}, NdArray {expected}"
+        );
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+        assert!(
+            common::placements(&model).iter().all(|(_, host)| *host),
+            "{name}: still offloaded after step {step}"
+        );
+        let now = host_memory_stats().total_allocations;
+        assert_eq!(
+            *allocations.get_or_insert(now),
+            now,
+            "{name}: host allocations after step {step}"
+        );
+    }
+    for ((_, got), (_, want)) in common::values(&model)
+        .iter()
+        .zip(&common::values(&reference_model))
+    {
+        got.assert_approx_eq::<f32>(want, Tolerance::rel_abs(1e-3, 1e-5));
+    }
+}
+
+#[test]
+fn training_follows_ndarray_and_reuses_host_buffers_fused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    training::<Fused>("OffloadBackend<Wgpu>");
+}
+
+#[test]
+fn training_follows_ndarray_and_reuses_host_buffers_unfused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    training::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
+}
+
+/// Two op threads read one prefetch-mode model at once (each its own CubeCL stream and, fused,
+/// its own fusion stream; one prefetch thread copying for both): every output is bit-identical
+/// to the copy-mode run's.
+fn prefetch_from_two_threads<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
+    let (weights, _) = reference();
+    let (copy_net, _) = offloaded_net::<Bk>(&weights, OffloadMode::Copy);
+    let expected = forwards(&copy_net);
+    drop(copy_net);
+    let (net, report) = offloaded_net::<Bk>(
+        &weights,
+        OffloadMode::Prefetch {
+            lookahead_bytes: 1 << 20,
+        },
+    );
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let net = net.clone();
+                scope.spawn(move || (0..3).map(|_| forwards(&net)).collect::<Vec<_>>())
+            })
+            .collect();
+        for thread in threads {
+            for run in thread.join().unwrap() {
+                for (got, want) in run.iter().zip(&expected) {
+                    assert_eq!(
+                        got.as_bytes(),
+                        want.as_bytes(),
+                        "{name}: prefetch from two threads"
+                    );
+                }
+            }
+        }
+    });
+    let stats = report.prefetch_stats();
+    assert!(stats.hits > 0, "{name}: {stats:?}");
+}
+
+#[test]
+fn prefetch_from_two_threads_is_bit_identical_to_copy_fused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    prefetch_from_two_threads::<Fused>("OffloadBackend<Wgpu>");
+}
+
+#[test]
+fn prefetch_from_two_threads_is_bit_identical_to_copy_unfused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    prefetch_from_two_threads::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
+}
