@@ -1,9 +1,11 @@
 //! The CubeCL target on wgpu (lavapipe, Vulkan on the CPU, in CI): every op family through
 //! `OffloadBackend<Wgpu>` (Burn's fused default) and `OffloadBackend<CubeBackend<WgpuRuntime,
 //! …>>` (unfused) equals NdArray within tolerance in copy, auto and prefetch modes; uva falls
-//! back to copies and the report says so; prefetched runs are bit-identical to copy runs on the
-//! same backend; an upload leaves a matmul and its epilogue fused; nothing leaks after a model
-//! drops. Skips, saying why, where there is no Vulkan driver.
+//! back to copies and the report says so; prefetched runs, from one thread or two, are
+//! bit-identical to copy runs on the same backend; an upload leaves a matmul and its epilogue
+//! fused; loading a safetensors file creates offloaded parameters in host memory only;
+//! training follows NdArray and reuses the host buffers; nothing leaks after a model drops.
+//! Skips, saying why, where there is no Vulkan driver.
 #![cfg(feature = "wgpu")]
 
 mod common;
@@ -668,4 +670,76 @@ fn prefetch_from_two_threads_is_bit_identical_to_copy_unfused() {
         return;
     };
     prefetch_from_two_threads::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
+}
+
+/// burn-store loads a safetensors file into a lazy model with a policy applied: the offloaded
+/// parameters are created once, directly in host memory, the others on the device, nothing
+/// is copied, and the model computes what NdArray does.
+fn safetensors_loading<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
+    use burn_store::{ModuleSnapshot, SafetensorsStore};
+    let reference_model = common::Net::<Ref>::new(&NdArrayDevice::Cpu);
+    let weights = common::values(&reference_model);
+    let mut store = SafetensorsStore::from_bytes(None);
+    reference_model.save_into(&mut store).unwrap();
+    let bytes = store.get_bytes().unwrap();
+
+    let device = OffloadDevice::device(wgpu());
+    let (mut model, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .params(["mlp"])
+        .apply(Net::<Bk>::new(&device))
+        .unwrap();
+    assert!(
+        common::init_states(&model).iter().all(|(_, init)| !init),
+        "{name}: applying initialised nothing"
+    );
+    let before = host_memory_stats();
+    reset_op_stats();
+    model
+        .load_from(&mut SafetensorsStore::from_bytes(Some(bytes)))
+        .unwrap();
+    let stats = op_stats();
+    assert_eq!(
+        stats.host_created_bytes,
+        report.offloaded_bytes(),
+        "{name}: {stats:?}"
+    );
+    assert_eq!(
+        stats.device_created_bytes,
+        report.total_bytes() - report.offloaded_bytes(),
+        "{name}: {stats:?}"
+    );
+    assert_eq!(stats.transient_uploads, 0, "{name}: {stats:?}");
+    assert_eq!(
+        host_memory_stats().live_bytes - before.live_bytes,
+        report.offloaded_bytes() as usize,
+        "{name}"
+    );
+    for (path, host) in common::placements(&model) {
+        assert_eq!(host, report.is_offloaded(&path), "{name}: {path}");
+    }
+    common::assert_same_values(&common::values(&model), &weights);
+    let x = data(&[2, 3, common::D_MODEL], 300);
+    let expected = reference_model
+        .forward(Tensor::<Ref, 3>::from_data(x.clone(), &NdArrayDevice::Cpu))
+        .into_data();
+    model
+        .forward(Tensor::<OffloadBackend<Bk>, 3>::from_data(x, &device))
+        .into_data()
+        .assert_approx_eq::<f32>(&expected, Tolerance::rel_abs(1e-4, 1e-5));
+}
+
+#[test]
+fn safetensors_loads_offloaded_params_into_host_memory_fused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    safetensors_loading::<Fused>("OffloadBackend<Wgpu>");
+}
+
+#[test]
+fn safetensors_loads_offloaded_params_into_host_memory_unfused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    safetensors_loading::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
 }
