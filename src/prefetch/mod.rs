@@ -47,9 +47,12 @@
 //! **Threads.** One thread per context, device and backend type, started when the first cycle is
 //! learned; it parks on a condition variable when idle and never blocks process exit.
 //!
-//! **CUDA.** The thread makes its copies with the target's `prefetch_upload`. CubeCL gives each
-//! thread its own stream, so the copies run on a second stream and overlap the kernels of the
-//! op thread. Both directions are ordered on the device: a copy read on the op thread's stream
+//! **CubeCL targets (CUDA, wgpu, ROCm).** The thread makes its copies with the target's
+//! `prefetch_upload`. CubeCL gives each thread its own stream, so the copies run on a second
+//! stream and, on CUDA, overlap the kernels of the op thread (wgpu has one queue for every
+//! stream: no overlap on the device). A fused backend's copies stay unfused until the op thread
+//! takes one ([`OffloadTarget::take_staged`] registers it in that thread's fusion stream).
+//! Both directions are ordered on the device: a copy read on the op thread's stream
 //! waits for its DMA (CubeCL's cross-stream events), and each DMA waits for the work already
 //! queued on the op threads' streams ([`OffloadTarget::work_queue`]), because a dropped copy's
 //! memory goes back to the prefetch stream's pool while kernels that read it may still be
