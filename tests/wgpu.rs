@@ -303,6 +303,27 @@ fn cat_indexing_and_views() {
     });
 }
 
+/// Two tests that run `check::<Bk>(name)`, one on each wgpu backend.
+macro_rules! on_both {
+    ($fused:ident, $unfused:ident, $check:ident) => {
+        #[test]
+        fn $fused() {
+            let Some(_serial) = start() else {
+                return;
+            };
+            $check::<Fused>("OffloadBackend<Wgpu>");
+        }
+
+        #[test]
+        fn $unfused() {
+            let Some(_serial) = start() else {
+                return;
+            };
+            $check::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
+        }
+    };
+}
+
 /// The test model of the CPU tests, on a wgpu backend.
 type Net<Bk> = common::Net<OffloadBackend<Bk>>;
 
@@ -402,21 +423,11 @@ fn model_in_every_mode<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
     }
 }
 
-#[test]
-fn model_in_every_mode_fused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    model_in_every_mode::<Fused>("OffloadBackend<Wgpu>");
-}
-
-#[test]
-fn model_in_every_mode_unfused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    model_in_every_mode::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
-}
+on_both!(
+    model_in_every_mode_fused,
+    model_in_every_mode_unfused,
+    model_in_every_mode
+);
 
 /// After a model in prefetch mode (with its prefetch thread) drops, its host memory is freed
 /// and the device memory of its copies given back.
@@ -459,21 +470,11 @@ fn no_leaks<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
     }
 }
 
-#[test]
-fn no_leaks_after_a_model_drops_fused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    no_leaks::<Fused>("OffloadBackend<Wgpu>");
-}
-
-#[test]
-fn no_leaks_after_a_model_drops_unfused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    no_leaks::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
-}
+on_both!(
+    no_leaks_after_a_model_drops_fused,
+    no_leaks_after_a_model_drops_unfused,
+    no_leaks
+);
 
 /// The fused blocks that ran (fuser name, operations) and whether one has a matmul.
 #[cfg(feature = "fusion-inspect")]
@@ -614,21 +615,11 @@ fn training<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
     }
 }
 
-#[test]
-fn training_follows_ndarray_and_reuses_host_buffers_fused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    training::<Fused>("OffloadBackend<Wgpu>");
-}
-
-#[test]
-fn training_follows_ndarray_and_reuses_host_buffers_unfused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    training::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
-}
+on_both!(
+    training_follows_ndarray_and_reuses_host_buffers_fused,
+    training_follows_ndarray_and_reuses_host_buffers_unfused,
+    training
+);
 
 /// Two op threads read one prefetch-mode model at once (each its own CubeCL stream and, fused,
 /// its own fusion stream; one prefetch thread copying for both): every output is bit-identical
@@ -667,21 +658,11 @@ fn prefetch_from_two_threads<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str)
     assert!(stats.hits > 0, "{name}: {stats:?}");
 }
 
-#[test]
-fn prefetch_from_two_threads_is_bit_identical_to_copy_fused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    prefetch_from_two_threads::<Fused>("OffloadBackend<Wgpu>");
-}
-
-#[test]
-fn prefetch_from_two_threads_is_bit_identical_to_copy_unfused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    prefetch_from_two_threads::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
-}
+on_both!(
+    prefetch_from_two_threads_is_bit_identical_to_copy_fused,
+    prefetch_from_two_threads_is_bit_identical_to_copy_unfused,
+    prefetch_from_two_threads
+);
 
 /// burn-store loads a safetensors file into a lazy model with a policy applied: the offloaded
 /// parameters are created once, directly in host memory, the others on the device, nothing
@@ -739,18 +720,8 @@ fn safetensors_loading<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
         .assert_approx_eq::<f32>(&expected, Tolerance::rel_abs(1e-4, 1e-5));
 }
 
-#[test]
-fn safetensors_loads_offloaded_params_into_host_memory_fused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    safetensors_loading::<Fused>("OffloadBackend<Wgpu>");
-}
-
-#[test]
-fn safetensors_loads_offloaded_params_into_host_memory_unfused() {
-    let Some(_serial) = start() else {
-        return;
-    };
-    safetensors_loading::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
-}
+on_both!(
+    safetensors_loads_offloaded_params_into_host_memory_fused,
+    safetensors_loads_offloaded_params_into_host_memory_unfused,
+    safetensors_loading
+);
