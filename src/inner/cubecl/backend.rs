@@ -32,11 +32,11 @@ pub(crate) fn calibrate<R: OffloadRuntime, BT: BoolElement>(
     })?;
     let calibration =
         measure::<CubeBackend<R, f32, i32, BT>>(device, pin, R::COPIES_OVERLAP_COMPUTE)?;
-    if let Err(e) =
-        release_upload_sources::<R>(device).and_then(|()| super::transfer::sync::<R>(device))
-    {
-        log::warn!("{}: after the calibration: {e}", R::NAME);
-    }
+    release_upload_sources::<R>(device)
+        .and_then(|()| super::transfer::sync::<R>(device))
+        .map_err(|e| OffloadError::Calibration {
+            reason: format!("{}: releasing the measurement's uploads: {e}", R::NAME),
+        })?;
     Ok(calibration)
 }
 

@@ -212,12 +212,10 @@ where
         R::alloc_host(device, bytes, pin)
     }
 
-    /// Runs the calling thread's queued fused ops (some may hold these buffers) and waits for
-    /// them, then settles like the unfused target.
+    /// Hands the calling thread's queued fused ops (some may hold these buffers) to CubeCL,
+    /// then settles like the unfused target, whose wait covers them.
     fn settle_host_reads(device: &R::Device, pool: &[HostTensor]) {
-        if let Err(e) = <Self as burn_backend::Backend>::sync(device) {
-            log::warn!("{}: synchronising before an optimizer step: {e}", R::NAME);
-        }
+        get_client::<Inner<R, F, I, BT>>(device).sync(|| ());
         <Inner<R, F, I, BT> as OffloadTarget>::settle_host_reads(device, pool);
     }
 

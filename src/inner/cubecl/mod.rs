@@ -49,10 +49,6 @@ pub trait OffloadRuntime: CubeRuntime {
     /// A short name for messages and reports (`"cuda"`, `"wgpu"`, `"rocm"`).
     const NAME: &'static str;
 
-    /// Whether the device can read host memory in place (mapped, pinned memory): `false`
-    /// means `uva` falls back to copies, which the report says.
-    const READS_HOST_MEMORY: bool = false;
-
     /// Whether uploads on one stream run beside the kernels of another (a copy engine of its
     /// own): what makes prefetching on a second thread overlap compute. wgpu has one queue
     /// for every stream.

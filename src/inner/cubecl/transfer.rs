@@ -245,9 +245,25 @@ pub fn upload_tensor_after<R: OffloadRuntime>(
 }
 
 /// The bytes of a contiguous view in its buffer.
-pub(crate) fn byte_range(host: &HostTensor) -> Range<usize> {
+fn byte_range(host: &HostTensor) -> Range<usize> {
     let start = host.offset() * host.dtype().size();
     start..start + host.size_bytes()
+}
+
+/// The bytes of `host` in its buffer, which one copy can read: only a contiguous view has
+/// them ([`TransferError::InvalidArgument`] otherwise: gather it first, e.g. with
+/// `HostTensor::to_data`).
+pub(crate) fn contiguous_range(host: &HostTensor) -> Result<Range<usize>, TransferError> {
+    if !host.is_contiguous() {
+        return Err(TransferError::InvalidArgument {
+            reason: format!(
+                "the host view (shape {:?}, strides {:?}) is not contiguous",
+                host.dims(),
+                host.strides()
+            ),
+        });
+    }
+    Ok(byte_range(host))
 }
 
 /// A contiguous Burn tensor with `host`'s shape and dtype over the uploaded `handle`.
@@ -272,16 +288,7 @@ pub fn upload_tensor<R: OffloadRuntime>(
     device: &R::Device,
     host: &HostTensor,
 ) -> Result<CubeTensor<R>, TransferError> {
-    if !host.is_contiguous() {
-        return Err(TransferError::InvalidArgument {
-            reason: format!(
-                "the host view (shape {:?}, strides {:?}) is not contiguous",
-                host.dims(),
-                host.strides()
-            ),
-        });
-    }
-    let handle = upload::<R>(device, host.buffer(), byte_range(host))?;
+    let handle = upload::<R>(device, host.buffer(), contiguous_range(host)?)?;
     into_tensor(device, host, handle)
 }
 

@@ -44,10 +44,11 @@ impl TargetDevice for CudaDevice {
     /// stream, so `Auto` prefetches its copies.
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
         super::driver::probe()?;
+        // `calibrate` lets go of the upload sources in this thread's queue and waits for the
+        // stream; the pinned buffers then go to the releaser thread: wait for their frees now,
+        // as `measure` promises, rather than in the middle of later work.
         let calibration = calibrate::<CudaRuntime, u8>(self, pin)?;
-        // The DMA uploads keep their pinned sources alive in this thread's queue: free them
-        // now, as `measure` promises, rather than in the middle of later work.
-        super::free_upload_sources(self)?;
+        super::wait_pinned_releases();
         Ok(calibration)
     }
 }
@@ -63,7 +64,6 @@ fn gather_supported(weights: &HostTensor, indices_dtype: DType) -> bool {
 
 impl OffloadRuntime for CudaRuntime {
     const NAME: &'static str = "cuda";
-    const READS_HOST_MEMORY: bool = true;
     const COPIES_OVERLAP_COMPUTE: bool = true;
 
     fn offload_client(device: &CudaDevice) -> Result<ComputeClient<CudaRuntime>, TransferError> {

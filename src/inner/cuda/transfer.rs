@@ -20,7 +20,9 @@ use cubecl::server::Handle;
 
 use super::{CudaError, driver, kernel, pinned};
 use crate::host::{HostBuffer, HostTensor};
-use crate::inner::cubecl::transfer::{self as generic, TransferError, byte_range, check_range};
+use crate::inner::cubecl::transfer::{
+    self as generic, TransferError, check_range, contiguous_range,
+};
 
 impl From<TransferError> for CudaError {
     fn from(e: TransferError) -> Self {
@@ -146,16 +148,7 @@ pub fn upload_tensor(
             Ok(generic::upload_tensor::<CudaRuntime>(device, host)?)
         }
         UploadPath::SmCopy => {
-            if !host.is_contiguous() {
-                return Err(CudaError::InvalidArgument {
-                    reason: format!(
-                        "the host view (shape {:?}, strides {:?}) is not contiguous",
-                        host.dims(),
-                        host.strides()
-                    ),
-                });
-            }
-            let handle = upload_sm_copy(device, host.buffer(), byte_range(host))?;
+            let handle = upload_sm_copy(device, host.buffer(), contiguous_range(host)?)?;
             Ok(generic::into_tensor::<CudaRuntime>(device, host, handle)?)
         }
     }
