@@ -13,10 +13,7 @@
 #![allow(dead_code)]
 
 use burn::module::{Initializer, Module};
-use burn::nn::{
-    Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding,
-    RotaryEncodingConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -44,6 +41,80 @@ pub struct LlamaConfig {
     pub norm_eps: f64,
     /// Whether the LM head reuses the embedding matrix (`logits = h @ embed.weight^T`).
     pub tie_embeddings: bool,
+    /// Size of one attention head when it is not `dim / n_heads` (Hugging Face's `head_dim`).
+    pub head_dim: Option<usize>,
+    /// Biases on the query, key and value projections (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on the attention output projection (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Biases on the MLP projections (Llama's `mlp_bias`).
+    pub mlp_bias: bool,
+    /// How the rotary frequencies are scaled for long contexts.
+    pub rope_scaling: RopeScaling,
+    /// Each position attends to at most this many positions, itself included (Mistral's
+    /// `sliding_window`); `None`: all earlier positions.
+    pub sliding_window: Option<usize>,
+}
+
+/// Scaling of the rotary frequencies (Hugging Face's `rope_scaling` / `rope_parameters`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// The plain frequencies `theta^(-2i/head_dim)`.
+    None,
+    /// Every frequency divided by `factor` (`rope_type: "linear"`).
+    Linear {
+        /// Divisor of the frequencies.
+        factor: f32,
+    },
+    /// Llama 3.1's scaling (`rope_type: "llama3"`): low frequencies divided by `factor`, high
+    /// ones kept, a smooth blend between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f32,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f32,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// The context length the model was pretrained with.
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// The rotary inverse frequencies for `head_dim` and base `theta`, computed in f32 as
+    /// transformers does (`1 / theta^(2i / head_dim)`, then the scaling).
+    pub fn inv_freq(&self, theta: f32, head_dim: usize) -> Vec<f32> {
+        let plain =
+            (0..head_dim / 2).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32));
+        match *self {
+            Self::None => plain.collect(),
+            Self::Linear { factor } => plain.map(|f| f / factor).collect(),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f32;
+                let low_freq_wavelen = old / low_freq_factor;
+                let high_freq_wavelen = old / high_freq_factor;
+                plain
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else if wavelen < high_freq_wavelen {
+                            f
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
 }
 
 /// Error for an unknown preset name or inconsistent shapes.
@@ -59,6 +130,27 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl LlamaConfig {
+    /// The fields the presets share: no biases, no explicit head size, plain RoPE, full
+    /// attention (the shapes are placeholders every preset sets).
+    const LLAMA: Self = Self {
+        vocab_size: 0,
+        dim: 0,
+        n_layers: 0,
+        n_heads: 0,
+        n_kv_heads: 0,
+        ffn_dim: 0,
+        max_seq_len: 0,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        head_dim: None,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        rope_scaling: RopeScaling::None,
+        sliding_window: None,
+    };
+
     /// The preset names accepted by [`preset`](Self::preset).
     pub const PRESETS: &'static [&'static str] = &["tiny", "small", "1b", "7b", "50b"];
 
@@ -83,6 +175,7 @@ impl LlamaConfig {
                 rope_theta: 10_000.0,
                 norm_eps: 1e-5,
                 tie_embeddings: true,
+                ..Self::LLAMA
             },
             "small" => Self {
                 vocab_size: 8192,
@@ -95,6 +188,7 @@ impl LlamaConfig {
                 rope_theta: 10_000.0,
                 norm_eps: 1e-5,
                 tie_embeddings: false,
+                ..Self::LLAMA
             },
             "1b" => Self {
                 vocab_size: 32_000,
@@ -107,6 +201,7 @@ impl LlamaConfig {
                 rope_theta: 500_000.0,
                 norm_eps: 1e-5,
                 tie_embeddings: true,
+                ..Self::LLAMA
             },
             "7b" => Self {
                 vocab_size: 32_000,
@@ -119,6 +214,7 @@ impl LlamaConfig {
                 rope_theta: 10_000.0,
                 norm_eps: 1e-5,
                 tie_embeddings: false,
+                ..Self::LLAMA
             },
             "50b" => Self {
                 vocab_size: 32_000,
@@ -131,6 +227,7 @@ impl LlamaConfig {
                 rope_theta: 500_000.0,
                 norm_eps: 1e-5,
                 tie_embeddings: false,
+                ..Self::LLAMA
             },
             other => {
                 return Err(ConfigError(format!(
@@ -146,7 +243,8 @@ impl LlamaConfig {
     /// Checks that the shapes fit together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
-        if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
+        if self.n_heads == 0 || (self.head_dim.is_none() && !self.dim.is_multiple_of(self.n_heads))
+        {
             return err(format!(
                 "dim {} is not a multiple of n_heads {}",
                 self.dim, self.n_heads
@@ -161,22 +259,34 @@ impl LlamaConfig {
         if !self.head_dim().is_multiple_of(2) {
             return err(format!("head_dim {} must be even (RoPE)", self.head_dim()));
         }
-        if self.vocab_size == 0 || self.n_layers == 0 || self.ffn_dim == 0 {
-            return err("vocab_size, n_layers and ffn_dim must be positive".into());
+        if self.vocab_size == 0 || self.n_layers == 0 || self.ffn_dim == 0 || self.head_dim() == 0 {
+            return err("vocab_size, n_layers, ffn_dim and head_dim must be positive".into());
+        }
+        if self.sliding_window == Some(0) {
+            return err("sliding_window must be positive".into());
         }
         Ok(())
     }
 
-    /// Size of one attention head.
+    /// Size of one attention head: `head_dim` if given, else `dim / n_heads`.
     pub fn head_dim(&self) -> usize {
-        self.dim / self.n_heads
+        self.head_dim.unwrap_or(self.dim / self.n_heads.max(1))
     }
 
     /// Number of parameters, computed from the shapes (no tensor is touched).
     pub fn num_params(&self) -> usize {
+        let q = self.n_heads * self.head_dim();
         let kv = self.n_kv_heads * self.head_dim();
-        let attn = 2 * self.dim * self.dim + 2 * self.dim * kv;
-        let mlp = 3 * self.dim * self.ffn_dim;
+        let attn = 2 * self.dim * q
+            + 2 * self.dim * kv
+            + if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { self.dim } else { 0 };
+        let mlp = 3 * self.dim * self.ffn_dim
+            + if self.mlp_bias {
+                2 * self.ffn_dim + self.dim
+            } else {
+                0
+            };
         let layer = attn + mlp + 2 * self.dim;
         let head = if self.tie_embeddings {
             0
@@ -191,7 +301,8 @@ impl LlamaConfig {
     /// (Only the small rotary table, a constant, is computed here.)
     pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
         let head_dim = self.head_dim();
-        let linear = |i: usize, o: usize| LinearConfig::new(i, o).with_bias(false).init(device);
+        let linear =
+            |i: usize, o: usize, bias: bool| LinearConfig::new(i, o).with_bias(bias).init(device);
         let norm = || {
             RmsNormConfig::new(self.dim)
                 .with_epsilon(self.norm_eps)
@@ -201,19 +312,19 @@ impl LlamaConfig {
             .map(|_| DecoderLayer {
                 attn_norm: norm(),
                 attn: Attention {
-                    wq: linear(self.dim, self.n_heads * head_dim),
-                    wk: linear(self.dim, self.n_kv_heads * head_dim),
-                    wv: linear(self.dim, self.n_kv_heads * head_dim),
-                    wo: linear(self.n_heads * head_dim, self.dim),
+                    wq: linear(self.dim, self.n_heads * head_dim, self.qkv_bias),
+                    wk: linear(self.dim, self.n_kv_heads * head_dim, self.qkv_bias),
+                    wv: linear(self.dim, self.n_kv_heads * head_dim, self.qkv_bias),
+                    wo: linear(self.n_heads * head_dim, self.dim, self.o_bias),
                     n_heads: self.n_heads,
                     n_kv_heads: self.n_kv_heads,
                     head_dim,
                 },
                 mlp_norm: norm(),
                 mlp: Mlp {
-                    gate: linear(self.dim, self.ffn_dim),
-                    up: linear(self.dim, self.ffn_dim),
-                    down: linear(self.ffn_dim, self.dim),
+                    gate: linear(self.dim, self.ffn_dim, self.mlp_bias),
+                    up: linear(self.dim, self.ffn_dim, self.mlp_bias),
+                    down: linear(self.ffn_dim, self.dim, self.mlp_bias),
                 },
             })
             .collect();
@@ -228,11 +339,14 @@ impl LlamaConfig {
                 .init(device),
             layers,
             norm: norm(),
-            lm_head: (!self.tie_embeddings).then(|| linear(self.dim, self.vocab_size)),
-            rope: RotaryEncodingConfig::new(self.max_seq_len, head_dim)
-                .with_theta(self.rope_theta)
-                .init(device),
+            lm_head: (!self.tie_embeddings).then(|| linear(self.dim, self.vocab_size, false)),
+            rope: Rope::new(
+                &self.rope_scaling.inv_freq(self.rope_theta, head_dim),
+                self.max_seq_len,
+                device,
+            ),
             max_seq_len: self.max_seq_len,
+            sliding_window: self.sliding_window,
         }
     }
 }
@@ -248,10 +362,59 @@ pub struct Llama<B: Backend> {
     pub norm: RmsNorm<B>,
     /// LM head, `[dim, vocab]`; `None` when tied to the embedding.
     pub lm_head: Option<Linear<B>>,
-    /// Rotary table shared by all layers (a constant, not a parameter).
-    pub rope: RotaryEncoding<B>,
+    /// Rotary tables shared by all layers (constants, not parameters).
+    pub rope: Rope<B>,
     /// Positions the rotary table covers.
     pub max_seq_len: usize,
+    /// Each position attends to at most this many positions (itself included).
+    pub sliding_window: Option<usize>,
+}
+
+/// Rotary position embedding in the rotate-half convention of Hugging Face's LLaMA family:
+/// dimension `i` of a head turns with `i + head_dim / 2` (Meta's original checkpoints pair
+/// neighbours instead; Hugging Face's conversion permuted the q/k weights to this form).
+#[derive(Module, Debug)]
+pub struct Rope<B: Backend> {
+    /// `cos(position * inv_freq)`, `[max_seq_len, head_dim]` (the frequencies repeated twice).
+    pub cos: Tensor<B, 2>,
+    /// `sin(position * inv_freq)`, `[max_seq_len, head_dim]`.
+    pub sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Tables for positions `0..max_seq_len`, computed in f32 as transformers does.
+    pub fn new(inv_freq: &[f32], max_seq_len: usize, device: &B::Device) -> Self {
+        let head_dim = 2 * inv_freq.len();
+        let angles: Vec<f32> = (0..max_seq_len)
+            .flat_map(|p| (0..head_dim).map(move |i| p as f32 * inv_freq[i % inv_freq.len()]))
+            .collect();
+        let table = |f: fn(f32) -> f32| {
+            let values: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+            Tensor::from_data(TensorData::new(values, [max_seq_len, head_dim]), device)
+        };
+        Self {
+            cos: table(f32::cos),
+            sin: table(f32::sin),
+        }
+    }
+
+    /// Rotates `x` (`[batch, heads, seq, head_dim]`) whose first position is `start`:
+    /// `x * cos + rotate_half(x) * sin`, `rotate_half(x) = [-x2, x1]`.
+    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+        let [batch, heads, seq, head_dim] = x.dims();
+        let half = head_dim / 2;
+        let rows = |t: &Tensor<B, 2>| {
+            t.clone()
+                .slice([start..start + seq, 0..head_dim])
+                .reshape([1, 1, seq, head_dim])
+        };
+        let x1 = x.clone().slice([0..batch, 0..heads, 0..seq, 0..half]);
+        let x2 = x
+            .clone()
+            .slice([0..batch, 0..heads, 0..seq, half..head_dim]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * rows(&self.cos) + rotated * rows(&self.sin)
+    }
 }
 
 /// One pre-norm decoder block.
@@ -383,7 +546,10 @@ impl<B: Backend> Llama<B> {
             self.max_seq_len
         );
         let mut x = self.embed.forward(tokens);
-        let mask = (seq > 1).then(|| causal_mask::<B>(seq, start, &x.device()));
+        // A single new token sees every cached one, unless the window is shorter.
+        let windowed = self.sliding_window.is_some_and(|w| start + seq > w);
+        let mask = (seq > 1 || windowed)
+            .then(|| causal_mask::<B>(seq, start, self.sliding_window, &x.device()));
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(x, &self.rope, start, mask.clone(), kv);
         }
@@ -401,13 +567,20 @@ impl<B: Backend> Llama<B> {
 }
 
 /// Additive causal mask `[1, 1, seq, start + seq]` for `seq` new tokens after `start` cached
-/// ones: query `i` sees keys `0..=start + i`.
-fn causal_mask<B: Backend>(seq: usize, start: usize, device: &B::Device) -> Tensor<B, 4> {
+/// ones: query `i` sees keys `0..=start + i`, and with a sliding `window` only the last
+/// `window` of them (Hugging Face's `kv_idx > q_idx - sliding_window`).
+fn causal_mask<B: Backend>(
+    seq: usize,
+    start: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
     let total = start + seq;
     let values: Vec<f32> = (0..seq)
         .flat_map(|i| {
             (0..total).map(move |j| {
-                if j > start + i {
+                let q = start + i;
+                if j > q || window.is_some_and(|w| j + w <= q) {
                     f32::NEG_INFINITY
                 } else {
                     0.0
@@ -423,7 +596,7 @@ impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RotaryEncoding<B>,
+        rope: &Rope<B>,
         start: usize,
         mask: Option<Tensor<B, 4>>,
         kv: &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
@@ -440,7 +613,7 @@ impl<B: Backend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RotaryEncoding<B>,
+        rope: &Rope<B>,
         start: usize,
         mask: Option<Tensor<B, 4>>,
         kv: &mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
@@ -487,4 +660,39 @@ impl<B: Backend> Mlp<B> {
         self.down
             .forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
     }
+}
+
+/// Greedy decoding of `prompts` (equal lengths, one row per sequence): a prefill, then
+/// `new_tokens - 1` decode steps through the KV cache. Returns, per sequence, the
+/// `new_tokens` generated ids and the logits each was the argmax of.
+pub fn greedy<B: Backend>(
+    model: &Llama<B>,
+    prompts: &[Vec<i64>],
+    new_tokens: usize,
+    device: &B::Device,
+) -> (Vec<Vec<i64>>, Vec<Vec<Vec<f32>>>) {
+    let batch = prompts.len();
+    let len = prompts.first().map_or(0, Vec::len);
+    assert!(
+        prompts.iter().all(|p| p.len() == len) && len > 0,
+        "prompts must be non-empty and of one length"
+    );
+    let mut tokens = vec![Vec::with_capacity(new_tokens); batch];
+    let mut logits = vec![Vec::with_capacity(new_tokens); batch];
+    let mut cache = Cache::for_model(model);
+    let mut input =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(prompts.concat(), [batch, len]), device);
+    for _ in 0..new_tokens {
+        let step = model.forward_last(input, &mut cache);
+        let next = step.clone().argmax(1);
+        let values: Vec<f32> = step.into_data().iter::<f32>().collect();
+        let ids: Vec<i64> = next.to_data().iter::<i64>().collect();
+        let vocab = values.len() / batch;
+        for b in 0..batch {
+            tokens[b].push(ids[b]);
+            logits[b].push(values[b * vocab..(b + 1) * vocab].to_vec());
+        }
+        input = next;
+    }
+    (tokens, logits)
 }

@@ -1,0 +1,324 @@
+//! Hugging Face checkpoints, loaded through the example's loader (`examples/llama/hf.rs`),
+//! against transformers: `tests/fixtures/hf/*` were made by `scripts/hf-fixtures.py` (tiny
+//! random models saved with `save_pretrained`, and transformers' greedy tokens and logits for
+//! two prompts, in `reference.json`). Each is run with every parameter resident and with every
+//! parameter offloaded in each mode, on the CPU target.
+
+#[path = "../examples/llama/hf.rs"]
+mod hf;
+#[path = "../examples/llama/model.rs"]
+mod model;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::backend::NdArray;
+use burn::backend::ndarray::NdArrayDevice;
+use burn::tensor::DType;
+use burn_offload::{OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, op_stats};
+use serde::Deserialize;
+
+use hf::{HfError, HfModel};
+use model::{Llama, greedy};
+
+type B = OffloadBackend<NdArray>;
+
+/// transformers' f32 logits against ours.
+const TOLERANCE: f32 = 1e-4;
+
+#[derive(Deserialize)]
+struct Reference {
+    prompts: Vec<Vec<i64>>,
+    tokens: Vec<Vec<i64>>,
+    logits: Vec<Vec<Vec<f32>>>,
+    prompt_texts: Option<Vec<String>>,
+    completion_texts: Option<Vec<String>>,
+}
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
+}
+
+fn fixtures() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .expect("tests/fixtures/hf exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 4, "{dirs:?}");
+    dirs
+}
+
+fn reference(dir: &Path) -> Reference {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap()
+}
+
+/// What one run gave.
+struct Run {
+    tokens: Vec<Vec<i64>>,
+    logits: Vec<Vec<Vec<f32>>>,
+    offloaded: usize,
+    params: usize,
+    /// Bytes the progress callback was told.
+    progress: u64,
+    loaded_bytes: u64,
+    host_created: u64,
+    device_created: u64,
+}
+
+/// Loads `dir` into a model placed by `policy` (lazy init, policy, then load: offloaded
+/// tensors are created in host memory only) and decodes `reference`'s prompts greedily.
+fn run(dir: &Path, policy: &OffloadPolicy, reference: &Reference) -> Run {
+    let hf = HfModel::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let new_tokens = reference.tokens[0].len();
+    let mut config = hf.config.clone();
+    config.max_seq_len = reference.prompts[0].len() + new_tokens;
+    let device = OffloadDevice::device(NdArrayDevice::Cpu);
+    let model: Llama<B> = config.init(&device);
+    let (model, report) = policy.apply(model).unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    let before = op_stats();
+    let model = hf
+        .load(model, DType::F32, move |b| {
+            counter.fetch_add(b, Ordering::Relaxed);
+        })
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let after = op_stats();
+    let (tokens, logits) = greedy(&model, &reference.prompts, new_tokens, &device);
+    Run {
+        tokens,
+        logits,
+        offloaded: report.offloaded_tensors(),
+        params: report.params.len(),
+        progress: seen.load(Ordering::Relaxed),
+        loaded_bytes: hf.loaded_bytes(DType::F32),
+        host_created: after.host_created_bytes - before.host_created_bytes,
+        device_created: after.device_created_bytes - before.device_created_bytes,
+    }
+}
+
+fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "vocabulary sizes differ");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn every_fixture_matches_transformers_resident_and_offloaded_in_every_mode() {
+    let modes = [
+        OffloadMode::Uva,
+        OffloadMode::Copy,
+        OffloadMode::Auto,
+        OffloadMode::Prefetch {
+            lookahead_bytes: 1 << 20,
+        },
+    ];
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let reference = reference(&dir);
+        let policies = std::iter::once(("resident".to_string(), OffloadPolicy::from_bytes(0)))
+            .chain(modes.iter().map(|m| {
+                (
+                    format!("offloaded, {m}"),
+                    OffloadPolicy::from_bytes(u64::MAX).mode(*m),
+                )
+            }));
+        for (label, policy) in policies {
+            let run = run(&dir, &policy, &reference);
+            let all = policy.max_bytes > 0;
+            assert_eq!(
+                run.offloaded,
+                if all { run.params } else { 0 },
+                "{name} {label}"
+            );
+            // Each weight created once, where its parameter lives, and nothing else.
+            let (host, device) = if all {
+                (run.loaded_bytes, 0)
+            } else {
+                (0, run.loaded_bytes)
+            };
+            assert_eq!(run.host_created, host, "{name} {label}: host bytes");
+            assert_eq!(run.device_created, device, "{name} {label}: device bytes");
+            assert_eq!(run.progress, run.loaded_bytes, "{name} {label}: progress");
+            assert_eq!(
+                run.tokens, reference.tokens,
+                "{name} {label}: greedy tokens"
+            );
+            let diff = max_diff(&run.logits, &reference.logits);
+            assert!(
+                diff <= TOLERANCE,
+                "{name} {label}: max |logit - transformers| = {diff:e}"
+            );
+            println!("{name:<20} {label:<28} tokens equal, max |logit diff| {diff:.2e}");
+        }
+    }
+}
+
+#[test]
+fn the_fixtures_cover_the_architectures_and_formats() {
+    let opened: Vec<HfModel> = fixtures()
+        .iter()
+        .map(|d| HfModel::open(d).unwrap())
+        .collect();
+    let find = |arch: &str| {
+        opened
+            .iter()
+            .filter(|m| m.architecture == arch)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(find("LlamaForCausalLM").len(), 2);
+    let mistral = find("MistralForCausalLM");
+    assert_eq!(mistral[0].config.sliding_window, Some(6));
+    assert!(mistral[0].tensors.values().all(|t| t.dtype == "BF16"));
+    let qwen = find("Qwen2ForCausalLM");
+    assert!(qwen[0].config.qkv_bias && !qwen[0].config.o_bias);
+    let sharded = opened
+        .iter()
+        .find(|m| m.files.len() > 1)
+        .expect("a sharded one");
+    assert!(sharded.tensors.values().all(|t| t.dtype == "F16"));
+    let llama3 = opened
+        .iter()
+        .find(|m| matches!(m.config.rope_scaling, model::RopeScaling::Llama3 { .. }))
+        .expect("a llama3 rope one");
+    assert!(llama3.config.tie_embeddings);
+    assert_eq!(llama3.config.head_dim, Some(16));
+    assert_ne!(
+        llama3.config.head_dim(),
+        llama3.config.dim / llama3.config.n_heads
+    );
+    assert!(llama3.tokenizer.is_some());
+}
+
+#[test]
+fn the_fixture_tokenizer_encodes_and_decodes_like_transformers() {
+    let dir = fixtures()
+        .into_iter()
+        .find(|d| d.join("tokenizer.json").is_file())
+        .expect("a fixture with a tokenizer");
+    let reference = reference(&dir);
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let texts = reference.prompt_texts.as_ref().unwrap();
+    for (text, prompt) in texts.iter().zip(&reference.prompts) {
+        let ids: Vec<i64> = tokenizer
+            .encode(text.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        // The script cut both prompts to the shorter one's length.
+        assert_eq!(&ids[..prompt.len()], &prompt[..], "{text:?}");
+    }
+    let completions = reference.completion_texts.as_ref().unwrap();
+    for (tokens, text) in reference.tokens.iter().zip(completions) {
+        let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+        assert_eq!(&tokenizer.decode(&ids, false).unwrap(), text);
+    }
+}
+
+/// A copy of fixture `name` in a temporary directory, with `edit` applied to its config.
+fn edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures_dir().join(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = tmp.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    tmp
+}
+
+fn open_err(dir: &Path) -> String {
+    let err: HfError = HfModel::open(dir).expect_err("should fail");
+    err.to_string()
+}
+
+#[test]
+fn broken_directories_get_errors_naming_the_tensor_and_the_file() {
+    // One layer more than the checkpoint has.
+    let tmp = edited("qwen2", |c| c["num_hidden_layers"] = 3.into());
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("tensor model.layers.2.input_layernorm.weight is missing")
+            && err.contains("model.safetensors"),
+        "{err}"
+    );
+    // In a sharded checkpoint, the index is where it is missing from.
+    let tmp = edited("llama2-sharded-f16", |c| c["num_hidden_layers"] = 3.into());
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("model.safetensors.index.json does not have it"),
+        "{err}"
+    );
+
+    // A config that does not belong to the checkpoint.
+    let tmp = edited("qwen2", |c| c["intermediate_size"] = 48.into());
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("tensor model.layers.0.mlp.gate_proj.weight in ")
+            && err.contains("has shape [64, 32], but config.json implies [48, 32]"),
+        "{err}"
+    );
+
+    // A truncated download.
+    let tmp = edited("mistral-bf16", |_| {});
+    let file = tmp.path().join("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(len - 100).unwrap();
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("model.safetensors is truncated: tensor ")
+            && err.contains(&format!("the file has {} bytes", len - 100)),
+        "{err}"
+    );
+    f.set_len(4).unwrap();
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("model.safetensors: not a safetensors file"),
+        "{err}"
+    );
+
+    // No checkpoint at all.
+    std::fs::remove_file(&file).unwrap();
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("no model.safetensors or model.safetensors.index.json"),
+        "{err}"
+    );
+
+    // What the model cannot run.
+    let tmp = edited("qwen2", |c| {
+        c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        c["model_type"] = "gpt2".into();
+    });
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("config.json: unsupported architecture \"GPT2LMHeadModel\"")
+            && err.contains("LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM"),
+        "{err}"
+    );
+    let tmp = edited("qwen2", |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+    });
+    let err = open_err(tmp.path());
+    assert!(err.contains("rope type \"yarn\" is not supported"), "{err}");
+    let tmp = edited("qwen2", |c| c["hidden_act"] = "gelu".into());
+    assert!(open_err(tmp.path()).contains("hidden_act \"gelu\" is not supported"));
+    let tmp = edited("qwen2", |c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    assert!(open_err(tmp.path()).contains("config.json: hidden_size is missing"));
+}
