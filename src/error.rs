@@ -26,6 +26,35 @@ pub enum OffloadError {
         /// The largest accepted value in GiB.
         max: f64,
     },
+    /// A device-memory budget in GiB (for [`FitPlanner`](crate::fit::FitPlanner)) that is NaN,
+    /// infinite or negative.
+    #[error(
+        "invalid device budget {value} GiB: give a finite number of GiB > 0 (e.g. \
+         `--gpu-budget-gb 20`), or none to use the memory the device reports free"
+    )]
+    InvalidDeviceBudget {
+        /// The value as given.
+        value: f64,
+    },
+    /// A device-memory budget that the model cannot fit, even with every weight the plan may
+    /// offload in host memory.
+    #[error(
+        "the model does not fit a device budget of {}: even with every weight offloaded, \
+         {breakdown} need {}; give a budget of at least {} (`--gpu-budget-gb {:.2}`), or lower \
+         the batch or the context length",
+        crate::policy::human_bytes(*.budget_bytes),
+        crate::policy::human_bytes(*.minimum_bytes),
+        crate::policy::human_bytes(*.minimum_bytes),
+        (*.minimum_bytes as f64 / (1u64 << 30) as f64 * 100.0).ceil() / 100.0
+    )]
+    DoesNotFit {
+        /// The budget.
+        budget_bytes: u64,
+        /// The least budget that would do.
+        minimum_bytes: u64,
+        /// What the minimum is made of.
+        breakdown: String,
+    },
     /// A `prefetch` mode with a lookahead of 0 bytes, which could never prefetch anything.
     #[error(
         "invalid offload mode `prefetch:0`: a lookahead of 0 bytes never prefetches anything; give \

@@ -25,6 +25,7 @@ pub mod backend;
 pub mod context;
 pub mod device;
 pub mod error;
+pub mod fit;
 pub mod host;
 pub mod inner;
 pub mod mode;

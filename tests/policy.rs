@@ -140,6 +140,56 @@ fn filters_restrict_what_is_offloaded() {
     );
 }
 
+#[test]
+fn exact_paths_select_only_those_parameters() {
+    // `layers.0.mlp.up.weight` as a filter would also match a deeper `x.layers.0.mlp.up.weight`;
+    // as a path it is that parameter only, and a segment of it matches nothing.
+    let policy = OffloadPolicy::from_bytes(u64::MAX).paths(["layers.0.mlp.up.weight", "head.bias"]);
+    assert_eq!(
+        offloaded_with(&policy),
+        paths(&["layers.0.mlp.up.weight", "head.bias"])
+    );
+    let (_, report) = OffloadPolicy::from_bytes(u64::MAX)
+        .paths(["layers.0.mlp"])
+        .apply(net())
+        .unwrap();
+    assert!(offloaded_paths(&report).is_empty());
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w
+                .contains("parameter paths [\"layers.0.mlp\"] name no parameter of this module")),
+        "{:?}",
+        report.warnings
+    );
+    // With filters too: either selects.
+    let policy = filters(&["head"]).paths(["layers.1.mlp.down.bias"]);
+    assert_eq!(
+        offloaded_with(&policy),
+        paths(&["layers.1.mlp.down.bias", "head.weight", "head.bias"])
+    );
+    // From a file, and back.
+    let from_toml = OffloadPolicy::from_toml(
+        "max_bytes = 1000\npaths = [\"layers.0.mlp.up.weight\", \"head.bias\"]",
+    )
+    .unwrap();
+    assert_eq!(
+        from_toml,
+        OffloadPolicy::from_bytes(1000).paths(["layers.0.mlp.up.weight", "head.bias"])
+    );
+    let json = serde_json::to_string(&from_toml).unwrap();
+    assert_eq!(
+        serde_json::from_str::<OffloadPolicy>(&json).unwrap(),
+        from_toml
+    );
+    // Validated as filters are.
+    assert!(matches!(
+        OffloadPolicy::from_toml("paths = [\"head..bias\"]"),
+        Err(OffloadError::InvalidParamFilter { .. })
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The budget walk.
 

@@ -296,6 +296,33 @@ impl LlamaConfig {
         self.vocab_size * self.dim + self.n_layers * layer + self.dim + head
     }
 
+    /// Bytes of the KV cache for `batch` sequences of `context` positions, in a float type of
+    /// `dtype_size` bytes.
+    pub fn kv_cache_bytes(&self, batch: usize, context: usize, dtype_size: usize) -> u64 {
+        (2 * self.n_layers * batch * context * self.n_kv_heads * self.head_dim() * dtype_size)
+            as u64
+    }
+
+    /// A rough estimate of the activation bytes of a run: a prefill of `prompt` tokens per
+    /// sequence (hidden states and MLP intermediates of every row, the grouped keys and values
+    /// repeated for all heads, the attention scores), then decode steps up to `context`
+    /// positions whose logits are kept until the end.
+    pub fn activation_bytes(
+        &self,
+        batch: usize,
+        prompt: usize,
+        context: usize,
+        dtype_size: usize,
+    ) -> u64 {
+        let rows = batch * prompt;
+        let q = self.n_heads * self.head_dim();
+        let repeated_kv = 2 * batch * q * context;
+        let hidden = rows * (5 * self.dim + q + 3 * self.ffn_dim);
+        let scores = 3 * batch * self.n_heads * prompt * context;
+        let logits = batch * self.vocab_size * (2 + context.saturating_sub(prompt));
+        ((repeated_kv + hidden + scores + logits) * dtype_size) as u64
+    }
+
     /// Creates the model on `device`. Every parameter is *lazy*: nothing is allocated until it
     /// is first read or loaded, so an offload policy can still retarget it to host memory.
     /// (Only the small rotary table, a constant, is computed here.)

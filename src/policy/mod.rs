@@ -55,6 +55,10 @@ pub struct OffloadPolicy {
     /// its path (`experts.w2_weight` matches `mlp.experts.w2_weight`, not
     /// `mlp.experts.w2_weight_scale`). Empty: every parameter is eligible.
     pub params: Vec<String>,
+    /// Full parameter paths, matched exactly (what a [`FitPlan`](crate::fit::FitPlan) chose).
+    /// A parameter is eligible when its path is one of these or matches one of `params`; with
+    /// both empty, every parameter is.
+    pub paths: Vec<String>,
     /// Parameters smaller than this stay on the device.
     pub min_tensor_bytes: u64,
     /// How ops read offloaded parameters.
@@ -68,6 +72,7 @@ impl Default for OffloadPolicy {
         Self {
             max_bytes: 0,
             params: Vec::new(),
+            paths: Vec::new(),
             min_tensor_bytes: 0,
             mode: OffloadMode::Auto,
             pin_memory: true,
@@ -84,6 +89,8 @@ struct PolicyFile {
     max_gib: Option<f64>,
     #[serde(default)]
     params: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
     #[serde(default)]
     min_tensor_bytes: u64,
     mode: Option<ModeSpec>,
@@ -166,6 +173,13 @@ impl OffloadPolicy {
         self
     }
 
+    /// Restricts offloading to the parameters at exactly these full paths (and those the
+    /// [`params`](Self::params) filters match, if any).
+    pub fn paths<S: Into<String>>(mut self, paths: impl IntoIterator<Item = S>) -> Self {
+        self.paths = paths.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Keeps parameters smaller than `bytes` on the device.
     pub fn min_tensor_bytes(mut self, bytes: u64) -> Self {
         self.min_tensor_bytes = bytes;
@@ -208,7 +222,7 @@ impl OffloadPolicy {
         Self::from_file(file)
     }
 
-    /// Parses a policy from TOML: `max_gib` (or `max_bytes`), `params`, `min_tensor_bytes`,
+    /// Parses a policy from TOML: `max_gib` (or `max_bytes`), `params`, `paths`, `min_tensor_bytes`,
     /// `mode` (`uva`, `copy`, `auto`, `prefetch` or `prefetch:<lookahead bytes>`), `pin_memory`.
     pub fn from_toml(text: &str) -> Result<Self, OffloadError> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| OffloadError::PolicyParse {
@@ -231,6 +245,7 @@ impl OffloadPolicy {
             (None, None) => Self::default(),
         };
         policy.params = file.params;
+        policy.paths = file.paths;
         policy.min_tensor_bytes = file.min_tensor_bytes;
         match file.mode {
             Some(ModeSpec::Text(text)) => policy.mode = text.parse()?,
@@ -250,17 +265,22 @@ impl OffloadPolicy {
         if self.mode == (OffloadMode::Prefetch { lookahead_bytes: 0 }) {
             return Err(OffloadError::ZeroPrefetchLookahead);
         }
-        self.params.iter().try_for_each(|f| validate_filter(f))
+        self.params
+            .iter()
+            .chain(&self.paths)
+            .try_for_each(|f| validate_filter(f))
     }
 
     /// Whether `path` (a dotted parameter path) is eligible under the filters.
     pub fn matches(&self, path: &str) -> bool {
-        self.params.is_empty() || self.params.iter().any(|p| filter_matches(p, path))
+        (self.params.is_empty() && self.paths.is_empty())
+            || self.paths.iter().any(|p| p == path)
+            || self.params.iter().any(|p| filter_matches(p, path))
     }
 }
 
 /// Whether `filter` matches whole consecutive dotted segments of `path`.
-fn filter_matches(filter: &str, path: &str) -> bool {
+pub(crate) fn filter_matches(filter: &str, path: &str) -> bool {
     format!(".{path}.").contains(&format!(".{filter}."))
 }
 
@@ -446,16 +466,30 @@ fn selection_warnings(
     let unmatched = unmatched_filters(&policy.params, &paths);
     let most = device_offloaded.iter().copied().max().unwrap_or(0);
     let mut warnings: Vec<String> = unmatched_filters_warning(&unmatched).into_iter().collect();
+    let unknown: Vec<&str> = policy
+        .paths
+        .iter()
+        .filter(|p| !paths.contains(&p.as_str()))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        warnings.push(format!(
+            "parameter paths {unknown:?} name no parameter of this module; check them against              the paths in the report"
+        ));
+    }
     if policy.max_bytes == 0 || params.is_empty() {
         return warnings;
     }
     if most == 0 {
         // With a budget, the first eligible parameter is always offloaded: none is eligible.
-        if unmatched.len() < policy.params.len() || policy.params.is_empty() {
+        let selected = policy.params.is_empty() && policy.paths.is_empty()
+            || unmatched.len() < policy.params.len()
+            || unknown.len() < policy.paths.len();
+        if selected {
             warnings.push(format!(
                 "no parameter is eligible: every parameter {}is smaller than min_tensor_bytes \
                  ({}), so nothing is offloaded; lower min_tensor_bytes to offload some",
-                if policy.params.is_empty() {
+                if policy.params.is_empty() && policy.paths.is_empty() {
                     ""
                 } else {
                     "the filters select "

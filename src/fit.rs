@@ -1,0 +1,879 @@
+//! The fit planner: which parameters to offload so that a model fits a device-memory budget,
+//! and how fast one step will then be — llama.cpp's `--fit`, ExecuTorch's weight-offload
+//! budget — where [`OffloadPolicy::from_gib`] needs the user to work out the bytes.
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+//! use burn_offload::fit::{DeviceBudget, FitPlanner, fit_params};
+//! use burn_offload::{OffloadBackend, OffloadDevice};
+//!
+//! #[derive(burn::module::Module, Debug)]
+//! struct Net<B: burn::tensor::backend::Backend> {
+//!     embed: Embedding<B>,
+//!     proj: Linear<B>,
+//! }
+//! type B = OffloadBackend<NdArray>;
+//! let device = OffloadDevice::device(Default::default());
+//! let net = Net::<B> {
+//!     embed: EmbeddingConfig::new(1000, 256).init(&device), // 1000 KiB
+//!     proj: LinearConfig::new(256, 256).init(&device),      // 257 KiB
+//! };
+//! // 1.5 MiB of device memory, 512 KiB of it for the KV cache, activations and a reserve.
+//! let budget = DeviceBudget::new(3 << 19).reserve(512 << 10);
+//! let params = fit_params(&net, &["embed"]);
+//! let plan = FitPlanner::new(budget).plan(&params)?;
+//! // The embedding table costs least to offload (a step gathers a few rows of it).
+//! assert_eq!(plan.offloaded().map(|p| p.path.as_str()).collect::<Vec<_>>(), ["embed.weight"]);
+//! let (net, report) = plan.policy().apply(net)?;
+//! assert_eq!(report.offloaded_bytes(), plan.offloaded_bytes());
+//! # Ok::<(), burn_offload::OffloadError>(())
+//! ```
+//!
+//! The order: tensors that cost least per step go first. An embedding table read by gathering
+//! rows in place moves only the rows a step uses (but in a mode that copies it, the whole
+//! table); small tensors (norms, biases: rank 1) always stay resident; then the largest
+//! matrices, each of which moves whole every step. When even every eligible tensor offloaded
+//! does not fit, [`FitPlanner::plan`] fails with the least budget that would
+//! ([`OffloadError::DoesNotFit`]), before anything is loaded.
+//!
+//! [`FitPlan::estimate`] predicts a step's time from a [`Calibration`]: the bytes read from
+//! host memory per step over the measured rates, against the resident matmuls at the measured
+//! device rate. It counts weights only (attention over the KV cache, norms and launch costs are
+//! left out), so it is a floor that a weight-bound decode step approaches.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Tensor, backend::Backend};
+use burn_backend::get_device_settings;
+
+use crate::auto::Calibration;
+use crate::error::OffloadError;
+use crate::mode::OffloadMode;
+use crate::policy::{OffloadPolicy, filter_matches, human_bytes};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// How a forward pass reads a parameter, which decides what offloading it costs per step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamUse {
+    /// Read whole by matmuls (linear weights, a tied LM head): offloaded, every step moves all
+    /// of it over the bus.
+    Matmul,
+    /// An embedding table read by gathering rows: read in place, a step moves only the rows it
+    /// uses; copied, the whole table.
+    Gathered,
+    /// A norm's scale, a bias (rank 1): too small to be worth offloading; kept resident.
+    Small,
+}
+
+/// One parameter as the planner sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitParam {
+    /// Full dotted path, as [`OffloadPolicy`] matches it.
+    pub path: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Bytes in the module's float type.
+    pub bytes: u64,
+    /// How it is read.
+    pub usage: ParamUse,
+}
+
+impl FitParam {
+    /// Bytes of one row (the last dimension): what a gather reads per index.
+    fn row_bytes(&self) -> u64 {
+        let rows = self.shape.iter().rev().skip(1).product::<usize>().max(1);
+        self.bytes / rows as u64
+    }
+}
+
+/// The float parameters of `module` in module order, sized as [`OffloadPolicy::apply`] sizes
+/// them (a lazy parameter in its device's float type), without initialising any. Parameters
+/// matching one of the `gathered` filters (dotted segments, as
+/// [`OffloadPolicy::params`]) are [`ParamUse::Gathered`] — name an embedding table there only if
+/// nothing else reads it whole (not a head tied to it); rank-1 ones are [`ParamUse::Small`];
+/// the others [`ParamUse::Matmul`].
+pub fn fit_params<B: Backend, M: Module<B>>(module: &M, gathered: &[&str]) -> Vec<FitParam> {
+    struct Visitor<'a> {
+        path: Vec<String>,
+        gathered: &'a [&'a str],
+        out: Vec<FitParam>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Visitor<'_> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let (shape, dtype) = if param.is_initialized() {
+                let value = param.val();
+                (value.shape().to_vec(), value.dtype())
+            } else {
+                let device = param.lazy_device();
+                let dtype = get_device_settings::<B>(&device).float_dtype.into();
+                (param.lazy_shape().to_vec(), dtype)
+            };
+            let path = self.path.join(".");
+            let usage = if self.gathered.iter().any(|g| filter_matches(g, &path)) {
+                ParamUse::Gathered
+            } else if shape.len() <= 1 {
+                ParamUse::Small
+            } else {
+                ParamUse::Matmul
+            };
+            self.out.push(FitParam {
+                bytes: (shape.iter().product::<usize>() * dtype.size()) as u64,
+                path,
+                shape,
+                usage,
+            });
+        }
+    }
+    let mut visitor = Visitor {
+        path: Vec::new(),
+        gathered,
+        out: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
+/// The device memory a model may use, and what besides its parameters needs some of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceBudget {
+    /// Device memory for this model in all.
+    pub device_bytes: u64,
+    /// Held back for the runtime, the backend's memory pools and fragmentation.
+    pub reserve_bytes: u64,
+    /// The KV cache for the run's batch and context.
+    pub kv_cache_bytes: u64,
+    /// Activations of the largest step (usually the prefill).
+    pub activation_bytes: u64,
+}
+
+impl DeviceBudget {
+    /// `device_bytes` of device memory, with the [default reserve](Self::default_reserve) of a
+    /// device of that size, no KV cache and no activations (set them with the builders).
+    pub fn new(device_bytes: u64) -> Self {
+        Self {
+            device_bytes,
+            reserve_bytes: Self::default_reserve(device_bytes),
+            kv_cache_bytes: 0,
+            activation_bytes: 0,
+        }
+    }
+
+    /// A budget of `gib` GiB (`--gpu-budget-gb`); errors on NaN, infinite, zero or negative
+    /// values.
+    pub fn from_gib(gib: f64) -> Result<Self, OffloadError> {
+        if !gib.is_finite() || gib <= 0.0 || gib > OffloadPolicy::MAX_GIB {
+            return Err(OffloadError::InvalidDeviceBudget { value: gib });
+        }
+        Ok(Self::new((gib * GIB).round() as u64))
+    }
+
+    /// The reserve for `device_bytes`: 1/16 of it (a CubeCL memory page can be that large,
+    /// and one more may be opened at any time) plus 512 MiB (kernels, the runtime's own
+    /// buffers).
+    pub fn default_reserve(device_bytes: u64) -> u64 {
+        device_bytes / 16 + (512 << 20)
+    }
+
+    /// Sets the reserve.
+    pub fn reserve(mut self, bytes: u64) -> Self {
+        self.reserve_bytes = bytes;
+        self
+    }
+
+    /// Sets the KV cache's bytes.
+    pub fn kv_cache(mut self, bytes: u64) -> Self {
+        self.kv_cache_bytes = bytes;
+        self
+    }
+
+    /// Sets the activations' bytes.
+    pub fn activations(mut self, bytes: u64) -> Self {
+        self.activation_bytes = bytes;
+        self
+    }
+
+    /// What is needed besides the parameters and the copies in flight.
+    fn fixed(&self) -> u64 {
+        self.reserve_bytes
+            .saturating_add(self.kv_cache_bytes)
+            .saturating_add(self.activation_bytes)
+    }
+}
+
+/// Chooses what to offload for a [`DeviceBudget`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitPlanner {
+    /// The budget.
+    pub budget: DeviceBudget,
+    /// The mode the plan's policy will use (it decides the device memory for copies in
+    /// flight, and whether a gathered table is read in place).
+    pub mode: OffloadMode,
+    /// Whether the device reads host memory in place
+    /// ([`TargetDevice::reads_host_in_place`](crate::inner::TargetDevice::reads_host_in_place)).
+    pub reads_in_place: bool,
+    /// Rows a decode step reads a gathered table at (the batch).
+    pub decode_rows: usize,
+}
+
+impl FitPlanner {
+    /// A planner for `budget`, mode `Auto`, a device that reads host memory in place, batch 1.
+    pub fn new(budget: DeviceBudget) -> Self {
+        Self {
+            budget,
+            mode: OffloadMode::Auto,
+            reads_in_place: true,
+            decode_rows: 1,
+        }
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: OffloadMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets whether the device reads host memory in place.
+    pub fn reads_in_place(mut self, reads_in_place: bool) -> Self {
+        self.reads_in_place = reads_in_place;
+        self
+    }
+
+    /// Sets the rows of a decode step (the batch).
+    pub fn decode_rows(mut self, rows: usize) -> Self {
+        self.decode_rows = rows.max(1);
+        self
+    }
+
+    /// Whether a gathered table is read in place (only its rows move) in this mode.
+    fn gathers_in_place(&self) -> bool {
+        self.reads_in_place && matches!(self.mode, OffloadMode::Uva | OffloadMode::Auto)
+    }
+
+    /// Device bytes of the copies in flight when the copied tensors have `copied` bytes, the
+    /// largest `largest`: none when everything is read in place; otherwise the copy in use and
+    /// the one before it (freed once the stream is past it); with prefetch, the copy in use
+    /// and the lookahead (at most every copied byte).
+    fn staging(&self, largest: u64, copied: u64) -> u64 {
+        match self.mode {
+            OffloadMode::Uva if self.reads_in_place => 0,
+            OffloadMode::Prefetch { lookahead_bytes } => {
+                lookahead_bytes.min(copied).saturating_add(largest)
+            }
+            _ => largest.saturating_mul(2),
+        }
+    }
+
+    /// Bytes one decode step moves over the bus for `p` if it is offloaded.
+    fn step_cost(&self, p: &FitParam) -> u64 {
+        match p.usage {
+            ParamUse::Gathered if self.gathers_in_place() => {
+                p.row_bytes() * self.decode_rows as u64
+            }
+            _ => p.bytes,
+        }
+    }
+
+    /// The plan for `params` (from [`fit_params`]): nothing offloaded if everything fits,
+    /// else the cheapest tensors first until the rest fits; [`OffloadError::DoesNotFit`], with
+    /// the least budget that would do, if even all of them offloaded does not fit.
+    pub fn plan(&self, params: &[FitParam]) -> Result<FitPlan, OffloadError> {
+        let budget = self.budget;
+        let fits = |resident: u64, staging: u64| {
+            resident
+                .saturating_add(staging)
+                .saturating_add(budget.fixed())
+                <= budget.device_bytes
+        };
+        let mut offload = vec![false; params.len()];
+        let mut resident: u64 = params.iter().map(|p| p.bytes).sum();
+        let (mut largest_copied, mut copied_bytes) = (0, 0u64);
+        // Cheapest per byte first (a gathered table read in place moves a few rows), then the
+        // largest, then module order.
+        let mut order: Vec<usize> = (0..params.len())
+            .filter(|&i| params[i].usage != ParamUse::Small)
+            .collect();
+        order.sort_by(|&a, &b| {
+            let ratio =
+                |i: usize| self.step_cost(&params[i]) as f64 / params[i].bytes.max(1) as f64;
+            ratio(a)
+                .total_cmp(&ratio(b))
+                .then(params[b].bytes.cmp(&params[a].bytes))
+                .then(a.cmp(&b))
+        });
+        let mut candidates = order.into_iter();
+        while !fits(resident, self.staging(largest_copied, copied_bytes)) {
+            let Some(i) = candidates.next() else {
+                let staging = self.staging(largest_copied, copied_bytes);
+                let minimum = resident.saturating_add(staging) + budget.fixed();
+                return Err(OffloadError::DoesNotFit {
+                    budget_bytes: budget.device_bytes,
+                    minimum_bytes: minimum,
+                    breakdown: format!(
+                        "the {} of norms and biases, the KV cache ({}), activations ({}), \
+                         copies in flight ({}{}) and the reserve ({})",
+                        human_bytes(resident),
+                        human_bytes(budget.kv_cache_bytes),
+                        human_bytes(budget.activation_bytes),
+                        human_bytes(staging),
+                        if matches!(self.mode, OffloadMode::Prefetch { .. }) {
+                            ", with the prefetch lookahead: a smaller one needs less"
+                        } else {
+                            ""
+                        },
+                        human_bytes(budget.reserve_bytes)
+                    ),
+                });
+            };
+            offload[i] = true;
+            resident -= params[i].bytes;
+            let copied = !(params[i].usage == ParamUse::Gathered && self.gathers_in_place());
+            if copied {
+                largest_copied = largest_copied.max(params[i].bytes);
+                copied_bytes += params[i].bytes;
+            }
+        }
+        Ok(FitPlan {
+            params: params.to_vec(),
+            offload,
+            budget,
+            mode: self.mode,
+            gathers_in_place: self.gathers_in_place(),
+            staging_bytes: self.staging(largest_copied, copied_bytes),
+        })
+    }
+}
+
+/// What [`FitPlanner::plan`] chose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitPlan {
+    /// Every parameter, in module order.
+    pub params: Vec<FitParam>,
+    /// Whether each of `params` is offloaded.
+    pub offload: Vec<bool>,
+    /// The budget it was made for.
+    pub budget: DeviceBudget,
+    /// The mode of its policy.
+    pub mode: OffloadMode,
+    /// Whether gathered tables are read in place (only their used rows move).
+    pub gathers_in_place: bool,
+    /// Device bytes set aside for copies in flight.
+    pub staging_bytes: u64,
+}
+
+impl FitPlan {
+    /// The offloaded parameters, in module order.
+    pub fn offloaded(&self) -> impl Iterator<Item = &FitParam> {
+        self.params
+            .iter()
+            .zip(&self.offload)
+            .filter(|(_, o)| **o)
+            .map(|(p, _)| p)
+    }
+
+    /// The resident parameters, in module order.
+    pub fn resident(&self) -> impl Iterator<Item = &FitParam> {
+        self.params
+            .iter()
+            .zip(&self.offload)
+            .filter(|(_, o)| !**o)
+            .map(|(p, _)| p)
+    }
+
+    /// Bytes of the offloaded parameters.
+    pub fn offloaded_bytes(&self) -> u64 {
+        self.offloaded().map(|p| p.bytes).sum()
+    }
+
+    /// Bytes of the resident parameters.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident().map(|p| p.bytes).sum()
+    }
+
+    /// Device bytes the plan expects to use: resident parameters, copies in flight, KV cache,
+    /// activations and reserve.
+    pub fn device_bytes(&self) -> u64 {
+        self.resident_bytes() + self.staging_bytes + self.budget.fixed()
+    }
+
+    /// The policy that offloads exactly this plan's parameters, in its mode.
+    pub fn policy(&self) -> OffloadPolicy {
+        OffloadPolicy::from_bytes(self.offloaded_bytes())
+            .paths(self.offloaded().map(|p| p.path.clone()))
+            .mode(self.mode)
+    }
+
+    /// The predicted time of one forward step over `rows` token rows (a decode step: the
+    /// batch; a prefill: batch × prompt length), from `calibration`: resident weights at the
+    /// measured device matmul rate; offloaded ones in place at the measured in-place rate, or
+    /// copied at the measured upload rate (plus the matmul), overlapped with compute where the
+    /// mode prefetches. Row counts beyond the calibrated ones are taken as compute-bound (time
+    /// growing with the rows).
+    pub fn estimate(&self, calibration: &Calibration, rows: usize) -> StepEstimate {
+        let rows = rows.max(1);
+        let rates = Rates::new(calibration, rows);
+        let (mut compute, mut serial, mut overlapped) = (0.0, 0.0, 0.0);
+        let mut bus_bytes = 0u64;
+        let copy = |bytes: u64| calibration.upload_latency_s + bytes as f64 / rates.upload;
+        for (p, &offloaded) in self.params.iter().zip(&self.offload) {
+            match (p.usage, offloaded) {
+                (ParamUse::Matmul, false) => compute += rates.matmul_seconds(p.bytes),
+                (ParamUse::Gathered | ParamUse::Small, false) => {}
+                (ParamUse::Matmul, true) => {
+                    bus_bytes += p.bytes;
+                    let in_place = rates.in_place_seconds(p.bytes);
+                    let copied = copy(p.bytes) + rates.matmul_seconds(p.bytes);
+                    let prefetched = match self.mode {
+                        OffloadMode::Prefetch { .. } => true,
+                        OffloadMode::Auto => calibration.copies_overlap_compute,
+                        _ => false,
+                    };
+                    match (self.mode, in_place) {
+                        (OffloadMode::Uva | OffloadMode::Auto, Some(t))
+                            if self.mode == OffloadMode::Uva || t <= copied =>
+                        {
+                            serial += t
+                        }
+                        _ if prefetched => {
+                            overlapped += copy(p.bytes);
+                            compute += rates.matmul_seconds(p.bytes);
+                        }
+                        _ => serial += copied,
+                    }
+                }
+                (ParamUse::Gathered, true) if self.gathers_in_place => {
+                    let bytes = p.row_bytes() * rows as u64;
+                    bus_bytes += bytes.min(p.bytes);
+                    serial += bytes.min(p.bytes) as f64 / rates.upload;
+                }
+                (_, true) => {
+                    bus_bytes += p.bytes;
+                    serial += copy(p.bytes);
+                }
+            }
+        }
+        StepEstimate {
+            rows,
+            bus_bytes,
+            bus_seconds: serial + overlapped,
+            compute_seconds: compute,
+            compute_measured: !calibration.rows.is_empty(),
+            seconds: (compute + serial).max(overlapped + serial),
+        }
+    }
+}
+
+/// The calibrated rates that apply to a row count.
+struct Rates {
+    upload: f64,
+    /// Device matmul bytes/s (extrapolated as compute-bound past the measured rows).
+    matmul: Option<f64>,
+    /// In-place bytes/s, where measured for this many rows.
+    in_place: Option<f64>,
+}
+
+impl Rates {
+    fn new(c: &Calibration, rows: usize) -> Self {
+        let at = c.rows.iter().find(|r| r.rows >= rows);
+        let matmul = match (at, c.rows.last()) {
+            (Some(r), _) => Some(r.device_matmul_bytes_per_s),
+            (None, Some(last)) => {
+                Some(last.device_matmul_bytes_per_s * last.rows as f64 / rows as f64)
+            }
+            (None, None) => None,
+        };
+        Self {
+            upload: c.upload_bytes_per_s.max(1.0),
+            matmul,
+            in_place: at.map(|r| r.zero_copy_bytes_per_s),
+        }
+    }
+
+    fn matmul_seconds(&self, bytes: u64) -> f64 {
+        self.matmul.map_or(0.0, |rate| bytes as f64 / rate)
+    }
+
+    fn in_place_seconds(&self, bytes: u64) -> Option<f64> {
+        self.in_place.map(|rate| bytes as f64 / rate)
+    }
+}
+
+/// A predicted step time ([`FitPlan::estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepEstimate {
+    /// Token rows of the step.
+    pub rows: usize,
+    /// Bytes read from host memory (over the bus on a GPU) per step.
+    pub bus_bytes: u64,
+    /// Seconds of those reads at the calibrated rates.
+    pub bus_seconds: f64,
+    /// Seconds of the matmuls over device-resident weights (and over the copies).
+    pub compute_seconds: f64,
+    /// Whether the device's matmul rate was measured (not on devices that cannot read host
+    /// memory in place, whose calibration has no row rates: `compute_seconds` is then 0).
+    pub compute_measured: bool,
+    /// The predicted step: compute plus reads, or the longer of the two where copies are
+    /// prefetched during compute.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for StepEstimate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.3} ms ({} from host memory in {:.3} ms; resident matmuls {})",
+            self.seconds * 1e3,
+            human_bytes(self.bus_bytes),
+            self.bus_seconds * 1e3,
+            if self.compute_measured {
+                format!("{:.3} ms", self.compute_seconds * 1e3)
+            } else {
+                "not measured on this device".to_string()
+            }
+        )
+    }
+}
+
+impl std::fmt::Display for FitPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = &self.budget;
+        let count = |off: bool| self.offload.iter().filter(|o| **o == off).count();
+        writeln!(
+            f,
+            "fit plan for a device budget of {} (mode {}):",
+            human_bytes(b.device_bytes),
+            self.mode
+        )?;
+        let rows = [
+            (
+                "parameters resident",
+                self.resident_bytes(),
+                format!("{} tensors", count(false)),
+            ),
+            (
+                "parameters offloaded",
+                self.offloaded_bytes(),
+                format!("{} tensors, in host memory", count(true)),
+            ),
+            ("KV cache", b.kv_cache_bytes, String::new()),
+            ("activations", b.activation_bytes, "estimate".into()),
+            ("copies in flight", self.staging_bytes, String::new()),
+            ("reserve", b.reserve_bytes, "runtime, memory pools".into()),
+        ];
+        for (what, bytes, note) in rows {
+            writeln!(f, "  {what:<21} {:>10}  {note}", human_bytes(bytes))?;
+        }
+        write!(
+            f,
+            "  {:<21} {:>10}  of {}",
+            "device total",
+            human_bytes(self.device_bytes()),
+            human_bytes(b.device_bytes)
+        )?;
+        let gathered: Vec<&str> = self
+            .offloaded()
+            .filter(|p| p.usage == ParamUse::Gathered)
+            .map(|p| p.path.as_str())
+            .collect();
+        if !gathered.is_empty() {
+            write!(
+                f,
+                "\n  gathered tables offloaded: {}{}",
+                gathered.join(", "),
+                if self.gathers_in_place {
+                    " (read in place: a step moves only its rows)"
+                } else {
+                    " (copied whole per use in this mode)"
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auto::RowRate;
+
+    const MIB: u64 = 1 << 20;
+
+    fn param(path: &str, shape: &[usize], usage: ParamUse) -> FitParam {
+        FitParam {
+            path: path.into(),
+            shape: shape.to_vec(),
+            bytes: shape.iter().product::<usize>() as u64 * 4,
+            usage,
+        }
+    }
+
+    /// An 8 MiB embedding table; two layers of a 4 KiB norm, a 4 MiB and a 2 MiB matrix; a
+    /// 4 MiB head.
+    fn model() -> Vec<FitParam> {
+        let mut p = vec![param("embed.weight", &[2048, 1024], ParamUse::Gathered)];
+        for l in 0..2 {
+            p.push(param(
+                &format!("layers.{l}.norm.gamma"),
+                &[1024],
+                ParamUse::Small,
+            ));
+            p.push(param(
+                &format!("layers.{l}.up.weight"),
+                &[1024, 1024],
+                ParamUse::Matmul,
+            ));
+            p.push(param(
+                &format!("layers.{l}.down.weight"),
+                &[512, 1024],
+                ParamUse::Matmul,
+            ));
+        }
+        p.push(param("head.weight", &[1024, 1024], ParamUse::Matmul));
+        p
+    }
+
+    fn paths(plan: &FitPlan) -> Vec<&str> {
+        plan.offloaded().map(|p| p.path.as_str()).collect()
+    }
+
+    fn budget(mib: u64) -> DeviceBudget {
+        DeviceBudget::new(mib * MIB).reserve(MIB)
+    }
+
+    #[test]
+    fn everything_fits_nothing_is_offloaded() {
+        let total: u64 = model().iter().map(|p| p.bytes).sum();
+        let plan = FitPlanner::new(DeviceBudget::new(total + MIB).reserve(MIB))
+            .plan(&model())
+            .unwrap();
+        assert_eq!(plan.offloaded_bytes(), 0);
+        assert_eq!(plan.policy().max_bytes, 0);
+        assert_eq!(plan.device_bytes(), total + MIB);
+    }
+
+    #[test]
+    fn the_gathered_table_goes_first_then_the_largest_matrices() {
+        // 8 + 2 * (4 + 2) + 4 MiB + 8 KiB of norms = 24 MiB and a bit; 1 MiB reserve.
+        let planner = FitPlanner::new(budget(20)).mode(OffloadMode::Uva);
+        let plan = planner.plan(&model()).unwrap();
+        assert_eq!(paths(&plan), ["embed.weight"]);
+        assert_eq!(plan.staging_bytes, 0);
+        let plan = FitPlanner::new(budget(12))
+            .mode(OffloadMode::Uva)
+            .plan(&model())
+            .unwrap();
+        // The 4 MiB matrices in module order after the table.
+        assert_eq!(
+            paths(&plan),
+            ["embed.weight", "layers.0.up.weight", "layers.1.up.weight"]
+        );
+        assert!(plan.device_bytes() <= 12 * MIB, "{plan}");
+        // Norms are never offloaded.
+        let plan = FitPlanner::new(budget(2))
+            .mode(OffloadMode::Uva)
+            .plan(&model())
+            .unwrap();
+        assert_eq!(plan.resident().count(), 2);
+        assert!(plan.resident().all(|p| p.usage == ParamUse::Small));
+    }
+
+    #[test]
+    fn in_a_copying_mode_the_table_is_a_matrix_like_any_other_and_copies_need_room() {
+        // Copy: the table moves whole per use, so it is just the largest tensor; two copies
+        // of the largest offloaded (8 MiB) are in flight, which pushes out more matrices:
+        // 24 MiB and 8 KiB in all, 1 MiB reserve, 24 MiB budget.
+        let everything_but_a_down = [
+            "embed.weight",
+            "layers.0.up.weight",
+            "layers.1.up.weight",
+            "head.weight",
+        ];
+        let plan = FitPlanner::new(budget(24))
+            .mode(OffloadMode::Copy)
+            .plan(&model())
+            .unwrap();
+        assert_eq!(paths(&plan), everything_but_a_down);
+        assert_eq!(plan.staging_bytes, 16 * MIB);
+        assert!(plan.device_bytes() <= 24 * MIB, "{plan}");
+        // A device that cannot read host memory: uva copies too.
+        let plan = FitPlanner::new(budget(24))
+            .mode(OffloadMode::Uva)
+            .reads_in_place(false)
+            .plan(&model())
+            .unwrap();
+        assert_eq!(paths(&plan), everything_but_a_down);
+        assert_eq!(plan.staging_bytes, 16 * MIB);
+        // Prefetch: the lookahead and the copy in use.
+        let plan = FitPlanner::new(budget(24))
+            .mode(OffloadMode::Prefetch {
+                lookahead_bytes: 12 * MIB,
+            })
+            .plan(&model())
+            .unwrap();
+        assert_eq!(plan.staging_bytes, 20 * MIB);
+        // A lookahead that holds every copy saves no device memory at all: the copies in
+        // flight are every offloaded byte (24 MiB) and the one in use (8 MiB).
+        let err = FitPlanner::new(budget(21))
+            .mode(OffloadMode::Prefetch {
+                lookahead_bytes: 1 << 30,
+            })
+            .plan(&model())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "copies in flight (32.0 MiB, with the prefetch lookahead: a smaller one needs less)"
+            ),
+            "{err}"
+        );
+        // Uva reading in place needs no room for copies: the table alone is enough.
+        let plan = FitPlanner::new(budget(24))
+            .mode(OffloadMode::Uva)
+            .plan(&model())
+            .unwrap();
+        assert_eq!(paths(&plan), ["embed.weight"]);
+    }
+
+    #[test]
+    fn a_budget_too_small_fails_with_the_minimum_that_would_do() {
+        let b = budget(2).kv_cache(MIB).activations(MIB);
+        let err = FitPlanner::new(b)
+            .mode(OffloadMode::Uva)
+            .plan(&model())
+            .unwrap_err();
+        // 8 KiB of norms + 1 MiB KV + 1 MiB activations + 1 MiB reserve, nothing in flight.
+        let minimum = 3 * MIB + 8 * 1024;
+        assert_eq!(
+            err,
+            OffloadError::DoesNotFit {
+                budget_bytes: 2 * MIB,
+                minimum_bytes: minimum,
+                breakdown: "the 8.00 KiB of norms and biases, the KV cache (1.00 MiB), \
+                            activations (1.00 MiB), copies in flight (0 B) and the reserve \
+                            (1.00 MiB)"
+                    .into()
+            }
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with("the model does not fit a device budget of 2.00 MiB")
+                && message.contains("--gpu-budget-gb 0.01"),
+            "{message}"
+        );
+        // The minimum does fit.
+        let b = DeviceBudget {
+            device_bytes: minimum,
+            ..b
+        };
+        assert!(
+            FitPlanner::new(b)
+                .mode(OffloadMode::Uva)
+                .plan(&model())
+                .is_ok()
+        );
+        assert!(DeviceBudget::from_gib(-1.0).is_err());
+        assert!(DeviceBudget::from_gib(0.0).is_err());
+        assert!(DeviceBudget::from_gib(f64::NAN).is_err());
+        assert_eq!(DeviceBudget::from_gib(0.5).unwrap().device_bytes, 512 * MIB);
+    }
+
+    fn calibration() -> Calibration {
+        // Upload 1 GB/s + 10 us; in place 0.5 GB/s at 1 row, 0.25 at 2; matmul 4 GB/s.
+        Calibration {
+            upload_latency_s: 10e-6,
+            upload_bytes_per_s: 1e9,
+            rows: vec![
+                RowRate {
+                    rows: 1,
+                    zero_copy_bytes_per_s: 0.5e9,
+                    device_matmul_bytes_per_s: 4e9,
+                },
+                RowRate {
+                    rows: 2,
+                    zero_copy_bytes_per_s: 0.25e9,
+                    device_matmul_bytes_per_s: 4e9,
+                },
+            ],
+            copies_overlap_compute: false,
+            weight_bytes: 16 * MIB,
+            seconds: 0.0,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 + 1e-9 * b.abs()
+    }
+
+    #[test]
+    fn estimates_follow_the_calibrated_rates() {
+        let c = calibration();
+        let all = model();
+        let matrices: u64 = all
+            .iter()
+            .filter(|p| p.usage == ParamUse::Matmul)
+            .map(|p| p.bytes)
+            .sum();
+        // Nothing offloaded: matrices at 4 GB/s.
+        let plan = FitPlanner::new(budget(64)).plan(&all).unwrap();
+        let e = plan.estimate(&c, 1);
+        assert_eq!(e.bus_bytes, 0);
+        assert!(close(e.seconds, matrices as f64 / 4e9), "{e}");
+
+        // Uva, everything offloaded: the table's one row (4 KiB) at 1 GB/s, matrices in
+        // place at 0.5 GB/s.
+        let plan = FitPlanner::new(budget(2))
+            .mode(OffloadMode::Uva)
+            .plan(&all)
+            .unwrap();
+        assert_eq!(plan.resident().count(), 2);
+        let e = plan.estimate(&c, 1);
+        assert_eq!(e.bus_bytes, matrices + 4096);
+        assert!(
+            close(e.seconds, 4096.0 / 1e9 + matrices as f64 / 0.5e9),
+            "{e}"
+        );
+        // Copy: every matrix and the whole table uploaded, then multiplied.
+        let mut copy = plan.clone();
+        copy.mode = OffloadMode::Copy;
+        copy.gathers_in_place = false;
+        let e = copy.estimate(&c, 1);
+        let table = 8 * MIB;
+        assert_eq!(e.bus_bytes, matrices + table);
+        let copies = 6;
+        let expect =
+            copies as f64 * 10e-6 + (matrices + table) as f64 / 1e9 + matrices as f64 / 4e9;
+        assert!(close(e.seconds, expect), "{e} vs {expect}");
+        // Prefetch: the uploads overlap the matmuls: the longer of the two.
+        copy.mode = OffloadMode::Prefetch {
+            lookahead_bytes: 64 * MIB,
+        };
+        let e = copy.estimate(&c, 1);
+        let uploads_of_matrices = 5.0 * 10e-6 + matrices as f64 / 1e9;
+        let table_copy = 10e-6 + table as f64 / 1e9;
+        assert!(
+            close(
+                e.seconds,
+                (matrices as f64 / 4e9 + table_copy).max(uploads_of_matrices + table_copy)
+            ),
+            "{e}"
+        );
+        // Auto at 2 rows: in place (4 ns/B) loses to a copy (1 + 0.25 ns/B).
+        let mut auto = plan.clone();
+        auto.mode = OffloadMode::Auto;
+        let e = auto.estimate(&c, 2);
+        let expect =
+            2.0 * 4096.0 / 1e9 + 5.0 * 10e-6 + matrices as f64 / 1e9 + matrices as f64 / 4e9;
+        assert!(close(e.seconds, expect), "{e} vs {expect}");
+        // Past the measured rows the matmuls are taken as compute-bound.
+        let resident = FitPlanner::new(budget(64)).plan(&all).unwrap();
+        let e = resident.estimate(&c, 8);
+        assert!(close(e.seconds, matrices as f64 / 4e9 * 4.0), "{e}");
+    }
+}
