@@ -24,10 +24,11 @@
 //! whole model would fit too, and samples the device memory in use every 10 ms from before the
 //! model is created to the end of generation, to print its peak.
 
+mod hf;
 mod model;
 
 use std::error::Error;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,9 +38,11 @@ use std::time::{Duration, Instant};
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_offload::inner::OffloadTarget;
+use burn_offload::fit::{DeviceBudget, FitPlan, FitPlanner, StepEstimate, fit_params};
+use burn_offload::inner::{OffloadTarget, TargetDevice};
 use burn_offload::{
     OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OffloadReport, OpStats, op_stats,
     reset_op_stats,
@@ -48,6 +51,7 @@ use burn_store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use clap::{Parser, ValueEnum};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
+use hf::HfModel;
 use model::{Cache, Llama, LlamaConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,6 +81,14 @@ enum Dtype {
 }
 
 impl Dtype {
+    fn burn(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
     fn size(self) -> usize {
         match self {
             Self::F32 => 4,
@@ -101,12 +113,36 @@ type MemoryInfo = fn() -> Result<(u64, u64), String>;
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// LLaMA-style greedy generation with parameters offloaded to host memory.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(version)]
 struct Args {
-    /// Model shape: tiny, small, 1b, 7b or 50b (100.7 GB in bf16).
+    /// Model shape: tiny, small, 1b, 7b or 50b (100.7 GB in bf16), with random weights.
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// A Hugging Face model directory instead of a preset: config.json, model.safetensors or
+    /// shards with model.safetensors.index.json, and optionally tokenizer.json (LLaMA 2/3,
+    /// Mistral, Qwen2).
+    #[arg(long, conflicts_with_all = ["preset", "weights"])]
+    model: Option<PathBuf>,
+    /// Fit the model into this much device memory (GiB): keep resident what fits, offload
+    /// the rest, cheapest first. Without a value: the memory the device reports free. Replaces
+    /// --offload-gb; prints the plan and the predicted step times.
+    // Negative numbers are taken as values, so that the planner says what is wrong with them.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        allow_negative_numbers = true,
+        conflicts_with_all = ["offload_gb", "offload_params"]
+    )]
+    gpu_budget_gb: Option<Option<f64>>,
+    /// Device memory (GiB) the fit plan leaves for the runtime and the memory pools; default:
+    /// 1/16 of the budget (of the card, when planning for its free memory) plus 0.5 GiB.
+    #[arg(long, requires = "gpu_budget_gb")]
+    reserve_gb: Option<f64>,
+    /// A text prompt, encoded with the model directory's tokenizer.json (and the output
+    /// decoded); without it, --prompt-len random token ids.
+    #[arg(long, requires = "model")]
+    prompt: Option<String>,
     /// Float type of weights and activations; bf16 and f16 need `--device cuda`.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
@@ -253,24 +289,85 @@ where
         return Err("--batch and --prompt-len must be at least 1".into());
     }
 
-    let mut config = LlamaConfig::preset(&args.preset)?;
-    config.max_seq_len = config.max_seq_len.max(args.prompt_len + args.gen_tokens);
-    let mut policy = OffloadPolicy::from_gib(args.offload_gb)?.mode(args.mode);
-    if let Some(list) = &args.offload_params {
-        policy = policy.params(OffloadPolicy::parse_params(list)?);
-    }
+    // A model directory: its config and headers are checked before anything is allocated.
+    let hf = args.model.as_ref().map(HfModel::open).transpose()?;
+    let tokenizer = match (&hf, &args.prompt) {
+        (Some(hf), Some(_)) => {
+            let path = hf.tokenizer.as_ref().ok_or_else(|| {
+                format!(
+                    "--prompt needs a tokenizer.json in {}; without one, give --prompt-len \
+                     (random token ids)",
+                    hf.dir.display()
+                )
+            })?;
+            Some(
+                tokenizers::Tokenizer::from_file(path)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?,
+            )
+        }
+        _ => None,
+    };
+    let text_prompt = match (&tokenizer, &args.prompt) {
+        (Some(t), Some(text)) => {
+            let ids = t
+                .encode(text.as_str(), true)
+                .map_err(|e| format!("encoding the prompt: {e}"))?;
+            if ids.is_empty() {
+                return Err("--prompt encodes to no tokens".into());
+            }
+            Some(ids.get_ids().iter().map(|&i| i as i64).collect::<Vec<_>>())
+        }
+        _ => None,
+    };
+    // The prompt length is the encoded prompt's when there is one.
+    let resolved = Args {
+        prompt_len: text_prompt.as_ref().map_or(args.prompt_len, Vec::len),
+        ..args.clone()
+    };
+    let args = &resolved;
+    let context = args.prompt_len + args.gen_tokens;
 
-    let device = OffloadDevice::device(compute);
+    let mut config = match &hf {
+        Some(hf) => {
+            if context > hf.max_position_embeddings {
+                return Err(format!(
+                    "{context} positions (prompt + --gen-tokens) exceed the model's \
+                     max_position_embeddings {}",
+                    hf.max_position_embeddings
+                )
+                .into());
+            }
+            hf.config.clone()
+        }
+        None => LlamaConfig::preset(&args.preset)?,
+    };
+    // The rotary tables cover the run's context (a checkpoint's 128k positions would be
+    // hundreds of MB of tables).
+    config.max_seq_len = match &hf {
+        Some(_) => context,
+        None => config.max_seq_len.max(context),
+    };
+
+    let device = OffloadDevice::device(compute.clone());
     B::<T>::seed(&device, args.seed);
+    let name = match &hf {
+        Some(hf) => format!(
+            "model {} ({}, stored {})",
+            hf.dir.display(),
+            hf.architecture,
+            stored_dtypes(hf)
+        ),
+        None => format!("preset {}", args.preset),
+    };
     println!(
-        "preset {} ({}): dim {}, {} layers, {} heads ({} kv), ffn {}, vocab {}, {} head, {:.1} M \
-         params",
-        args.preset,
+        "{name} as {}: dim {}, {} layers, {} heads ({} kv, head_dim {}), ffn {}, vocab {}, {} \
+         head, {:.1} M params",
         args.dtype,
         config.dim,
         config.n_layers,
         config.n_heads,
         config.n_kv_heads,
+        config.head_dim(),
         config.ffn_dim,
         config.vocab_size,
         if config.tie_embeddings {
@@ -288,16 +385,70 @@ where
     // Lazy init, then the policy retargets the chosen parameters to host memory: nothing has
     // been allocated for them yet.
     let model: Llama<B<T>> = config.init(&device);
+    let (policy, plan) = match args.gpu_budget_gb {
+        Some(gib) => {
+            let plan = fit_plan(args, gib, memory, &compute, &config, &model)?;
+            println!("{plan}");
+            (plan.policy(), Some(plan))
+        }
+        None => {
+            let mut policy = OffloadPolicy::from_gib(args.offload_gb)?.mode(args.mode);
+            if let Some(list) = &args.offload_params {
+                policy = policy.params(OffloadPolicy::parse_params(list)?);
+            }
+            (policy, None)
+        }
+    };
     let (model, report) = policy.apply(model)?;
     println!("{report}");
-    if let Some(memory) = memory {
+    if let Some(memory) = memory
+        && plan.is_none()
+    {
         check_fits(memory, args, &config, &policy, &report)?;
     }
+    // The plan's predictions, from the device's calibration (measured now if the policy did
+    // not: only mode auto measures it).
+    let predicted = match &plan {
+        Some(plan) => {
+            let calibration = match &report.calibration {
+                Some(c) => c.clone(),
+                None => compute.calibrate(policy.pin_memory)?,
+            };
+            let decode = plan.estimate(&calibration, args.batch);
+            let prefill = plan.estimate(&calibration, args.batch * args.prompt_len);
+            println!("calibration: {calibration}");
+            println!("predicted decode step:   {decode}");
+            println!(
+                "predicted prefill:       {prefill}, {:.3} ms per token",
+                prefill.seconds * 1e3 / (args.batch * args.prompt_len) as f64
+            );
+            Some((decode, prefill))
+        }
+        None => None,
+    };
 
     // Materialise: offloaded tensors are created once, directly in host memory.
     reset_op_stats();
     let start = Instant::now();
     let mut model = model;
+    if let Some(hf) = &hf {
+        let dtype = args.dtype.burn();
+        let bar = ProgressBar::new(hf.loaded_bytes(dtype)).with_style(
+            ProgressStyle::with_template(
+                "loading {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})",
+            )
+            .expect("valid template"),
+        );
+        let progress = bar.clone();
+        model = hf.load(model, dtype, move |bytes| progress.inc(bytes))?;
+        bar.finish_and_clear();
+        println!(
+            "loaded {} tensors from {} file(s) in {}",
+            hf.tensors.len(),
+            hf.files.len(),
+            hf.dir.display()
+        );
+    }
     if let Some(path) = &args.weights {
         load_weights(&mut model, path)?;
     }
@@ -308,7 +459,7 @@ where
     println!(
         "weights {} (materialised) in {elapsed:.2?}, {}/s: {} created in host memory, {} in \
          device memory",
-        if args.weights.is_some() {
+        if args.weights.is_some() || hf.is_some() {
             "loaded"
         } else {
             "initialised"
@@ -322,7 +473,10 @@ where
         println!("saved the weights to {path}");
     }
 
-    let prompt = prompt_tokens(args.seed, args.batch, args.prompt_len, config.vocab_size);
+    let prompt = match &text_prompt {
+        Some(ids) => ids.repeat(args.batch),
+        None => prompt_tokens(args.seed, args.batch, args.prompt_len, config.vocab_size),
+    };
 
     let label = if report.offloaded_tensors() > 0 {
         "offloaded"
@@ -345,6 +499,12 @@ where
         println!("decode steps:  {steps}");
     }
     print_tokens(&run.tokens, args.batch);
+    if let Some(t) = &tokenizer {
+        print_text(t, &run.tokens, args.batch)?;
+    }
+    if let Some((decode, prefill)) = &predicted {
+        print_predicted_and_measured(decode, prefill, &run, args);
+    }
     if let Some(peak) = &peak {
         println!("{peak}");
     }
@@ -389,11 +549,130 @@ where
         println!("nothing offloaded: reference run skipped");
     }
 
-    print_summary(args, &config, &report, &run, &gen_stats, peak.as_ref());
+    print_summary(
+        &name,
+        args,
+        &config,
+        &report,
+        &run,
+        &gen_stats,
+        peak.as_ref(),
+    );
     Ok(match matched {
         Some(false) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// The checkpoint's weight dtypes, e.g. `bf16` (or `f32+bf16`).
+fn stored_dtypes(hf: &HfModel) -> String {
+    let set: std::collections::BTreeSet<String> = hf
+        .tensors
+        .values()
+        .map(|t| t.dtype.to_lowercase())
+        .collect();
+    set.into_iter().collect::<Vec<_>>().join("+")
+}
+
+/// The fit plan for `--gpu-budget-gb [gib]`: the budget given, or the device's free memory
+/// less the default reserve; the run's KV cache and activation estimate; the embedding table
+/// counted as gathered unless the head is tied to it (then every step reads it whole).
+fn fit_plan<B: Backend>(
+    args: &Args,
+    gib: Option<f64>,
+    memory: Option<MemoryInfo>,
+    compute: &impl TargetDevice,
+    config: &LlamaConfig,
+    model: &Llama<B>,
+) -> Result<FitPlan, Box<dyn Error>> {
+    let free = memory
+        .map(|m| m().map_err(|e| format!("reading device memory: {e}")))
+        .transpose()?;
+    let budget = match (gib, free) {
+        (Some(gib), _) => DeviceBudget::from_gib(gib)?,
+        (None, Some((free, total))) => {
+            DeviceBudget::new(free).reserve(DeviceBudget::default_reserve(total))
+        }
+        (None, None) => {
+            return Err(
+                "--gpu-budget-gb without a value plans for the memory the device \
+                        reports free, which only --device cuda reports: give the GiB to plan \
+                        for (e.g. --gpu-budget-gb 8)"
+                    .into(),
+            );
+        }
+    };
+    if let (Some(gib), Some((free, _))) = (gib, free)
+        && budget.device_bytes > free
+    {
+        println!(
+            "warning: --gpu-budget-gb {gib} is more than the {:.2} GiB the device has free",
+            free as f64 / GIB
+        );
+    }
+    let budget = match args.reserve_gb {
+        Some(gib) if gib.is_finite() && gib >= 0.0 => budget.reserve((gib * GIB) as u64),
+        Some(gib) => return Err(format!("--reserve-gb {gib}: give a number of GiB >= 0").into()),
+        None => budget,
+    };
+    let (size, context) = (args.dtype.size(), args.prompt_len + args.gen_tokens);
+    let budget = budget
+        .kv_cache(config.kv_cache_bytes(args.batch, context, size))
+        .activations(config.activation_bytes(args.batch, args.prompt_len, context, size));
+    let gathered: &[&str] = if config.tie_embeddings {
+        &[]
+    } else {
+        &["embed"]
+    };
+    let plan = FitPlanner::new(budget)
+        .mode(args.mode)
+        .reads_in_place(compute.reads_host_in_place())
+        .decode_rows(args.batch)
+        .plan(&fit_params(model, gathered))?;
+    Ok(plan)
+}
+
+/// The prediction beside what the run measured.
+fn print_predicted_and_measured(
+    decode: &StepEstimate,
+    prefill: &StepEstimate,
+    run: &Generation,
+    args: &Args,
+) {
+    let prefill_tokens = (args.batch * args.prompt_len) as f64;
+    let measured_prefill = run.prefill.as_secs_f64() / prefill_tokens;
+    print!(
+        "prefill per token: predicted {:.3} ms, measured {:.3} ms",
+        prefill.seconds * 1e3 / prefill_tokens,
+        measured_prefill * 1e3
+    );
+    if let Some(median) = run.median_step() {
+        println!(
+            "; decode step: predicted {:.3} ms, measured {:.3} ms (median of {})",
+            decode.seconds * 1e3,
+            median.as_secs_f64() * 1e3,
+            run.step_times.len()
+        );
+    } else {
+        println!();
+    }
+}
+
+/// Each sequence's generated tokens as text.
+fn print_text(
+    tokenizer: &tokenizers::Tokenizer,
+    tokens: &[i64],
+    batch: usize,
+) -> Result<(), Box<dyn Error>> {
+    let per_row = tokens.len() / batch.max(1);
+    for (b, row) in tokens.chunks(per_row.max(1)).enumerate().take(4) {
+        let ids: Vec<u32> = row.iter().map(|&t| t as u32).collect();
+        let text = tokenizer
+            .decode(&ids, true)
+            .map_err(|e| format!("decoding the output: {e}"))?;
+        println!("  text {b}: {text:?}");
+    }
+    Ok(())
 }
 
 /// Loads `path` (.safetensors, or burnpack otherwise) into `model`.
@@ -513,6 +792,13 @@ impl Generation {
         (args.batch * args.gen_tokens) as f64 / self.decode.as_secs_f64()
     }
 
+    /// The median decode step, if there were steps.
+    fn median_step(&self) -> Option<Duration> {
+        let mut times = self.step_times.clone();
+        times.sort();
+        times.get(times.len() / 2).copied()
+    }
+
     /// Fastest, median and slowest decode step, if there were steps.
     fn step_summary(&self) -> Option<String> {
         let mut times = self.step_times.clone();
@@ -619,6 +905,7 @@ fn print_tokens(tokens: &[i64], batch: usize) {
 }
 
 fn print_summary(
+    name: &str,
     args: &Args,
     config: &LlamaConfig,
     report: &OffloadReport,
@@ -627,7 +914,7 @@ fn print_summary(
     peak: Option<&MemoryPeak>,
 ) {
     println!("--- summary ---");
-    println!("preset            {}", args.preset);
+    println!("model             {name}");
     println!(
         "params            {} ({:.4} GiB, {})",
         config.num_params(),
@@ -771,15 +1058,10 @@ fn device_overhead(
     prefetch_lookahead: u64,
 ) -> u64 {
     let seq = args.prompt_len + args.gen_tokens;
-    let rows = args.batch * args.prompt_len;
-    let kv = 2 * config.n_layers * args.batch * seq * config.n_kv_heads * config.head_dim();
-    let repeated_kv = 2 * args.batch * config.n_heads * seq * config.head_dim();
-    let hidden = rows * (6 * config.dim + 3 * config.ffn_dim);
-    let scores = 3 * args.batch * config.n_heads * args.prompt_len * seq;
-    let logits = args.batch * config.vocab_size * (2 + args.gen_tokens);
-    let activations = (kv + repeated_kv + hidden + scores + logits) * args.dtype.size();
+    let size = args.dtype.size();
     total_memory / 16
-        + activations as u64
+        + config.kv_cache_bytes(args.batch, seq, size)
+        + config.activation_bytes(args.batch, args.prompt_len, seq, size)
         + 2 * largest_offloaded
         + prefetch_lookahead
         + (1u64 << 30)
@@ -921,6 +1203,108 @@ mod tests {
         assert!(
             err.starts_with("invalid offload budget -1 GiB: give a finite number of GiB >= 0"),
             "{err}"
+        );
+    }
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/hf/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn a_model_directory_runs_with_a_text_prompt_and_a_fit_plan() {
+        let dir = fixture("llama3-tied");
+        // A lookahead of about half the model: one that holds every copy would save nothing.
+        for mode in ["uva", "copy", "prefetch:60000"] {
+            let args = Args::try_parse_from([
+                "llama",
+                "--model",
+                &dir,
+                "--prompt",
+                "The quick brown fox",
+                "--gen-tokens",
+                "3",
+                "--gpu-budget-gb",
+                "0.00015",
+                "--reserve-gb",
+                "0",
+                "--mode",
+                mode,
+                "--warmup",
+                "0",
+            ])
+            .unwrap();
+            // Exit code failure would mean the offloaded tokens differ from the resident ones.
+            let code = run(&args).unwrap_or_else(|e| panic!("{mode}: {e}"));
+            assert_eq!(
+                format!("{code:?}"),
+                format!("{:?}", ExitCode::SUCCESS),
+                "{mode}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_budget_below_the_minimum_stops_before_loading_with_the_minimum() {
+        let args = Args::try_parse_from([
+            "llama",
+            "--model",
+            &fixture("qwen2"),
+            "--gpu-budget-gb",
+            "0.00001",
+            "--reserve-gb",
+            "0",
+        ])
+        .unwrap();
+        let err = run(&args).expect_err("too small").to_string();
+        assert!(
+            err.starts_with("the model does not fit a device budget of 10.5 KiB")
+                && err.contains("give a budget of at least"),
+            "{err}"
+        );
+        // Without a value on the CPU, there is no free memory to plan for.
+        let args = Args::try_parse_from(["llama", "--model", &fixture("qwen2"), "--gpu-budget-gb"])
+            .unwrap();
+        assert_eq!(args.gpu_budget_gb, Some(None));
+        let err = run(&args).expect_err("no device memory").to_string();
+        assert!(err.contains("give the GiB to plan for"), "{err}");
+    }
+
+    #[test]
+    fn model_directory_mistakes_are_reported() {
+        // A prompt without a tokenizer.
+        let args = Args::try_parse_from(["llama", "--model", &fixture("qwen2"), "--prompt", "hi"])
+            .unwrap();
+        let err = run(&args).expect_err("no tokenizer").to_string();
+        assert!(
+            err.starts_with("--prompt needs a tokenizer.json in"),
+            "{err}"
+        );
+        // More positions than the model has.
+        let args = Args::try_parse_from([
+            "llama",
+            "--model",
+            &fixture("qwen2"),
+            "--prompt-len",
+            "60",
+            "--gen-tokens",
+            "10",
+        ])
+        .unwrap();
+        let err = run(&args).expect_err("too long").to_string();
+        assert!(
+            err.contains(
+                "70 positions (prompt + --gen-tokens) exceed the model's max_position_embeddings 64"
+            ),
+            "{err}"
+        );
+        // Not a model directory.
+        let args = Args::try_parse_from(["llama", "--model", env!("CARGO_MANIFEST_DIR")]).unwrap();
+        let err = run(&args).expect_err("no config").to_string();
+        assert!(err.contains("config.json"), "{err}");
+        // --model and --preset, --gpu-budget-gb and --offload-gb are alternatives.
+        assert!(Args::try_parse_from(["llama", "--model", "x", "--preset", "tiny"]).is_err());
+        assert!(
+            Args::try_parse_from(["llama", "--gpu-budget-gb", "1", "--offload-gb", "1"]).is_err()
         );
     }
 }
