@@ -48,7 +48,7 @@ use burn_backend::get_device_settings;
 
 use crate::auto::Calibration;
 use crate::error::OffloadError;
-use crate::mode::OffloadMode;
+use crate::mode::{DEFAULT_PREFETCH_LOOKAHEAD_BYTES, OffloadMode};
 use crate::policy::{OffloadPolicy, filter_matches, human_bytes};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -222,6 +222,11 @@ pub struct FitPlanner {
     pub reads_in_place: bool,
     /// Rows a decode step reads a gathered table at (the batch).
     pub decode_rows: usize,
+    /// Whether `auto` sends its copies through the prefetcher, as it does where copies overlap
+    /// compute ([`Calibration::copies_overlap_compute`]: CUDA); its copies in flight are then
+    /// counted as prefetch's, with `auto`'s lookahead (the default lookahead or twice the
+    /// largest offloaded tensor, whichever is larger).
+    pub auto_prefetches: bool,
 }
 
 impl FitPlanner {
@@ -232,7 +237,15 @@ impl FitPlanner {
             mode: OffloadMode::Auto,
             reads_in_place: true,
             decode_rows: 1,
+            auto_prefetches: false,
         }
+    }
+
+    /// Sets whether `auto` prefetches its copies (see
+    /// [`auto_prefetches`](Self::auto_prefetches)); `calibration.copies_overlap_compute` says.
+    pub fn auto_prefetches(mut self, prefetches: bool) -> Self {
+        self.auto_prefetches = prefetches;
+        self
     }
 
     /// Sets the mode.
@@ -267,6 +280,10 @@ impl FitPlanner {
             OffloadMode::Uva if self.reads_in_place => 0,
             OffloadMode::Prefetch { lookahead_bytes } => {
                 lookahead_bytes.min(copied).saturating_add(largest)
+            }
+            OffloadMode::Auto if self.auto_prefetches => {
+                let lookahead = DEFAULT_PREFETCH_LOOKAHEAD_BYTES.max(largest.saturating_mul(2));
+                lookahead.min(copied).saturating_add(largest)
             }
             _ => largest.saturating_mul(2),
         }
@@ -324,7 +341,9 @@ impl FitPlanner {
                         human_bytes(budget.kv_cache_bytes),
                         human_bytes(budget.activation_bytes),
                         human_bytes(staging),
-                        if matches!(self.mode, OffloadMode::Prefetch { .. }) {
+                        if matches!(self.mode, OffloadMode::Prefetch { .. })
+                            || (self.mode == OffloadMode::Auto && self.auto_prefetches)
+                        {
                             ", with the prefetch lookahead: a smaller one needs less"
                         } else {
                             ""
@@ -719,6 +738,18 @@ mod tests {
             .plan(&model())
             .unwrap();
         assert_eq!(plan.staging_bytes, 20 * MIB);
+        // Auto where copies overlap compute prefetches them with its lookahead: at least
+        // 256 MiB, here every copied byte (24 MiB) and the one in use.
+        let err = FitPlanner::new(budget(21))
+            .mode(OffloadMode::Auto)
+            .reads_in_place(false)
+            .auto_prefetches(true)
+            .plan(&model())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("copies in flight (32.0 MiB"),
+            "{err}"
+        );
         // A lookahead that holds every copy saves no device memory at all: the copies in
         // flight are every offloaded byte (24 MiB) and the one in use (8 MiB).
         let err = FitPlanner::new(budget(21))

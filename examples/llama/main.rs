@@ -44,8 +44,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_offload::fit::{DeviceBudget, FitPlan, FitPlanner, StepEstimate, fit_params};
 use burn_offload::inner::{OffloadTarget, TargetDevice};
 use burn_offload::{
-    OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OffloadReport, OpStats, op_stats,
-    reset_op_stats,
+    Calibration, OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, OffloadReport, OpStats,
+    op_stats, reset_op_stats,
 };
 use burn_store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use clap::{Parser, ValueEnum};
@@ -387,9 +387,21 @@ where
     let model: Llama<B<T>> = config.init(&device);
     let (policy, plan) = match args.gpu_budget_gb {
         Some(gib) => {
-            let plan = fit_plan(args, gib, memory, &compute, &config, &model)?;
+            // The device's rates: for the plan (does auto prefetch?) and its predictions.
+            // Installed in the process's cache, so that applying the policy in auto mode does
+            // not measure again.
+            let calibration = match burn_offload::auto::calibration(&compute) {
+                Some(c) => (*c).clone(),
+                None => {
+                    let c = compute.calibrate(true)?;
+                    burn_offload::auto::set_calibration(&compute, c.clone());
+                    c
+                }
+            };
+            println!("calibration: {calibration}");
+            let plan = fit_plan(args, gib, memory, &compute, &config, &model, &calibration)?;
             println!("{plan}");
-            (plan.policy(), Some(plan))
+            (plan.policy(), Some((plan, calibration)))
         }
         None => {
             let mut policy = OffloadPolicy::from_gib(args.offload_gb)?.mode(args.mode);
@@ -406,17 +418,11 @@ where
     {
         check_fits(memory, args, &config, &policy, &report)?;
     }
-    // The plan's predictions, from the device's calibration (measured now if the policy did
-    // not: only mode auto measures it).
+    // The plan's predictions, from the device's calibration.
     let predicted = match &plan {
-        Some(plan) => {
-            let calibration = match &report.calibration {
-                Some(c) => c.clone(),
-                None => compute.calibrate(policy.pin_memory)?,
-            };
-            let decode = plan.estimate(&calibration, args.batch);
-            let prefill = plan.estimate(&calibration, args.batch * args.prompt_len);
-            println!("calibration: {calibration}");
+        Some((plan, calibration)) => {
+            let decode = plan.estimate(calibration, args.batch);
+            let prefill = plan.estimate(calibration, args.batch * args.prompt_len);
             println!("predicted decode step:   {decode}");
             println!(
                 "predicted prefill:       {prefill}, {:.3} ms per token",
@@ -584,6 +590,7 @@ fn fit_plan<B: Backend>(
     compute: &impl TargetDevice,
     config: &LlamaConfig,
     model: &Llama<B>,
+    calibration: &Calibration,
 ) -> Result<FitPlan, Box<dyn Error>> {
     let free = memory
         .map(|m| m().map_err(|e| format!("reading device memory: {e}")))
@@ -628,6 +635,7 @@ fn fit_plan<B: Backend>(
         .mode(args.mode)
         .reads_in_place(compute.reads_host_in_place())
         .decode_rows(args.batch)
+        .auto_prefetches(calibration.copies_overlap_compute)
         .plan(&fit_params(model, gathered))?;
     Ok(plan)
 }
