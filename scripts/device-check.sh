@@ -12,16 +12,18 @@
 # $OUT/summary.jsonl. Each step has its own time limit, so one hang cannot eat the whole device
 # lease, and the whole script a deadline (TOTAL_S seconds, default 540): a step gets at most
 # what is left, and none starts with under 20 s left. STEPS (a regex over step names, default
-# all) picks steps; ORDER (regexes separated by spaces, default ".") runs first the steps that
-# match its first regex, then those that match the second, and so on, each group in the
-# default order; steps that match none of them do not run. E.g.
+# all) picks steps; ORDER (regexes separated by spaces) runs first the steps that match its
+# first regex, then those that match the second, and so on, each group in the default order;
+# steps that match none of them do not run. Its default puts the quick tests first, then the
+# steps that have never run on a GPU (the fused-Cuda test, the unfused example, the Hugging
+# Face directories), then everything else. E.g.
 #   ORDER="bench-offload_model example-big cuda_target-llama ." bash .gpu/device-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=.gpu
 OUT=${OUT:-/tmp/device-check}
 STEPS=${STEPS:-.}
-ORDER=${ORDER:-.}
+ORDER=${ORDER:-"^test- _fused\$ example-uva-unfused example-hf ."}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 TOTAL_S=${TOTAL_S:-540}
 mkdir -p "$OUT"
@@ -106,6 +108,14 @@ done
 small=("$B/examples/llama" --device cuda --preset small --warmup 1)
 step example-uva 60 "${small[@]}" --offload-gb 0.05 --mode uva
 step example-uva-unfused 60 "${small[@]}" --fusion off --offload-gb 0.05 --mode uva
+# Never run on a GPU yet (issue #15): a Hugging Face directory (the transformers fixture with
+# its tokenizer, checked against a resident run) and a 7B-shaped random one (13.5 GB in bf16,
+# written here with PyTorch) fitted into an 8 GiB budget: the plan, predicted against measured.
+step example-hf-fixture 60 "$B/examples/llama" --device cuda --model tests/fixtures/hf/llama3-tied \
+  --prompt "The quick brown fox" --gpu-budget-gb 0.0002 --reserve-gb 0 --mode uva
+step example-hf-7b-fit 300 bash -c 'python3 scripts/make-hf-model.py --preset 7b --dtype bf16 "$2" &&
+  "$1" --device cuda --dtype bf16 --model "$2" --gpu-budget-gb 8 --prompt-len 32 --gen-tokens 16 \
+    --no-check --warmup 1 --mode auto; rc=$?; rm -rf "$2"; exit $rc' _ "$B/examples/llama" /tmp/hf-7b
 # 1b and 7b in bf16: plain fused burn-cuda (Burn's default `Cuda`) vs 0/25/50/100 % offloaded
 # in uva, copy and prefetch mode
 # (stops starting measurements after MODEL_BENCH_BUDGET_S to print its table).

@@ -922,7 +922,10 @@ fn print_summary(
     peak: Option<&MemoryPeak>,
 ) {
     println!("--- summary ---");
-    println!("model             {name}");
+    println!(
+        "model             {}",
+        name.strip_prefix("model ").unwrap_or(name)
+    );
     println!(
         "params            {} ({:.4} GiB, {})",
         config.num_params(),
