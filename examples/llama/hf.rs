@@ -8,8 +8,8 @@
 //! (normally lazy and already placed by an offload policy): each shard is memory-mapped, each
 //! tensor read from the map, converted to the model's float type and, for linear layers,
 //! transposed from PyTorch's `[out, in]`, then created where its parameter lives (host memory
-//! for offloaded ones). Tensors are handled one at a time, so at most one tensor's bytes exist
-//! twice.
+//! for offloaded ones). Tensors are handled one at a time: the transient copies (read out of the
+//! map, converted, transposed) are of one tensor, never of the model.
 //!
 //! Architectures: `LlamaForCausalLM` (Llama 2 and 3, `rope_scaling` of type `llama3` or
 //! `linear`, explicit `head_dim`, `attention_bias`, `mlp_bias`, grouped-query attention, tied
