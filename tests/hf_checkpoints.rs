@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
 use burn::tensor::DType;
+use burn_offload::inner::{OffloadTarget, TargetDevice};
 use burn_offload::{OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, op_stats};
 use serde::Deserialize;
 
@@ -71,12 +72,25 @@ struct Run {
 /// Loads `dir` into a model placed by `policy` (lazy init, policy, then load: offloaded
 /// tensors are created in host memory only) and decodes `reference`'s prompts greedily.
 fn run(dir: &Path, policy: &OffloadPolicy, reference: &Reference) -> Run {
+    run_on::<NdArray>(dir, policy, reference, NdArrayDevice::Cpu)
+}
+
+/// [`run`] on the target `T`.
+fn run_on<T: OffloadTarget>(
+    dir: &Path,
+    policy: &OffloadPolicy,
+    reference: &Reference,
+    compute: T::Device,
+) -> Run
+where
+    T::Device: TargetDevice,
+{
     let hf = HfModel::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let new_tokens = reference.tokens[0].len();
     let mut config = hf.config.clone();
     config.max_seq_len = reference.prompts[0].len() + new_tokens;
-    let device = OffloadDevice::device(NdArrayDevice::Cpu);
-    let model: Llama<B> = config.init(&device);
+    let device = OffloadDevice::device(compute);
+    let model: Llama<OffloadBackend<T>> = config.init(&device);
     let (model, report) = policy.apply(model).unwrap();
     let seen = Arc::new(AtomicU64::new(0));
     let counter = seen.clone();
@@ -111,18 +125,49 @@ fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+const MODES: [OffloadMode; 4] = [
+    OffloadMode::Uva,
+    OffloadMode::Copy,
+    OffloadMode::Auto,
+    OffloadMode::Prefetch {
+        lookahead_bytes: 1 << 20,
+    },
+];
+
 #[test]
 fn every_fixture_matches_transformers_resident_and_offloaded_in_every_mode() {
-    let modes = [
-        OffloadMode::Uva,
-        OffloadMode::Copy,
-        OffloadMode::Auto,
-        OffloadMode::Prefetch {
-            lookahead_bytes: 1 << 20,
+    check_fixtures("ndarray", run, &MODES);
+}
+
+/// Burn's fused `Wgpu` (lavapipe in CI), the CubeCL target: every fixture resident and
+/// offloaded in copy and prefetch mode (uva and auto copy too on wgpu, which cannot read host
+/// memory in place).
+#[cfg(feature = "wgpu")]
+#[test]
+fn every_fixture_matches_transformers_on_fused_wgpu() {
+    if let Err(reason) = burn_offload::wgpu::probe() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let modes = [MODES[1], MODES[3]];
+    check_fixtures(
+        "wgpu",
+        |dir, policy, reference| {
+            run_on::<burn_wgpu::Wgpu>(dir, policy, reference, Default::default())
         },
-    ];
+        &modes,
+    );
+}
+
+/// Every fixture with everything resident and with everything offloaded in each of `modes`,
+/// run by `run`, against transformers.
+fn check_fixtures(
+    target: &str,
+    run: impl Fn(&Path, &OffloadPolicy, &Reference) -> Run,
+    modes: &[OffloadMode],
+) {
     for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let name = format!("{target} {}", dir.file_name().unwrap().to_string_lossy());
         let reference = reference(&dir);
         let policies = std::iter::once(("resident".to_string(), OffloadPolicy::from_bytes(0)))
             .chain(modes.iter().map(|m| {
@@ -157,7 +202,7 @@ fn every_fixture_matches_transformers_resident_and_offloaded_in_every_mode() {
                 diff <= TOLERANCE,
                 "{name} {label}: max |logit - transformers| = {diff:e}"
             );
-            println!("{name:<20} {label:<28} tokens equal, max |logit diff| {diff:.2e}");
+            println!("{name:<28} {label:<28} tokens equal, max |logit diff| {diff:.2e}");
         }
     }
 }
