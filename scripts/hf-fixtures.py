@@ -109,7 +109,18 @@ def prompts_for(vocab, seed):
     return torch.randint(0, vocab, (2, PROMPT_LEN), generator=gen).tolist()
 
 
-def build(name, config_cls, model_cls, config, dtype, shard=None, tokenizer=None, legacy_rope=None):
+def legacy_rope(cfg):
+    """Hub checkpoints of the Llama 3.1 era say `rope_theta` + `rope_scaling`; transformers 5
+    writes `rope_parameters`."""
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    if params.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = params
+
+
+def build(name, config_cls, model_cls, config, dtype, shard=None, tokenizer=None, edit=None):
+    """`edit(config_dict)` changes the saved config.json before the reference is computed from
+    the directory, so that the reference is what transformers makes of the edited file."""
     out = ROOT / name
     shutil.rmtree(out, ignore_errors=True)
     for seed in range(100):
@@ -118,16 +129,10 @@ def build(name, config_cls, model_cls, config, dtype, shard=None, tokenizer=None
         randomize(model, seed)
         shutil.rmtree(out, ignore_errors=True)
         model.to(dtype).save_pretrained(out, max_shard_size=shard or "50GB")
-        if legacy_rope is not None:
-            # Hub checkpoints of the Llama 3.1 era say `rope_theta` + `rope_scaling`;
-            # transformers 5 writes `rope_parameters`. One fixture keeps the older form, so
-            # that both are read.
+        if edit is not None:
             cfg_path = out / "config.json"
             cfg = json.loads(cfg_path.read_text())
-            params = cfg.pop("rope_parameters")
-            cfg["rope_theta"] = params.pop("rope_theta")
-            if params.get("rope_type", "default") != "default":
-                cfg["rope_scaling"] = params
+            edit(cfg)
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         # The reference is what transformers computes in f32 from the directory as saved
         # (f16/bf16 weights upcast exactly; the rotary frequencies computed afresh in f32).
@@ -205,7 +210,7 @@ def main():
         ),
         torch.float32,
         tokenizer=tok,
-        legacy_rope=True,
+        edit=legacy_rope,
     )
     # Llama 2-style: multi-head attention, an untied head; f16, sharded.
     build(
@@ -225,6 +230,18 @@ def main():
         dict(small, vocab_size=128, num_key_value_heads=1, sliding_window=6,
              tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
         torch.bfloat16,
+    )
+    # Llama with every bias (`attention_bias`: q/k/v/o, `mlp_bias`), linear rope scaling, and
+    # no `rms_norm_eps` in config.json (transformers' default, 1e-6, applies).
+    build(
+        "llama-biases-linear",
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(small, vocab_size=128, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+             tie_word_embeddings=False,
+             rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
+        torch.float32,
+        edit=lambda cfg: cfg.pop("rms_norm_eps"),
     )
     # Qwen2: q/k/v biases.
     build(

@@ -31,16 +31,20 @@
 //! ```
 //!
 //! The order: tensors that cost least per step go first. An embedding table read by gathering
-//! rows in place moves only the rows a step uses (but in a mode that copies it, the whole
-//! table); small tensors (norms, biases: rank 1) always stay resident; then the largest
-//! matrices, each of which moves whole every step. When even every eligible tensor offloaded
-//! does not fit, [`FitPlanner::plan`] fails with the least budget that would
+//! rows in place moves only the rows a step uses (but in `copy` mode, the whole table); small
+//! tensors (norms, biases: rank 1) always stay resident; then the largest matrices, each of
+//! which moves whole every step. Device memory also holds the copies in flight of the mode,
+//! which grow with the largest copied tensor, so the planner also tries each smaller size as a
+//! cap on what is copied, and keeps the placement that fits and moves the fewest bytes per
+//! step. When none fits, [`FitPlanner::plan`] fails with the least budget that would
 //! ([`OffloadError::DoesNotFit`]), before anything is loaded.
 //!
 //! [`FitPlan::estimate`] predicts a step's time from a [`Calibration`]: the bytes read from
 //! host memory per step over the measured rates, against the resident matmuls at the measured
 //! device rate. It counts weights only (attention over the KV cache, norms and launch costs are
-//! left out), so it is a floor that a weight-bound decode step approaches.
+//! left out), so it is a floor that a weight-bound decode step approaches; and it costs every
+//! matmul at the step's rows (a prefill that runs the LM head on the last position only costs
+//! less than predicted).
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Tensor, backend::Backend};
@@ -201,6 +205,18 @@ impl DeviceBudget {
         self
     }
 
+    /// The least budget that leaves `needs` bytes (reserve included) available: `needs`
+    /// itself, or, where this budget's reserve is the default one (which grows with the
+    /// budget), the budget whose default reserve leaves the rest.
+    fn minimum_for(&self, needs: u64) -> u64 {
+        if self.reserve_bytes != Self::default_reserve(self.device_bytes) {
+            return needs;
+        }
+        // m - (m / 16 + 512 MiB) >= rest  <=  m >= (rest + 512 MiB) * 16 / 15.
+        let rest = needs.saturating_sub(self.reserve_bytes) as u128 + (512 << 20);
+        u64::try_from((rest * 16).div_ceil(15)).unwrap_or(u64::MAX)
+    }
+
     /// What is needed besides the parameters and the copies in flight.
     fn fixed(&self) -> u64 {
         self.reserve_bytes
@@ -220,8 +236,15 @@ pub struct FitPlanner {
     /// Whether the device reads host memory in place
     /// ([`TargetDevice::reads_host_in_place`](crate::inner::TargetDevice::reads_host_in_place)).
     pub reads_in_place: bool,
-    /// Rows a decode step reads a gathered table at (the batch).
+    /// Rows of a decode step (the batch): a gathered table read in place moves this many rows
+    /// a step.
     pub decode_rows: usize,
+    /// Rows of the largest step (the prefill: batch × prompt length).
+    pub prefill_rows: usize,
+    /// The most rows an in-place read takes
+    /// ([`OffloadTarget::zero_copy_max_rows`](crate::inner::OffloadTarget::zero_copy_max_rows)):
+    /// a step with more rows copies each offloaded matrix, in `uva` too.
+    pub in_place_max_rows: usize,
     /// Whether `auto` sends its copies through the prefetcher, as it does where copies overlap
     /// compute ([`Calibration::copies_overlap_compute`]: CUDA); its copies in flight are then
     /// counted as prefetch's, with `auto`'s lookahead (the default lookahead or twice the
@@ -229,14 +252,32 @@ pub struct FitPlanner {
     pub auto_prefetches: bool,
 }
 
+/// One candidate placement while planning.
+#[derive(Clone)]
+struct Walk {
+    offload: Vec<bool>,
+    resident: u64,
+    /// Bytes of the offloaded tensors that are copied to be read, and the largest of them.
+    copied: u64,
+    largest_copied: u64,
+    /// The largest offloaded tensor, copied or not (it sets `auto`'s lookahead).
+    largest: u64,
+    /// Bytes a decode step moves over the bus.
+    bus: u64,
+}
+
 impl FitPlanner {
-    /// A planner for `budget`, mode `Auto`, a device that reads host memory in place, batch 1.
+    /// A planner for `budget`, mode `Auto`, a device that reads host memory in place at any
+    /// row count, batch 1 and a one-row prefill (set the rows a run has with
+    /// [`rows`](Self::rows)).
     pub fn new(budget: DeviceBudget) -> Self {
         Self {
             budget,
             mode: OffloadMode::Auto,
             reads_in_place: true,
             decode_rows: 1,
+            prefill_rows: 1,
+            in_place_max_rows: usize::MAX,
             auto_prefetches: false,
         }
     }
@@ -254,65 +295,83 @@ impl FitPlanner {
         self
     }
 
-    /// Sets whether the device reads host memory in place.
-    pub fn reads_in_place(mut self, reads_in_place: bool) -> Self {
+    /// Sets whether the device reads host memory in place, and up to how many rows.
+    pub fn reads_in_place(mut self, reads_in_place: bool, max_rows: usize) -> Self {
         self.reads_in_place = reads_in_place;
+        self.in_place_max_rows = max_rows;
         self
     }
 
-    /// Sets the rows of a decode step (the batch).
-    pub fn decode_rows(mut self, rows: usize) -> Self {
-        self.decode_rows = rows.max(1);
+    /// Sets the rows of a decode step (the batch) and of the prefill (batch × prompt).
+    pub fn rows(mut self, decode: usize, prefill: usize) -> Self {
+        self.decode_rows = decode.max(1);
+        self.prefill_rows = prefill.max(decode).max(1);
         self
     }
 
-    /// Whether a gathered table is read in place (only its rows move) in this mode.
+    /// Whether a gathered table is read in place (only its rows move) in this mode: in every
+    /// mode but `copy`, where the device can.
     fn gathers_in_place(&self) -> bool {
-        self.reads_in_place && matches!(self.mode, OffloadMode::Uva | OffloadMode::Auto)
+        self.reads_in_place && self.mode != OffloadMode::Copy
     }
 
-    /// Device bytes of the copies in flight when the copied tensors have `copied` bytes, the
-    /// largest `largest`: none when everything is read in place; otherwise the copy in use and
-    /// the one before it (freed once the stream is past it); with prefetch, the copy in use
-    /// and the lookahead (at most every copied byte).
-    fn staging(&self, largest: u64, copied: u64) -> u64 {
-        match self.mode {
-            OffloadMode::Uva if self.reads_in_place => 0,
-            OffloadMode::Prefetch { lookahead_bytes } => {
-                lookahead_bytes.min(copied).saturating_add(largest)
-            }
-            OffloadMode::Auto if self.auto_prefetches => {
-                let lookahead = DEFAULT_PREFETCH_LOOKAHEAD_BYTES.max(largest.saturating_mul(2));
-                lookahead.min(copied).saturating_add(largest)
-            }
-            _ => largest.saturating_mul(2),
+    /// Whether `uva` reads every offloaded matrix in place at every step of the run.
+    fn matmuls_in_place(&self) -> bool {
+        self.reads_in_place
+            && self.mode == OffloadMode::Uva
+            && self.prefill_rows <= self.in_place_max_rows
+    }
+
+    /// Whether `p`, offloaded, is copied to device memory to be read (at some step).
+    fn copied(&self, p: &FitParam) -> bool {
+        match p.usage {
+            ParamUse::Gathered => !self.gathers_in_place(),
+            _ => !self.matmuls_in_place(),
         }
+    }
+
+    /// Device bytes of the copies in flight for `w`: none when nothing is copied; the copy in
+    /// use and the one before it (freed once the stream is past it); with prefetch, the copy
+    /// in use and the lookahead (at most every copied byte).
+    fn staging(&self, w: &Walk) -> u64 {
+        let lookahead = match self.mode {
+            OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
+            OffloadMode::Auto if self.auto_prefetches => {
+                Some(DEFAULT_PREFETCH_LOOKAHEAD_BYTES.max(w.largest.saturating_mul(2)))
+            }
+            _ => None,
+        };
+        match lookahead {
+            Some(l) => l.min(w.copied).saturating_add(w.largest_copied),
+            None => w.largest_copied.saturating_mul(2),
+        }
+    }
+
+    /// Device bytes `w` needs in all.
+    fn needs(&self, w: &Walk) -> u64 {
+        w.resident
+            .saturating_add(self.staging(w))
+            .saturating_add(self.budget.fixed())
     }
 
     /// Bytes one decode step moves over the bus for `p` if it is offloaded.
     fn step_cost(&self, p: &FitParam) -> u64 {
         match p.usage {
             ParamUse::Gathered if self.gathers_in_place() => {
-                p.row_bytes() * self.decode_rows as u64
+                p.row_bytes().saturating_mul(self.decode_rows as u64)
             }
             _ => p.bytes,
         }
     }
 
-    /// The plan for `params` (from [`fit_params`]): nothing offloaded if everything fits,
-    /// else the cheapest tensors first until the rest fits; [`OffloadError::DoesNotFit`], with
-    /// the least budget that would do, if even all of them offloaded does not fit.
+    /// The plan for `params` (from [`fit_params`]): nothing offloaded if everything fits;
+    /// else the placement that fits and moves the fewest bytes per step, found by offloading
+    /// the cheapest tensors first (gathered tables read in place), then the largest matrices —
+    /// among all of them, and, since copies in flight grow with the largest copied tensor,
+    /// among those up to each smaller size. [`OffloadError::DoesNotFit`], with the least
+    /// budget that would do, if none fits.
     pub fn plan(&self, params: &[FitParam]) -> Result<FitPlan, OffloadError> {
         let budget = self.budget;
-        let fits = |resident: u64, staging: u64| {
-            resident
-                .saturating_add(staging)
-                .saturating_add(budget.fixed())
-                <= budget.device_bytes
-        };
-        let mut offload = vec![false; params.len()];
-        let mut resident: u64 = params.iter().map(|p| p.bytes).sum();
-        let (mut largest_copied, mut copied_bytes) = (0, 0u64);
         // Cheapest per byte first (a gathered table read in place moves a few rows), then the
         // largest, then module order.
         let mut order: Vec<usize> = (0..params.len())
@@ -326,47 +385,92 @@ impl FitPlanner {
                 .then(params[b].bytes.cmp(&params[a].bytes))
                 .then(a.cmp(&b))
         });
-        let mut candidates = order.into_iter();
-        while !fits(resident, self.staging(largest_copied, copied_bytes)) {
-            let Some(i) = candidates.next() else {
-                let staging = self.staging(largest_copied, copied_bytes);
-                let minimum = resident.saturating_add(staging) + budget.fixed();
-                return Err(OffloadError::DoesNotFit {
-                    budget_bytes: budget.device_bytes,
-                    minimum_bytes: minimum,
-                    breakdown: format!(
-                        "the {} of norms and biases, the KV cache ({}), activations ({}), \
-                         copies in flight ({}{}) and the reserve ({})",
-                        human_bytes(resident),
-                        human_bytes(budget.kv_cache_bytes),
-                        human_bytes(budget.activation_bytes),
-                        human_bytes(staging),
-                        if matches!(self.mode, OffloadMode::Prefetch { .. })
-                            || (self.mode == OffloadMode::Auto && self.auto_prefetches)
-                        {
-                            ", with the prefetch lookahead: a smaller one needs less"
-                        } else {
-                            ""
-                        },
-                        human_bytes(budget.reserve_bytes)
-                    ),
-                });
-            };
-            offload[i] = true;
-            resident -= params[i].bytes;
-            let copied = !(params[i].usage == ParamUse::Gathered && self.gathers_in_place());
-            if copied {
-                largest_copied = largest_copied.max(params[i].bytes);
-                copied_bytes += params[i].bytes;
+        // Caps on the size of a copied tensor: none, then each smaller size.
+        let mut caps: Vec<u64> = order
+            .iter()
+            .filter(|&&i| self.copied(&params[i]))
+            .map(|&i| params[i].bytes)
+            .collect();
+        caps.sort_unstable_by(|a, b| b.cmp(a));
+        caps.dedup();
+        if caps.is_empty() {
+            caps.push(u64::MAX);
+        }
+        let start = Walk {
+            offload: vec![false; params.len()],
+            resident: params.iter().map(|p| p.bytes).sum(),
+            copied: 0,
+            largest_copied: 0,
+            largest: 0,
+            bus: 0,
+        };
+        let mut best: Option<Walk> = None;
+        // The placement that needs the least (of every one tried), for the error.
+        let mut least = start.clone();
+        for cap in caps {
+            let mut w = start.clone();
+            for &i in &order {
+                if self.needs(&w) <= budget.device_bytes {
+                    break;
+                }
+                let p = &params[i];
+                let copied = self.copied(p);
+                if copied && p.bytes > cap {
+                    continue;
+                }
+                w.offload[i] = true;
+                w.resident -= p.bytes;
+                w.largest = w.largest.max(p.bytes);
+                w.bus = w.bus.saturating_add(self.step_cost(p));
+                if copied {
+                    w.copied = w.copied.saturating_add(p.bytes);
+                    w.largest_copied = w.largest_copied.max(p.bytes);
+                }
+                if self.needs(&w) < self.needs(&least) {
+                    least = w.clone();
+                }
+            }
+            if self.needs(&w) <= budget.device_bytes {
+                let count = |w: &Walk| w.offload.iter().filter(|o| **o).count();
+                if best
+                    .as_ref()
+                    .is_none_or(|b| (w.bus, count(&w)) < (b.bus, count(b)))
+                {
+                    best = Some(w);
+                }
             }
         }
-        Ok(FitPlan {
-            params: params.to_vec(),
-            offload,
-            budget,
-            mode: self.mode,
-            gathers_in_place: self.gathers_in_place(),
-            staging_bytes: self.staging(largest_copied, copied_bytes),
+        if let Some(w) = best {
+            return Ok(FitPlan {
+                params: params.to_vec(),
+                staging_bytes: self.staging(&w),
+                offload: w.offload,
+                budget,
+                mode: self.mode,
+                gathers_in_place: self.gathers_in_place(),
+            });
+        }
+        let w = least;
+        let staging = self.staging(&w);
+        Err(OffloadError::DoesNotFit {
+            budget_bytes: budget.device_bytes,
+            minimum_bytes: budget.minimum_for(self.needs(&w)),
+            breakdown: format!(
+                "the {} of norms, biases and other resident parameters, the KV cache ({}), \
+                 activations ({}), copies in flight ({}{}) and the reserve ({})",
+                human_bytes(w.resident),
+                human_bytes(budget.kv_cache_bytes),
+                human_bytes(budget.activation_bytes),
+                human_bytes(staging),
+                if matches!(self.mode, OffloadMode::Prefetch { .. })
+                    || (self.mode == OffloadMode::Auto && self.auto_prefetches)
+                {
+                    ", with the prefetch lookahead: a smaller one needs less"
+                } else {
+                    ""
+                },
+                human_bytes(budget.reserve_bytes)
+            ),
         })
     }
 }
@@ -420,7 +524,9 @@ impl FitPlan {
     /// Device bytes the plan expects to use: resident parameters, copies in flight, KV cache,
     /// activations and reserve.
     pub fn device_bytes(&self) -> u64 {
-        self.resident_bytes() + self.staging_bytes + self.budget.fixed()
+        self.resident_bytes()
+            .saturating_add(self.staging_bytes)
+            .saturating_add(self.budget.fixed())
     }
 
     /// The policy that offloads exactly this plan's parameters, in its mode.
@@ -706,70 +812,122 @@ mod tests {
 
     #[test]
     fn in_a_copying_mode_the_table_is_a_matrix_like_any_other_and_copies_need_room() {
-        // Copy: the table moves whole per use, so it is just the largest tensor; two copies
-        // of the largest offloaded (8 MiB) are in flight, which pushes out more matrices:
-        // 24 MiB and 8 KiB in all, 1 MiB reserve, 24 MiB budget.
-        let everything_but_a_down = [
-            "embed.weight",
-            "layers.0.up.weight",
-            "layers.1.up.weight",
-            "head.weight",
-        ];
+        // 24 MiB and 8 KiB in all, 1 MiB reserve, a 24 MiB budget. Copy: the table moves
+        // whole per use, so it is a matrix like the others, and two copies of the largest
+        // copied tensor are in flight. Offloading the 8 MiB table first would need the
+        // 4 MiB matrices too (20 MiB a step); leaving it resident, the three 4 MiB matrices do
+        // with 8 MiB of copies in flight (12 MiB a step).
+        let fours = ["layers.0.up.weight", "layers.1.up.weight", "head.weight"];
         let plan = FitPlanner::new(budget(24))
             .mode(OffloadMode::Copy)
             .plan(&model())
             .unwrap();
-        assert_eq!(paths(&plan), everything_but_a_down);
-        assert_eq!(plan.staging_bytes, 16 * MIB);
+        assert_eq!(paths(&plan), fours);
+        assert_eq!(plan.staging_bytes, 8 * MIB);
         assert!(plan.device_bytes() <= 24 * MIB, "{plan}");
         // A device that cannot read host memory: uva copies too.
         let plan = FitPlanner::new(budget(24))
             .mode(OffloadMode::Uva)
-            .reads_in_place(false)
+            .reads_in_place(false, 0)
             .plan(&model())
             .unwrap();
-        assert_eq!(paths(&plan), everything_but_a_down);
-        assert_eq!(plan.staging_bytes, 16 * MIB);
-        // Prefetch: the lookahead and the copy in use.
+        assert_eq!(paths(&plan), fours);
+        // So does uva on one that can, for the matrices, when a step has more rows than its
+        // in-place reads take (a prefill of 32 rows, reads up to 16); the table is still
+        // gathered in place. 16 MiB budget.
+        let plan = FitPlanner::new(budget(16))
+            .mode(OffloadMode::Uva)
+            .reads_in_place(true, 16)
+            .rows(1, 32)
+            .plan(&model())
+            .unwrap();
+        assert_eq!(
+            paths(&plan),
+            [
+                "embed.weight",
+                "layers.0.up.weight",
+                "layers.1.up.weight",
+                "head.weight"
+            ]
+        );
+        assert_eq!(plan.staging_bytes, 8 * MIB);
+        let plan = FitPlanner::new(budget(16))
+            .mode(OffloadMode::Uva)
+            .reads_in_place(true, 16)
+            .rows(1, 16)
+            .plan(&model())
+            .unwrap();
+        assert_eq!(paths(&plan), ["embed.weight", "layers.0.up.weight"]);
+        assert_eq!(plan.staging_bytes, 0);
+        // Prefetch gathers the table in place too: it alone is enough, nothing is copied.
         let plan = FitPlanner::new(budget(24))
             .mode(OffloadMode::Prefetch {
                 lookahead_bytes: 12 * MIB,
             })
             .plan(&model())
             .unwrap();
-        assert_eq!(plan.staging_bytes, 20 * MIB);
-        // Auto where copies overlap compute prefetches them with its lookahead: at least
-        // 256 MiB, here every copied byte (24 MiB) and the one in use.
-        let err = FitPlanner::new(budget(21))
-            .mode(OffloadMode::Auto)
-            .reads_in_place(false)
-            .auto_prefetches(true)
-            .plan(&model())
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("copies in flight (32.0 MiB"),
-            "{err}"
-        );
-        // A lookahead that holds every copy saves no device memory at all: the copies in
-        // flight are every offloaded byte (24 MiB) and the one in use (8 MiB).
-        let err = FitPlanner::new(budget(21))
-            .mode(OffloadMode::Prefetch {
+        assert_eq!(paths(&plan), ["embed.weight"]);
+        assert_eq!(plan.staging_bytes, 0);
+        // A lookahead that holds every copy (auto's where copies overlap compute is at least
+        // 256 MiB): the copies in flight are every copied byte and the one in use, so
+        // offloading only adds to what the device needs. 24 MiB do not hold the model, and the
+        // least that does is to offload nothing.
+        for mode in [
+            OffloadMode::Prefetch {
                 lookahead_bytes: 1 << 30,
-            })
-            .plan(&model())
-            .unwrap_err();
-        assert!(
-            err.to_string().contains(
-                "copies in flight (32.0 MiB, with the prefetch lookahead: a smaller one needs less)"
-            ),
-            "{err}"
-        );
-        // Uva reading in place needs no room for copies: the table alone is enough.
-        let plan = FitPlanner::new(budget(24))
+            },
+            OffloadMode::Auto,
+        ] {
+            let err = FitPlanner::new(budget(24))
+                .mode(mode)
+                .reads_in_place(false, 0)
+                .auto_prefetches(true)
+                .plan(&model())
+                .unwrap_err();
+            assert!(
+                err.to_string().contains(
+                    "copies in flight (0 B, with the prefetch lookahead: a smaller one needs less)"
+                ),
+                "{err}"
+            );
+            let OffloadError::DoesNotFit { minimum_bytes, .. } = err else {
+                panic!("{err}")
+            };
+            assert_eq!(minimum_bytes, 25 * MIB + 8 * 1024);
+            let b = DeviceBudget {
+                device_bytes: minimum_bytes,
+                ..budget(24)
+            };
+            let plan = FitPlanner::new(b).mode(mode).reads_in_place(false, 0);
+            assert_eq!(
+                plan.auto_prefetches(true)
+                    .plan(&model())
+                    .unwrap()
+                    .offloaded_bytes(),
+                0
+            );
+        }
+    }
+
+    #[test]
+    fn the_minimum_with_the_default_reserve_fits_when_given_as_the_budget() {
+        // The default reserve grows with the budget (1/16 + 512 MiB): the minimum accounts
+        // for it.
+        let kv = DeviceBudget::new(1 << 30).kv_cache(600 * MIB);
+        let err = FitPlanner::new(kv)
             .mode(OffloadMode::Uva)
             .plan(&model())
-            .unwrap();
-        assert_eq!(paths(&plan), ["embed.weight"]);
+            .unwrap_err();
+        let OffloadError::DoesNotFit { minimum_bytes, .. } = err else {
+            panic!("{err}")
+        };
+        let at = |bytes: u64| {
+            FitPlanner::new(DeviceBudget::new(bytes).kv_cache(600 * MIB))
+                .mode(OffloadMode::Uva)
+                .plan(&model())
+        };
+        assert!(at(minimum_bytes).is_ok());
+        assert!(at(minimum_bytes - 64).is_err());
     }
 
     #[test]
@@ -786,9 +944,9 @@ mod tests {
             OffloadError::DoesNotFit {
                 budget_bytes: 2 * MIB,
                 minimum_bytes: minimum,
-                breakdown: "the 8.00 KiB of norms and biases, the KV cache (1.00 MiB), \
-                            activations (1.00 MiB), copies in flight (0 B) and the reserve \
-                            (1.00 MiB)"
+                breakdown: "the 8.00 KiB of norms, biases and other resident parameters, the \
+                            KV cache (1.00 MiB), activations (1.00 MiB), copies in flight (0 B) \
+                            and the reserve (1.00 MiB)"
                     .into()
             }
         );

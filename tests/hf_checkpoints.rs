@@ -23,8 +23,6 @@ use serde::Deserialize;
 use hf::{HfError, HfModel};
 use model::{Llama, greedy};
 
-type B = OffloadBackend<NdArray>;
-
 /// transformers' f32 logits against ours.
 const TOLERANCE: f32 = 1e-4;
 
@@ -48,7 +46,7 @@ fn fixtures() -> Vec<PathBuf> {
         .filter(|p| p.join("config.json").is_file())
         .collect();
     dirs.sort();
-    assert_eq!(dirs.len(), 4, "{dirs:?}");
+    assert_eq!(dirs.len(), 5, "{dirs:?}");
     dirs
 }
 
@@ -219,7 +217,18 @@ fn the_fixtures_cover_the_architectures_and_formats() {
             .filter(|m| m.architecture == arch)
             .collect::<Vec<_>>()
     };
-    assert_eq!(find("LlamaForCausalLM").len(), 2);
+    assert_eq!(find("LlamaForCausalLM").len(), 3);
+    let biased = opened
+        .iter()
+        .find(|m| m.config.o_bias)
+        .expect("one with attention_bias");
+    assert!(biased.config.qkv_bias && biased.config.mlp_bias);
+    assert_eq!(
+        biased.config.rope_scaling,
+        model::RopeScaling::Linear { factor: 2.0 }
+    );
+    // Its config.json has no rms_norm_eps: transformers' default.
+    assert_eq!(biased.config.norm_eps, 1e-6);
     let mistral = find("MistralForCausalLM");
     assert_eq!(mistral[0].config.sliding_window, Some(6));
     assert!(mistral[0].tensors.values().all(|t| t.dtype == "BF16"));
@@ -333,6 +342,18 @@ fn broken_directories_get_errors_naming_the_tensor_and_the_file() {
     let err = open_err(tmp.path());
     assert!(
         err.contains("model.safetensors: not a safetensors file"),
+        "{err}"
+    );
+
+    // Offsets that do not match the shape.
+    let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[32],"data_offsets":[0,64]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 64]);
+    std::fs::write(&file, bytes).unwrap();
+    let err = open_err(tmp.path());
+    assert!(
+        err.contains("tensor model.norm.weight: 64 bytes between its data_offsets, but shape [32] of F32 takes 128"),
         "{err}"
     );
 

@@ -472,7 +472,25 @@ fn read_header(file: &Path) -> Result<Vec<(String, TensorEntry)>, HfError> {
         if begin > end {
             return Err(bad(format!("tensor {name}: data_offsets {begin} > {end}")));
         }
-        let needed = data_start + end;
+        let element = match dtype.as_str() {
+            "F64" | "I64" | "U64" => Some(8),
+            "F32" | "I32" | "U32" => Some(4),
+            "F16" | "BF16" | "I16" | "U16" => Some(2),
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => Some(1),
+            _ => None,
+        };
+        let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        if let (Some(size), Some(n)) = (element, elements)
+            && n.checked_mul(size) != Some(end - begin)
+        {
+            return Err(bad(format!(
+                "tensor {name}: {} bytes between its data_offsets, but shape {shape:?} of \
+                 {dtype} takes {}",
+                end - begin,
+                n.saturating_mul(size)
+            )));
+        }
+        let needed = data_start.saturating_add(end);
         if needed > len {
             return Err(HfError::Truncated {
                 tensor: name,
@@ -602,7 +620,10 @@ fn parse_config(raw: &Value) -> Result<(String, LlamaConfig, usize), String> {
     // RoPE: transformers 5 writes `rope_parameters` (theta inside); older configs
     // `rope_theta` and `rope_scaling`.
     let (rope, theta_value) = match raw.get("rope_parameters") {
-        Some(p @ Value::Object(_)) => (Some(p), p.get("rope_theta")),
+        Some(p @ Value::Object(_)) => (
+            Some(p),
+            p.get("rope_theta").or_else(|| raw.get("rope_theta")),
+        ),
         _ => (
             raw.get("rope_scaling").filter(|v| !v.is_null()),
             raw.get("rope_theta"),
@@ -631,8 +652,13 @@ fn parse_config(raw: &Value) -> Result<(String, LlamaConfig, usize), String> {
                     factor: num("factor")?,
                     low_freq_factor: num("low_freq_factor")?,
                     high_freq_factor: num("high_freq_factor")?,
-                    original_max_position_embeddings: num("original_max_position_embeddings")?
-                        as usize,
+                    // transformers falls back to max_position_embeddings.
+                    original_max_position_embeddings: match p
+                        .get("original_max_position_embeddings")
+                    {
+                        None | Some(Value::Null) => required("max_position_embeddings")?,
+                        Some(_) => num("original_max_position_embeddings")? as usize,
+                    },
                 },
                 other => {
                     return Err(format!(
@@ -644,6 +670,16 @@ fn parse_config(raw: &Value) -> Result<(String, LlamaConfig, usize), String> {
     };
 
     let n_heads = required("num_attention_heads")?;
+    // transformers' defaults when the key is absent: Llama's is the number of heads, Mistral's
+    // 8, Qwen2's 32; an explicit null means the number of heads in all three.
+    let n_kv_heads = match raw.get("num_key_value_heads") {
+        None => match kind {
+            "mistral" => 8,
+            "qwen2" => 32,
+            _ => n_heads,
+        },
+        Some(_) => usize_field("num_key_value_heads")?.unwrap_or(n_heads),
+    };
     let attention_bias = bool_field("attention_bias")?.unwrap_or(false);
     let max_position_embeddings = required("max_position_embeddings")?;
     let config = LlamaConfig {
@@ -651,21 +687,23 @@ fn parse_config(raw: &Value) -> Result<(String, LlamaConfig, usize), String> {
         dim: required("hidden_size")?,
         n_layers: required("num_hidden_layers")?,
         n_heads,
-        n_kv_heads: usize_field("num_key_value_heads")?.unwrap_or(n_heads),
+        n_kv_heads,
         ffn_dim: required("intermediate_size")?,
         max_seq_len: max_position_embeddings,
         rope_theta,
         norm_eps: float_field(raw.get("rms_norm_eps"), "rms_norm_eps")?.unwrap_or(1e-6),
         tie_embeddings: bool_field("tie_word_embeddings")?.unwrap_or(false),
         head_dim: usize_field("head_dim")?,
-        qkv_bias: kind == "qwen2" || attention_bias,
+        // Mistral's attention has no biases, whatever the config says.
+        qkv_bias: kind == "qwen2" || (kind == "llama" && attention_bias),
         o_bias: kind == "llama" && attention_bias,
         mlp_bias: kind == "llama" && bool_field("mlp_bias")?.unwrap_or(false),
         rope_scaling,
-        sliding_window: if kind == "mistral" {
-            usize_field("sliding_window")?
-        } else {
-            None
+        // Mistral's default window is 4096 positions; an explicit null is none.
+        sliding_window: match (kind, raw.get("sliding_window")) {
+            ("mistral", None) => Some(4096),
+            ("mistral", Some(_)) => usize_field("sliding_window")?,
+            _ => None,
         },
     };
     config.validate().map_err(|e| e.0)?;

@@ -315,6 +315,14 @@ where
             if ids.is_empty() {
                 return Err("--prompt encodes to no tokens".into());
             }
+            let vocab = hf.as_ref().map_or(usize::MAX, |h| h.config.vocab_size);
+            if let Some(&id) = ids.get_ids().iter().find(|&&i| i as usize >= vocab) {
+                return Err(format!(
+                    "the tokenizer gives token id {id}, but the model's vocab_size is {vocab}: \
+                     is tokenizer.json this model's?"
+                )
+                .into());
+            }
             Some(ids.get_ids().iter().map(|&i| i as i64).collect::<Vec<_>>())
         }
         _ => None,
@@ -399,7 +407,11 @@ where
                 }
             };
             println!("calibration: {calibration}");
-            let plan = fit_plan(args, gib, memory, &compute, &config, &model, &calibration)?;
+            let in_place = (
+                compute.reads_host_in_place(),
+                T::zero_copy_max_rows(&compute),
+            );
+            let plan = fit_plan(args, gib, memory, &config, &model, &calibration, in_place)?;
             println!("{plan}");
             (plan.policy(), Some((plan, calibration)))
         }
@@ -587,10 +599,10 @@ fn fit_plan<B: Backend>(
     args: &Args,
     gib: Option<f64>,
     memory: Option<MemoryInfo>,
-    compute: &impl TargetDevice,
     config: &LlamaConfig,
     model: &Llama<B>,
     calibration: &Calibration,
+    (reads_in_place, in_place_max_rows): (bool, usize),
 ) -> Result<FitPlan, Box<dyn Error>> {
     let free = memory
         .map(|m| m().map_err(|e| format!("reading device memory: {e}")))
@@ -618,7 +630,9 @@ fn fit_plan<B: Backend>(
         );
     }
     let budget = match args.reserve_gb {
-        Some(gib) if gib.is_finite() && gib >= 0.0 => budget.reserve((gib * GIB) as u64),
+        Some(gib) if gib.is_finite() && (0.0..=OffloadPolicy::MAX_GIB).contains(&gib) => {
+            budget.reserve((gib * GIB) as u64)
+        }
         Some(gib) => return Err(format!("--reserve-gb {gib}: give a number of GiB >= 0").into()),
         None => budget,
     };
@@ -633,8 +647,8 @@ fn fit_plan<B: Backend>(
     };
     let plan = FitPlanner::new(budget)
         .mode(args.mode)
-        .reads_in_place(compute.reads_host_in_place())
-        .decode_rows(args.batch)
+        .reads_in_place(reads_in_place, in_place_max_rows)
+        .rows(args.batch, args.batch * args.prompt_len)
         .auto_prefetches(calibration.copies_overlap_compute)
         .plan(&fit_params(model, gathered))?;
     Ok(plan)
@@ -1251,6 +1265,40 @@ mod tests {
                 format!("{:?}", ExitCode::SUCCESS),
                 "{mode}"
             );
+
+            // The plan that run made offloads part of the model (else there was no check).
+            let hf = HfModel::open(&dir).unwrap();
+            let tokenizer = tokenizers::Tokenizer::from_file(hf.tokenizer.as_ref().unwrap());
+            let prompt_len = tokenizer
+                .unwrap()
+                .encode("The quick brown fox", true)
+                .unwrap()
+                .len();
+            let args = Args { prompt_len, ..args };
+            let mut config = hf.config.clone();
+            config.max_seq_len = prompt_len + args.gen_tokens;
+            let model: Llama<OffloadBackend<NdArray>> =
+                config.init(&OffloadDevice::device(NdArrayDevice::Cpu));
+            let calibration = Calibration {
+                upload_latency_s: 0.0,
+                upload_bytes_per_s: 1e9,
+                rows: Vec::new(),
+                copies_overlap_compute: false,
+                weight_bytes: 0,
+                seconds: 0.0,
+            };
+            let plan = fit_plan(
+                &args,
+                args.gpu_budget_gb.unwrap(),
+                None,
+                &config,
+                &model,
+                &calibration,
+                (true, 16),
+            )
+            .unwrap();
+            assert!(plan.offloaded_bytes() > 0, "{mode}: {plan}");
+            assert!(plan.resident_bytes() > 0, "{mode}: {plan}");
         }
     }
 
@@ -1306,6 +1354,28 @@ mod tests {
             err.contains(
                 "70 positions (prompt + --gen-tokens) exceed the model's max_position_embeddings 64"
             ),
+            "{err}"
+        );
+        // A tokenizer of another model: ids beyond the vocabulary.
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(fixture("qwen2")).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+        }
+        std::fs::copy(
+            format!("{}/tokenizer.json", fixture("llama3-tied")),
+            tmp.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        let dir = tmp.path().to_str().unwrap();
+        let args =
+            Args::try_parse_from(["llama", "--model", dir, "--prompt", "The quick brown fox"])
+                .unwrap();
+        let err = run(&args)
+            .expect_err("ids beyond the vocabulary")
+            .to_string();
+        assert!(
+            err.contains("but the model's vocab_size is 128: is tokenizer.json this model's?"),
             "{err}"
         );
         // Not a model directory.

@@ -474,7 +474,8 @@ fn selection_warnings(
         .collect();
     if !unknown.is_empty() {
         warnings.push(format!(
-            "parameter paths {unknown:?} name no parameter of this module; check them against              the paths in the report"
+            "parameter paths {unknown:?} name no parameter of this module; check them against \
+             the paths in the report"
         ));
     }
     if policy.max_bytes == 0 || params.is_empty() {
