@@ -137,23 +137,26 @@ fn every_fixture_matches_transformers_resident_and_offloaded_in_every_mode() {
     check_fixtures("ndarray", run, &MODES);
 }
 
-/// Burn's fused `Wgpu` (lavapipe in CI), the CubeCL target: every fixture resident and
-/// offloaded in copy and prefetch mode (uva and auto copy too on wgpu, which cannot read host
-/// memory in place).
+/// The CubeCL target on wgpu (lavapipe in CI), Burn's unfused `CubeBackend`: every fixture
+/// resident and offloaded in copy and prefetch mode (uva and auto copy too on wgpu, which
+/// cannot read host memory in place).
+///
+/// Not Burn's fused `Wgpu`: in a release build (CI's features, lavapipe) Burn 0.21's fused
+/// `Wgpu` on its own, without burn-offload, decodes these fixtures wrongly at batch 2 (the
+/// second sequence diverges at its first decode step, with or without a sync after each step);
+/// the unfused backend, and the fused one in a debug build, are right.
 #[cfg(feature = "wgpu")]
 #[test]
-fn every_fixture_matches_transformers_on_fused_wgpu() {
+fn every_fixture_matches_transformers_on_unfused_wgpu() {
     if let Err(reason) = burn_offload::wgpu::probe() {
         eprintln!("skipped: {reason}");
         return;
     }
-    let modes = [MODES[1], MODES[3]];
+    type Unfused = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
     check_fixtures(
-        "wgpu",
-        |dir, policy, reference| {
-            run_on::<burn_wgpu::Wgpu>(dir, policy, reference, Default::default())
-        },
-        &modes,
+        "wgpu unfused",
+        |dir, policy, reference| run_on::<Unfused>(dir, policy, reference, Default::default()),
+        &[MODES[1], MODES[3]],
     );
 }
 
