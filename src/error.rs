@@ -36,12 +36,12 @@ pub enum OffloadError {
         /// The value as given.
         value: f64,
     },
-    /// A device-memory budget that the model cannot fit, even with every weight the plan may
-    /// offload in host memory.
+    /// A device-memory budget that no placement of the model fits ([`FitPlanner`](crate::fit::FitPlanner)
+    /// tried offloading every eligible weight, and leaving the largest ones resident).
     #[error(
-        "the model does not fit a device budget of {}: even with every weight offloaded, \
-         {breakdown} need {}; give a budget of at least {} (`--gpu-budget-gb {:.2}`), or lower \
-         the batch or the context length",
+        "the model does not fit a device budget of {}: the placement that needs the least \
+         device memory still needs {} ({breakdown}); give a budget of at least {} \
+         (`--gpu-budget-gb {:.2}`), or lower the batch or the context length",
         crate::policy::human_bytes(*.budget_bytes),
         crate::policy::human_bytes(*.minimum_bytes),
         crate::policy::human_bytes(*.minimum_bytes),

@@ -158,7 +158,8 @@ fn a_device_too_small_for_the_7b_fails_before_loading_with_the_minimum() {
     let message = err.to_string();
     assert!(
         message.starts_with(
-            "the model does not fit a device budget of 1.00 GiB: even with every weight offloaded"
+            "the model does not fit a device budget of 1.00 GiB: the placement that needs the \
+             least device memory still needs"
         ) && message.contains("copies in flight (1000 MiB)")
             && message.contains("give a budget of at least"),
         "{message}"
@@ -194,9 +195,11 @@ fn decode_step(model: &Llama<B>, steps: usize) -> Duration {
     times[times.len() / 2]
 }
 
-/// The prediction is a floor made of weight reads; on a model whose weights dominate a decode
-/// step (the `small` preset's shapes, 81 MiB in f32), the measured step is within a factor of
-/// two of it, in uva (read in place) and in copy (copied per use).
+/// The prediction is made of weight reads at the calibrated rates; on a model whose weights
+/// dominate a decode step (the `small` preset's shapes, 81 MiB in f32), the measured step is
+/// near it, in uva (read in place) and in copy (copied per use). Seen here: 0.65-0.73x in a
+/// release build (its matrices sit in the CPU's caches more than the 16 MiB calibration
+/// weight), 1.1-1.2x in a debug build; the test allows 0.4-2.5x.
 #[test]
 fn the_predicted_decode_step_is_near_the_measured_one_on_the_cpu() {
     let mut config = LlamaConfig::preset("small").unwrap();
@@ -226,7 +229,7 @@ fn the_predicted_decode_step_is_near_the_measured_one_on_the_cpu() {
             measured * 1e3
         );
         assert!(
-            (0.5..=2.0).contains(&ratio),
+            (0.4..=2.5).contains(&ratio),
             "{mode}: measured {:.3} ms against predicted {predicted} (calibration: {calibration})",
             measured * 1e3
         );
