@@ -31,7 +31,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use burn::module::Module;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use burn_store::{
@@ -313,9 +312,11 @@ impl HfModel {
         }
         // `open` checked every tensor is in some file; a parameter still not loaded would mean
         // a name mapping and the model disagree, and it would keep random values.
-        let mut params = ParamPaths::default();
-        model.visit(&mut params);
-        let left: Vec<&String> = params.0.iter().filter(|p| !applied.contains(*p)).collect();
+        let left: Vec<String> = burn_offload::fit::fit_params(&model, &[])
+            .into_iter()
+            .map(|p| p.path)
+            .filter(|p| !applied.contains(p))
+            .collect();
         if !left.is_empty() {
             return Err(HfError::Load {
                 file: self.dir.clone(),
@@ -359,27 +360,6 @@ impl<P: Fn(u64) + Send + Sync + Clone + 'static> ModuleAdapter for Convert<P> {
 
     fn clone_box(&self) -> Box<dyn ModuleAdapter> {
         Box::new(self.clone())
-    }
-}
-
-/// Every float parameter's path.
-#[derive(Default)]
-struct ParamPaths(Vec<String>, Vec<String>);
-
-impl<B: Backend> burn::module::ModuleVisitor<B> for ParamPaths {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.1.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.1.pop();
-    }
-
-    fn visit_float<const D: usize>(
-        &mut self,
-        _param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
-    ) {
-        self.0.push(self.1.join("."));
     }
 }
 
