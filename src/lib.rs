@@ -23,6 +23,7 @@
 pub mod auto;
 pub mod backend;
 pub mod context;
+pub mod copy;
 pub mod device;
 pub mod error;
 pub mod fit;
