@@ -35,6 +35,10 @@ const ARCHS: [&str; 2] = ["sm_80", "sm_90a"];
 /// is found in the sources (see [`declared_entry_points`] and [`selectable_entry_points`]).
 const REQUIRED_ENTRY_POINTS: &[(&str, &[&str])] = &[
     (
+        "flags.cu",
+        &["burn_offload_wait_flag", "burn_offload_set_flag"],
+    ),
+    (
         "matmul_host.cu",
         &[
             "matmul_host_rm_f32",

@@ -180,6 +180,10 @@ pub trait CopyStreams: Send + Sync {
     fn slots(&self) -> usize;
     /// Op queues the flags have room for (at most 64).
     fn consumers(&self) -> usize;
+    /// Every region starts at a multiple of this many bytes (kernels' vector loads).
+    fn alignment(&self) -> u64 {
+        1
+    }
     /// The op queue of the calling thread (CUDA: its CubeCL stream).
     fn current_queue(&self) -> u64;
 
@@ -227,7 +231,7 @@ pub struct CopyEngine<S: CopyStreams> {
 impl<S: CopyStreams> CopyEngine<S> {
     /// An engine over `streams` (its ring, flags and streams).
     pub fn new(streams: S) -> Self {
-        let ring = Ring::new(streams.capacity(), streams.slots());
+        let ring = Ring::new(streams.capacity(), streams.slots(), streams.alignment());
         Self {
             streams,
             state: Mutex::new(State {

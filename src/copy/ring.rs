@@ -97,6 +97,8 @@ impl Live {
 #[derive(Debug)]
 pub struct Ring {
     capacity: u64,
+    /// Every region starts at a multiple of this.
+    align: u64,
     /// Where the next region starts (before wrapping).
     head: u64,
     live: VecDeque<Live>,
@@ -107,10 +109,11 @@ pub struct Ring {
 
 impl Ring {
     /// A ring of `capacity` bytes whose regions use `slots` sets of flags (at most that many
-    /// regions are live at once).
-    pub fn new(capacity: u64, slots: usize) -> Self {
+    /// regions are live at once) and start at multiples of `align` (at least 1).
+    pub fn new(capacity: u64, slots: usize, align: u64) -> Self {
         Self {
             capacity,
+            align: align.max(1),
             head: 0,
             live: VecDeque::new(),
             free_slots: (0..slots).rev().collect(),
@@ -185,7 +188,10 @@ impl Ring {
             generation: self.generations[slot],
         };
         self.next_id += 1;
-        self.head = offset + len;
+        self.head = (offset + len)
+            .div_ceil(self.align)
+            .saturating_mul(self.align)
+            .min(self.capacity);
         self.live.push_back(Live {
             region,
             taken: 0,
@@ -267,7 +273,7 @@ mod tests {
 
     #[test]
     fn regions_follow_each_other_and_wrap_skipping_the_tail() {
-        let mut ring = Ring::new(100, 8);
+        let mut ring = Ring::new(100, 8, 1);
         let (a, w) = ring.reserve(40).unwrap();
         assert_eq!((a.offset, a.len, w.len()), (0, 40, 0));
         let (b, _) = ring.reserve(40).unwrap();
@@ -291,7 +297,7 @@ mod tests {
 
     #[test]
     fn the_skipped_tail_is_overwritten_too() {
-        let mut ring = Ring::new(100, 8);
+        let mut ring = Ring::new(100, 8, 1);
         let (a, _) = ring.reserve(60).unwrap();
         let (b, _) = ring.reserve(30).unwrap(); // 60..90
         retire(&mut ring, a);
@@ -310,7 +316,7 @@ mod tests {
 
     #[test]
     fn every_taker_must_release_and_is_waited_for() {
-        let mut ring = Ring::new(10, 4);
+        let mut ring = Ring::new(10, 4, 1);
         let (a, _) = ring.reserve(10).unwrap();
         ring.take(a.id, 1).unwrap();
         ring.take(a.id, 3).unwrap();
@@ -332,7 +338,7 @@ mod tests {
 
     #[test]
     fn a_region_waiting_for_its_request_is_never_overwritten() {
-        let mut ring = Ring::new(10, 4);
+        let mut ring = Ring::new(10, 4, 1);
         let (a, _) = ring.reserve(10).unwrap();
         assert_eq!(ring.reserve(1), Err(Busy::Held(a.id)));
         assert_eq!(ring.release(a.id, 0), Err(Refused::NotTaken));
@@ -343,7 +349,7 @@ mod tests {
 
     #[test]
     fn slots_run_out_before_bytes_do() {
-        let mut ring = Ring::new(100, 2);
+        let mut ring = Ring::new(100, 2, 1);
         let (a, _) = ring.reserve(1).unwrap();
         let (b, _) = ring.reserve(1).unwrap();
         assert_eq!(ring.reserve(1), Err(Busy::Held(a.id)));
@@ -357,8 +363,19 @@ mod tests {
     }
 
     #[test]
+    fn regions_start_aligned() {
+        let mut ring = Ring::new(1000, 8, 256);
+        let offsets: Vec<u64> = (0..4)
+            .map(|_| ring.reserve(100).unwrap().0.offset)
+            .collect();
+        assert_eq!(offsets, [0, 256, 512, 768]);
+        // The next would start at 1024 > 1000: it wraps, over region 0.
+        assert_eq!(ring.reserve(100), Err(Busy::Held(0)));
+    }
+
+    #[test]
     fn zero_length_regions_overwrite_nothing() {
-        let mut ring = Ring::new(10, 4);
+        let mut ring = Ring::new(10, 4, 1);
         let (a, _) = ring.reserve(10).unwrap();
         let (z, w) = ring.reserve(0).unwrap();
         assert_eq!((z.len, w.len()), (0, 0));

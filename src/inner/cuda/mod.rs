@@ -12,6 +12,9 @@
 //! - [`transfer`]: [`upload_dma`] (copy engine, no bounce copy), [`upload_sm_copy`] and
 //!   [`upload_tensor`], which gives a burn-cubecl tensor;
 //! - [`ops`]: launchers of the zero-copy `matmul_host` and `gather_host` kernels;
+//! - [`copy_streams`]: [`CudaCopyStreams`](copy_streams::CudaCopyStreams), the copy engine's
+//!   ([`crate::copy`]) own stream, ring and flags, with the flag kernels of
+//!   `kernels/flags.cu`;
 //! - `bridge.rs`: where this layer relies on CubeCL's internals (`RawKernel`'s compiled
 //!   representation), with a test that fails if CubeCL changes it;
 //! - `runtime.rs`: [`OffloadRuntime`](crate::inner::cubecl::OffloadRuntime) for `CudaRuntime`,
@@ -26,6 +29,7 @@
 //! skip cleanly on machines without a GPU.
 
 mod bridge;
+pub mod copy_streams;
 pub mod driver;
 pub mod error;
 pub mod kernel;
