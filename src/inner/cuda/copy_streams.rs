@@ -256,6 +256,16 @@ impl CudaCopyStreams {
         }
     }
 
+    /// Waits until every copy queued on the copy stream has run (for benches and tests: the
+    /// engine itself never waits for the device).
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        driver::primary_context(self.device.index)?;
+        // SAFETY: the stream is ours and alive.
+        unsafe { sys::cuStreamSynchronize(self.stream.0) }
+            .result()
+            .map_err(|e| CudaError::driver("cuStreamSynchronize", e))
+    }
+
     /// The ring's bytes of `region` as a CubeCL handle (a view of the ring's buffer).
     pub fn handle(&self, region: &Region) -> Result<Handle, CopyError> {
         let end = region.offset.checked_add(region.len);
