@@ -20,17 +20,24 @@
 //! positions of random keys and values; every sample decodes the same position from a clone of
 //! that cache), and a
 //! prefill of 512 tokens at batch 1. It prints one markdown table: median ms per step (one
-//! decode step, i.e. one token per sequence, or the whole prefill), tokens/s, the ratio to
-//! `plain`, the lower bound `max(plain, offloaded bytes / DMA GB/s)` and the efficiency
-//! `bound / measured`; for `uva` at batch 1 also the bound through the kernel read
-//! `max(plain, offloaded bytes / kernel-read GB/s)`.
+//! decode step, i.e. one token per sequence, or the whole prefill), the run-to-run spread of
+//! the samples ((max - min) / median: what a "costs nothing" claim is within), tokens/s, the
+//! ratio to `plain`, the lower bound and the efficiency `bound / measured`:
+//! - `bound = max(plain, uploaded bytes / DMA GB/s + bytes read in place / kernel-read GB/s)`,
+//!   with the bytes the last sample actually moved (its op stats: transient uploads and
+//!   zero-copy reads), and the DMA rate measured in this run at exactly the sizes this
+//!   variant offloads (one upload of each of the model's tensor sizes, timed: the bytes over
+//!   the sum of the offloaded tensors' times);
+//! - for `uva` at batch 1 also `uva bound = max(plain, offloaded bytes / kernel-read GB/s)`.
 //!
 //! Same weights, checked: the offloaded models are `policy.apply` of clones of one
 //! materialised, resident `OffloadBackend` model (the policy moves the selected parameters to
-//! pinned host memory), so every offloaded variant's logits (the last sample of each workload)
-//! are compared with that resident model's own (= `offload 0%`): max |difference| within 5 %
-//! of the largest |logit| (bf16), argmax agreement reported. A failed check exits 1 after the
-//! table and the JSON are written. (The `plain` model has its own random weights.)
+//! pinned host memory). Per fraction `copy` runs first and its logits (the last sample of each
+//! workload) are compared with the resident model's (= `offload 0%`): max |difference| within
+//! 5 % of the largest |logit| (bf16). `prefetch` must then equal `copy` **bit for bit** (the
+//! same kernels on the same bytes), and `uva` (other kernels) must match `copy` within the
+//! tolerance; argmax agreement reported. A failed check exits 1 after the table and the JSON
+//! are written. (The `plain` model has its own random weights.)
 //!
 //! Timing: every sample runs from an idle stream to the end of a stream sync (`cuda::sync`);
 //! `queued ms` is the median time until the step had been queued (before the sync): close to
@@ -279,9 +286,15 @@ fn measure<Bk: Backend>(
     })
 }
 
-/// An offloaded variant's logits against the resident model's.
+/// An offloaded variant's logits against a reference run's: the resident model's (within
+/// the bf16 tolerance) for `copy`, the `copy` run's for `uva` (within the tolerance: other
+/// kernels) and `prefetch` (bit for bit: the same kernels on the same bytes).
 #[derive(Debug, Clone, Copy)]
 struct Check {
+    /// `resident` or `copy`.
+    against: &'static str,
+    /// Bit-for-bit equality asked for.
+    exact: bool,
     max_abs_diff: f32,
     max_abs_logit: f32,
     argmax_equal: usize,
@@ -298,7 +311,12 @@ fn argmax(row: &[f32]) -> usize {
         .0
 }
 
-fn check(logits: &[f32], reference: &[f32], batch: usize) -> Check {
+fn check(logits: &[f32], reference: &Reference, batch: usize, workload: Workload) -> Check {
+    let (against, exact, reference) = (
+        reference.against,
+        reference.exact,
+        &reference.logits[workload.index()][..],
+    );
     let vocab = reference.len() / batch.max(1);
     let max_abs_logit = reference.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let finite = logits.iter().all(|v| v.is_finite());
@@ -311,15 +329,34 @@ fn check(logits: &[f32], reference: &[f32], batch: usize) -> Check {
         .zip(reference.chunks(vocab))
         .filter(|(a, b)| argmax(a) == argmax(b))
         .count();
+    let same_bits = logits.len() == reference.len()
+        && logits
+            .iter()
+            .zip(reference)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
     Check {
+        against,
+        exact,
         max_abs_diff,
         max_abs_logit,
         argmax_equal,
         rows: batch,
         ok: finite
             && logits.len() == reference.len()
-            && max_abs_diff <= CHECK_TOLERANCE * max_abs_logit,
+            && if exact {
+                same_bits
+            } else {
+                max_abs_diff <= CHECK_TOLERANCE * max_abs_logit
+            },
     }
+}
+
+/// What a variant's logits are checked against.
+struct Reference {
+    against: &'static str,
+    exact: bool,
+    /// Per workload, the last sample's logits.
+    logits: [Vec<f32>; 3],
 }
 
 /// One row of the table (and of the JSON).
@@ -334,14 +371,73 @@ struct Row {
     /// `None`: skipped (time budget).
     measured: Option<Measured>,
     check: Option<Check>,
+    /// GB/s of DMA uploads at this variant's offloaded tensor sizes, measured in this run
+    /// (bytes over the sum of each tensor's measured upload time).
+    dma_gbps: Option<f64>,
     /// Device memory in use (driver's view) after the measurement.
     device_used_bytes: Option<u64>,
 }
 
 /// What the table's columns are computed from.
 struct Limits {
+    /// 256 MiB DMA from pinned memory.
     dma_gbps: f64,
     kernel_read_gbps: f64,
+    /// Seconds of one DMA upload of each size the models offload, measured in this run.
+    dma_s_by_size: Vec<(u64, f64)>,
+}
+
+impl Limits {
+    /// GB/s of DMA uploads of tensors of these sizes: their bytes over the sum of their
+    /// measured upload times (`None` when a size was not measured).
+    fn dma_gbps_for(&self, sizes: &[u64]) -> Option<f64> {
+        let mut secs = 0.0;
+        for &size in sizes {
+            secs += self
+                .dma_s_by_size
+                .iter()
+                .find(|(s, _)| *s == size)
+                .map(|(_, t)| *t)?;
+        }
+        let bytes: u64 = sizes.iter().sum();
+        (secs > 0.0).then(|| bytes as f64 / secs / 1e9)
+    }
+}
+
+/// The bytes a variant's last sample moved over the bus: uploaded (transient copies) and read
+/// in place (zero-copy kernels), from its op stats.
+fn moved_bytes(m: &Measured) -> (u64, u64) {
+    (m.stats.transient_upload_bytes, m.stats.zero_copy_bytes)
+}
+
+/// Seconds of one DMA upload (`cuda::upload_dma`, the copy path of `copy` mode) of each size:
+/// one pinned buffer of the largest size, a warm-up, then the median of 3.
+fn dma_by_size(cuda: &CudaDevice, sizes: &[u64]) -> Result<Vec<(u64, f64)>, CudaError> {
+    let largest = sizes.iter().copied().max().unwrap_or(0) as usize;
+    if largest == 0 {
+        return Ok(Vec::new());
+    }
+    let host = std::sync::Arc::new(cuda::alloc_pinned(cuda.index, largest)?);
+    let mut out = Vec::new();
+    for &size in sizes {
+        let mut failed = None;
+        let mut run = || {
+            if let Err(e) = cuda::upload_dma(cuda, &host, 0..size as usize) {
+                failed = Some(e);
+            }
+        };
+        timed(cuda, &mut run)?;
+        let times = (0..3)
+            .map(|_| timed(cuda, &mut run))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        out.push((size, median(times)));
+    }
+    drop(host);
+    cuda::free_upload_sources(cuda)?;
+    Ok(out)
 }
 
 impl Row {
@@ -354,10 +450,22 @@ impl Row {
             .map(|m| m.median_s)
     }
 
-    /// `max(plain, offloaded bytes / DMA)`.
+    /// `max(plain, uploaded bytes / DMA at these sizes + bytes read in place / kernel
+    /// read)`, the bytes being those the last sample moved.
     fn bound_s(&self, rows: &[Row], limits: &Limits) -> Option<f64> {
         let plain = self.plain_s(rows)?;
-        Some(plain.max(self.offloaded_bytes as f64 / (limits.dma_gbps * 1e9)))
+        let (uploaded, in_place) = moved_bytes(self.measured.as_ref()?);
+        let dma = self.dma_gbps.unwrap_or(limits.dma_gbps);
+        let bus = uploaded as f64 / (dma * 1e9) + in_place as f64 / (limits.kernel_read_gbps * 1e9);
+        Some(plain.max(bus))
+    }
+
+    /// Run-to-run spread of the samples: (max - min) / median.
+    fn spread(&self) -> Option<f64> {
+        let m = self.measured.as_ref()?;
+        let max = m.samples_s.iter().copied().fold(f64::MIN, f64::max);
+        let min = m.samples_s.iter().copied().fold(f64::MAX, f64::min);
+        (m.samples_s.len() > 1).then(|| (max - min) / m.median_s)
     }
 
     /// `max(plain, offloaded bytes / kernel read)`, for uva at batch 1.
@@ -393,8 +501,13 @@ impl Row {
             "ratio_to_plain": median.zip(self.plain_s(rows)).map(|(s, p)| s / p),
             "bound_s": bound,
             "efficiency": median.zip(bound).map(|(s, b)| b / s),
+            "spread": self.spread(),
+            "uploaded_bytes_last_sample": m.map(|m| moved_bytes(m).0),
+            "read_in_place_bytes_last_sample": m.map(|m| moved_bytes(m).1),
+            "dma_gbps_at_these_sizes": self.dma_gbps,
             "uva_bound_s": self.uva_bound_s(rows, limits),
             "check": self.check.map(|c| json!({
+                "against": c.against, "bit_for_bit": c.exact,
                 "max_abs_diff": c.max_abs_diff, "max_abs_logit": c.max_abs_logit,
                 "argmax_equal": c.argmax_equal, "rows": c.rows, "ok": c.ok,
             })),
@@ -449,7 +562,7 @@ impl Bench {
         (offloaded_bytes, offloaded_tensors): (u64, usize),
         workload: Workload,
         run: impl FnMut() -> Tensor<Bk, 2>,
-        reference: Option<&[Vec<f32>; 3]>,
+        (reference, dma_gbps): (Option<&Reference>, Option<f64>),
     ) -> Result<(), CudaError> {
         let measured = if self.out_of_time() {
             None
@@ -459,7 +572,7 @@ impl Bench {
         let check = measured
             .as_ref()
             .zip(reference)
-            .map(|(m, r)| check(&m.logits, &r[workload.index()], workload.batch()));
+            .map(|(m, r)| check(&m.logits, r, workload.batch(), workload));
         let row = Row {
             preset: preset.to_string(),
             workload,
@@ -470,6 +583,7 @@ impl Bench {
             offloaded_tensors,
             measured,
             check,
+            dma_gbps,
             device_used_bytes: device_used(&self.cuda),
         };
         match &row.measured {
@@ -482,15 +596,21 @@ impl Bench {
                 m.samples_s.len(),
                 m.warmup_s,
                 match row.check {
+                    Some(c) if c.ok && c.exact =>
+                        format!(", logits equal the {} run's bit for bit", c.against),
                     Some(c) if c.ok => format!(
-                        ", logits match the resident model (max |diff| {:.3e} of {:.3e}, argmax \
-                         {}/{})",
-                        c.max_abs_diff, c.max_abs_logit, c.argmax_equal, c.rows
+                        ", logits match the {} run (max |diff| {:.3e} of {:.3e}, argmax {}/{})",
+                        c.against, c.max_abs_diff, c.max_abs_logit, c.argmax_equal, c.rows
+                    ),
+                    Some(c) if c.exact => format!(
+                        ", CHECK FAILED: logits differ from the {} run's (max |diff| {:.3e}, \
+                         argmax {}/{}; bit-for-bit equality asked)",
+                        c.against, c.max_abs_diff, c.argmax_equal, c.rows
                     ),
                     Some(c) => format!(
-                        ", CHECK FAILED: max |logit diff| {:.3e} > {CHECK_TOLERANCE} x {:.3e} \
-                         (or non-finite logits), argmax {}/{}",
-                        c.max_abs_diff, c.max_abs_logit, c.argmax_equal, c.rows
+                        ", CHECK FAILED: max |logit diff| from the {} run {:.3e} > \
+                         {CHECK_TOLERANCE} x {:.3e} (or non-finite logits), argmax {}/{}",
+                        c.against, c.max_abs_diff, c.max_abs_logit, c.argmax_equal, c.rows
                     ),
                     None => String::new(),
                 } + &match mode {
@@ -562,7 +682,7 @@ impl Bench {
                 (0, 0),
                 w,
                 || inputs.run(&plain, w),
-                None,
+                (None, None),
             )?;
         }
         drop(inputs);
@@ -578,12 +698,24 @@ impl Bench {
         let resident: Llama<Off<Plain>> = config.init(&device);
         resident.visit(&mut Materialize);
         let inputs = Inputs::new(&resident, vocab, &device);
-        let reference: [Vec<f32>; 3] =
-            Workload::ALL.map(|w| inputs.run(&resident, w).into_data().iter::<f32>().collect());
+        let resident_reference = Reference {
+            against: "resident",
+            exact: false,
+            logits: Workload::ALL
+                .map(|w| inputs.run(&resident, w).into_data().iter::<f32>().collect()),
+        };
         let (_, report) = OffloadPolicy::from_bytes(0).apply(resident.clone())?;
         let total = report.total_bytes();
         cuda::sync(&cuda)?;
         self.lap(format!("{name}/offload_init"), start);
+        // The DMA time of every tensor size this model has, for the bounds.
+        let start = Instant::now();
+        let mut sizes: Vec<u64> = report.params.iter().map(|p| p.bytes).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let measured = dma_by_size(&cuda, &sizes)?;
+        self.limits.dma_s_by_size.extend(measured);
+        self.lap(format!("{name}/dma_by_size"), start);
         self.presets.push(json!({
             "preset": name, "params": config.num_params(), "weight_bytes": total,
             "tensors": report.params.len(),
@@ -591,10 +723,11 @@ impl Bench {
 
         let prefetch = "prefetch".parse::<OffloadMode>().expect("a valid mode");
         for fraction in self.fractions.clone() {
+            // `copy` first: its logits are the reference of `uva` and `prefetch`.
             let modes: &[OffloadMode] = if fraction == 0.0 {
                 &[OffloadMode::Uva]
             } else {
-                &[OffloadMode::Uva, OffloadMode::Copy, prefetch]
+                &[OffloadMode::Copy, OffloadMode::Uva, prefetch]
             };
             if self.out_of_time() {
                 for &mode in modes {
@@ -612,6 +745,9 @@ impl Bench {
             cuda::sync(&cuda)?;
             self.lap(format!("{name}/apply_{}", pct(fraction)), start);
             let offloaded = (report.offloaded_bytes(), report.offloaded_tensors());
+            let offloaded_sizes: Vec<u64> = report.offloaded().map(|p| p.bytes).collect();
+            let dma_gbps = self.limits.dma_gbps_for(&offloaded_sizes);
+            let mut copy_reference: Option<Reference> = None;
             println!(
                 "  {}: {:.3} GB in {} of {} tensors offloaded ({:.1} s to move them)",
                 pct(fraction),
@@ -628,7 +764,26 @@ impl Bench {
                     context.set_calibration(&cuda, c);
                 }
                 let model = context.adopt_module(model.clone());
+                let is_copy = mode == OffloadMode::Copy;
+                let reference = match (&copy_reference, mode) {
+                    (Some(copy), OffloadMode::Prefetch { .. }) => Reference {
+                        against: "copy",
+                        exact: true,
+                        logits: copy.logits.clone(),
+                    },
+                    (Some(copy), OffloadMode::Uva) => Reference {
+                        against: "copy",
+                        exact: false,
+                        logits: copy.logits.clone(),
+                    },
+                    _ => Reference {
+                        against: "resident",
+                        exact: false,
+                        logits: resident_reference.logits.clone(),
+                    },
+                };
                 let (variant, mode) = variant_name(fraction, mode);
+                let first = self.rows.len();
                 for w in Workload::ALL {
                     self.add(
                         name,
@@ -637,8 +792,20 @@ impl Bench {
                         offloaded,
                         w,
                         || inputs.run(&model, w),
-                        Some(&reference),
+                        (Some(&reference), dma_gbps),
                     )?;
+                }
+                if is_copy {
+                    let rows = &self.rows[first..];
+                    if rows.iter().all(|r| r.measured.is_some()) {
+                        copy_reference = Some(Reference {
+                            against: "copy",
+                            exact: false,
+                            logits: [0, 1, 2].map(|i| {
+                                rows[i].measured.as_ref().expect("checked").logits.clone()
+                            }),
+                        });
+                    }
                 }
             }
             // The last mode's context (its prefetcher and copies) went with its model above.
@@ -674,6 +841,7 @@ impl Bench {
             offloaded_tensors: 0,
             measured: None,
             check: None,
+            dma_gbps: None,
             device_used_bytes: None,
         });
     }
@@ -688,9 +856,9 @@ impl Bench {
             None => "–".to_string(),
         };
         let mut out = String::from(
-            "| model | workload | variant | offloaded GB | ms/step | queued ms | tokens/s | ratio \
-             to plain | bound ms | efficiency | uva bound ms |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| model | workload | variant | offloaded GB | moved GB | ms/step | spread | queued \
+             ms | tokens/s | ratio to plain | bound ms | efficiency | uva bound ms |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         // Grouped by model and workload; variants in the order they ran.
         let mut order: Vec<&Row> = self.rows.iter().collect();
@@ -701,8 +869,12 @@ impl Bench {
             let queued = r.measured.as_ref().map(|m| m.queued_median_s);
             let bound = r.bound_s(&self.rows, &self.limits);
             let uva = r.uva_bound_s(&self.rows, &self.limits);
+            let moved = r.measured.as_ref().map(|m| {
+                let (up, in_place) = moved_bytes(m);
+                (up + in_place) as f64 / 1e9
+            });
             out += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.preset,
                 r.workload.name(),
                 r.variant,
@@ -711,10 +883,14 @@ impl Bench {
                 } else {
                     "–".into()
                 },
+                fmt(moved, 2),
                 match median_s {
                     Some(s) => format!("{:.2}", s * 1e3),
                     None => "skipped".into(),
                 },
+                r.spread()
+                    .map(|v| format!("{:.1}%", v * 100.0))
+                    .unwrap_or_else(|| "–".into()),
                 fmt(queued.map(|s| s * 1e3), 2),
                 fmt(median_s.map(|s| r.workload.tokens() as f64 / s), 1),
                 fmt(median_s.zip(r.plain_s(&self.rows)).map(|(s, p)| s / p), 2),
@@ -837,6 +1013,7 @@ fn run() -> BenchResult<bool> {
         limits: Limits {
             dma_gbps: dma,
             kernel_read_gbps: sm,
+            dma_s_by_size: Vec::new(),
         },
         rows: Vec::new(),
         sections: Vec::new(),
@@ -872,7 +1049,9 @@ fn run() -> BenchResult<bool> {
     println!("kernel read of host-mapped memory (256 MiB): {sm:.1} GB/s");
     println!(
         "bf16 weights; GB = 1e9 bytes; ms/step: one decode step (one token per sequence) or the \
-         whole prefill; bound = max(plain, offloaded bytes / DMA GB/s); efficiency = bound / \
+         whole prefill; spread = (max - min) / median of the samples; moved = bytes the last \
+         sample uploaded or read in place; bound = max(plain, uploaded / DMA GB/s at the \
+         variant's tensor sizes + read in place / kernel-read GB/s); efficiency = bound / \
          measured; uva bound = max(plain, offloaded bytes / kernel-read GB/s)\n"
     );
     print!("{}", bench.table());
@@ -891,13 +1070,14 @@ fn run() -> BenchResult<bool> {
         .count();
     if failed == 0 {
         println!(
-            "\nchecks: the logits of all {checked} measured offloaded variants match the \
-             resident model's (same weights) within {CHECK_TOLERANCE} of the largest |logit|"
+            "\nchecks: the logits of all {checked} measured offloaded variants match: copy the \
+             resident model's (same weights) and uva copy's within {CHECK_TOLERANCE} of the \
+             largest |logit|, prefetch copy's bit for bit"
         );
     } else {
         println!(
-            "\nCHECK FAILED: {failed} of {checked} offloaded variants differ from the resident \
-             model (see the lines above)"
+            "\nCHECK FAILED: {failed} of {checked} offloaded variants differ from their \
+             reference run (see the lines above)"
         );
     }
     let seconds: Vec<String> = bench

@@ -15,7 +15,7 @@ for line in sys.stdin:
         name = m["target"]["name"]
         kind = m["target"]["kind"][0]
         # Only the binaries that need a GPU: the CPU tests run in CI.
-        if kind in ("test", "lib") and name in ("cuda_transfer", "cuda_target", "nvrtc", "burn_offload"):
+        if kind in ("test", "lib") and name in ("cuda_transfer", "cuda_copy_engine", "cuda_target", "nvrtc", "burn_offload"):
             shutil.copy(m["executable"], os.path.join(".gpu/tests", name))
 '
 cargo build --release --features cuda,autotune --example llama --benches --message-format=json 2>/dev/null |

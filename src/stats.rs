@@ -25,6 +25,9 @@ pub struct OpStats {
     pub transient_upload_bytes: u64,
     /// Ops that read an offloaded tensor in place (zero-copy).
     pub zero_copy_ops: u64,
+    /// Host bytes those ops read in place: a matmul's whole weight view, an embedding's
+    /// gathered rows (one per index).
+    pub zero_copy_bytes: u64,
 }
 
 thread_local! {
@@ -34,6 +37,7 @@ thread_local! {
         transient_uploads: 0,
         transient_upload_bytes: 0,
         zero_copy_ops: 0,
+        zero_copy_bytes: 0,
     }) };
 }
 

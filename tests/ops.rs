@@ -156,6 +156,12 @@ fn check(case: &Case, on_host: bool, stats: OpStats, got: &TensorData, expected:
         zero_copy,
         "{ctx}: zero-copy path taken? {stats:?}"
     );
+    if !zero_copy {
+        assert_eq!(
+            stats.zero_copy_bytes, 0,
+            "{ctx}: nothing read in place: {stats:?}"
+        );
+    }
     let host_out = (case.rule.host_out)(p);
     assert_eq!(on_host, host_out, "{ctx}: is the result offloaded?");
     // Every offloaded input is either viewed, read in place (one input), or copied.

@@ -327,7 +327,11 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         let lhs = match Self::read_path(rhs, OpKind::Matmul { rows }) {
             ReadPath::InPlace => match B::host_matmul(lhs, rhs.host()) {
                 Ok(out) => {
-                    record(|s| s.zero_copy_ops += 1);
+                    let bytes = rhs.host().size_bytes() as u64;
+                    record(|s| {
+                        s.zero_copy_ops += 1;
+                        s.zero_copy_bytes += bytes;
+                    });
                     return out;
                 }
                 Err(lhs) => lhs,

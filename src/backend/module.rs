@@ -14,13 +14,21 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
         match weights {
             OffloadTensor::Offloaded(w) => {
                 let indices = match Self::read_path(&w, OpKind::Embedding) {
-                    ReadPath::InPlace => match B::host_embedding(w.host(), indices) {
-                        Ok(out) => {
-                            record(|s| s.zero_copy_ops += 1);
-                            return Self::resident(out);
+                    ReadPath::InPlace => {
+                        let dims = w.host().dims();
+                        let row_bytes = dims.get(1).copied().unwrap_or(1) * w.host().dtype().size();
+                        let bytes = (indices.shape().num_elements() * row_bytes) as u64;
+                        match B::host_embedding(w.host(), indices) {
+                            Ok(out) => {
+                                record(|s| {
+                                    s.zero_copy_ops += 1;
+                                    s.zero_copy_bytes += bytes;
+                                });
+                                return Self::resident(out);
+                            }
+                            Err(indices) => indices,
                         }
-                        Err(indices) => indices,
-                    },
+                    }
                     ReadPath::Copy | ReadPath::PrefetchedCopy => indices,
                 };
                 Self::resident(B::embedding(Self::upload(&w), indices))
