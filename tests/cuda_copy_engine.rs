@@ -16,23 +16,11 @@ use burn_offload::copy::{CopyEngine, CopySource, Region};
 use burn_offload::cuda::copy_streams::{BatchPath, CudaCopyStreams};
 use burn_offload::cuda::{self, kernel};
 use burn_offload::{CudaBackend, HostBuffer};
-use common::gpu::gpu;
+use common::gpu::{gpu, pattern, pinned_with};
 use cubecl::Runtime;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 
 const MIB: usize = 1 << 20;
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i % 251) as u8).wrapping_mul(7).wrapping_add(seed))
-        .collect()
-}
-
-fn pinned_with(device: &CudaDevice, data: &[u8]) -> Arc<HostBuffer> {
-    let mut buffer = cuda::alloc_pinned(device.index, data.len()).expect("pinned allocation");
-    buffer.as_mut_slice().copy_from_slice(data);
-    Arc::new(buffer)
-}
 
 /// Fills 12 weights (1..6 MiB and odd sizes) 3 times through a 16 MiB ring in groups of 2 on
 /// a filler thread; this thread acquires each region, copies it out with a kernel on its

@@ -10,24 +10,10 @@ use std::sync::Arc;
 
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_offload::cuda::{self, CudaError, UploadPath};
-use burn_offload::{CudaBackend, HostBuffer, HostMemoryKind, HostTensor, host_memory_stats};
-use common::gpu::gpu;
+use burn_offload::{CudaBackend, HostBuffer, HostTensor, host_memory_stats};
+use common::gpu::{gpu, pattern, pinned_with};
 use cubecl::Runtime;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
-
-/// A byte pattern that differs at every offset modulo 251 (so shifted copies are caught).
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i % 251) as u8).wrapping_mul(7).wrapping_add(seed))
-        .collect()
-}
-
-fn pinned_with(device: &CudaDevice, data: &[u8]) -> Arc<HostBuffer> {
-    let mut buffer = cuda::alloc_pinned(device.index, data.len()).expect("pinned allocation");
-    assert!(matches!(buffer.kind(), HostMemoryKind::Pinned { .. }));
-    buffer.as_mut_slice().copy_from_slice(data);
-    Arc::new(buffer)
-}
 
 fn pageable_with(data: &[u8]) -> Arc<HostBuffer> {
     let mut buffer = HostBuffer::pageable(data.len()).unwrap();

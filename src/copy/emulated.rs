@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{CopyError, CopyJob, CopyStreams, Region, Wait, reached};
+use super::{CopyError, CopyJob, CopyStreams, Region, RingShape, Wait, reached};
 
 /// Waits to leave out, to check that tests of the protocol can fail.
 #[derive(Debug, Clone, Copy, Default)]
@@ -121,9 +121,7 @@ thread_local! {
 
 /// Streams, flags and ring emulated on the CPU (see the [module docs](self)).
 pub struct EmulatedStreams {
-    capacity: u64,
-    slots: usize,
-    consumers: usize,
+    shape: RingShape,
     memory: Arc<Mutex<Vec<u8>>>,
     flags: Arc<Flags>,
     faults: Faults,
@@ -144,9 +142,12 @@ impl EmulatedStreams {
             shutdown: AtomicUsize::new(0),
         };
         Self {
-            capacity,
-            slots,
-            consumers,
+            shape: RingShape {
+                capacity,
+                slots,
+                consumers,
+                align: 1,
+            },
             memory: Arc::new(Mutex::new(vec![0; capacity as usize])),
             flags: Arc::new(flags),
             faults: Faults::default(),
@@ -215,7 +216,7 @@ impl EmulatedStreams {
     }
 
     fn reader_flag(&self, slot: usize, consumer: usize) -> usize {
-        self.slots + slot * self.consumers + consumer
+        self.shape.slots + slot * self.shape.consumers + consumer
     }
 }
 
@@ -228,16 +229,8 @@ impl Drop for EmulatedStreams {
 }
 
 impl CopyStreams for EmulatedStreams {
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
-    fn slots(&self) -> usize {
-        self.slots
-    }
-
-    fn consumers(&self) -> usize {
-        self.consumers
+    fn shape(&self) -> RingShape {
+        self.shape
     }
 
     fn current_queue(&self) -> u64 {
@@ -256,13 +249,13 @@ impl CopyStreams for EmulatedStreams {
 
     fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
         for job in &jobs {
-            if job.offset + job.source.len() > self.capacity {
+            if job.offset + job.source.len() > self.shape.capacity {
                 return Err(CopyError::Device {
                     reason: format!(
                         "a copy to {}..{} is outside the ring of {} bytes",
                         job.offset,
                         job.offset + job.source.len(),
-                        self.capacity
+                        self.shape.capacity
                     ),
                 });
             }

@@ -159,6 +159,20 @@ impl CopySource {
     }
 }
 
+/// What a [`CopyStreams`] has room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingShape {
+    /// Bytes of the ring.
+    pub capacity: u64,
+    /// Sets of flags (regions live at once).
+    pub slots: usize,
+    /// Op queues the flags have room for (at most 64).
+    pub consumers: usize,
+    /// Every region starts at a multiple of this many bytes (kernels' vector loads; at
+    /// least 1).
+    pub align: u64,
+}
+
 /// One copy of a group: a source and where it goes in the ring.
 #[derive(Debug, Clone)]
 pub struct CopyJob {
@@ -174,16 +188,8 @@ pub struct CopyJob {
 /// Flags are addressed by slot and consumer; `copy_*` calls are made by one thread at a time
 /// (the engine's filler), `op_*` calls on the op thread whose queue they go to.
 pub trait CopyStreams: Send + Sync {
-    /// Bytes of the ring.
-    fn capacity(&self) -> u64;
-    /// Sets of flags (regions live at once).
-    fn slots(&self) -> usize;
-    /// Op queues the flags have room for (at most 64).
-    fn consumers(&self) -> usize;
-    /// Every region starts at a multiple of this many bytes (kernels' vector loads).
-    fn alignment(&self) -> u64 {
-        1
-    }
+    /// The ring's size, its flags and its alignment.
+    fn shape(&self) -> RingShape;
     /// The op queue of the calling thread (CUDA: its CubeCL stream).
     fn current_queue(&self) -> u64;
 
@@ -231,7 +237,8 @@ pub struct CopyEngine<S: CopyStreams> {
 impl<S: CopyStreams> CopyEngine<S> {
     /// An engine over `streams` (its ring, flags and streams).
     pub fn new(streams: S) -> Self {
-        let ring = Ring::new(streams.capacity(), streams.slots(), streams.alignment());
+        let shape = streams.shape();
+        let ring = Ring::new(shape.capacity, shape.slots, shape.align);
         Self {
             streams,
             state: Mutex::new(State {
@@ -258,7 +265,7 @@ impl<S: CopyStreams> CopyEngine<S> {
     /// released; [`CopyError::Closed`] if the engine is closed meanwhile.
     pub fn fill(&self, sources: Vec<CopySource>) -> Result<Vec<Region>, CopyError> {
         let _filling = self.filling.lock().unwrap_or_else(|e| e.into_inner());
-        let capacity = self.streams.capacity();
+        let capacity = self.streams.shape().capacity;
         if let Some(s) = sources.iter().find(|s| s.len() > capacity) {
             return Err(CopyError::TooLarge {
                 bytes: s.len(),
@@ -337,7 +344,7 @@ impl<S: CopyStreams> CopyEngine<S> {
         if let Some(&c) = st.consumers.get(&queue) {
             return Ok(c);
         }
-        let max = self.streams.consumers().min(64);
+        let max = self.streams.shape().consumers.min(64);
         if next >= max {
             return Err(CopyError::TooManyConsumers { max });
         }

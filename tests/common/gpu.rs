@@ -6,10 +6,25 @@
 //! capture, so it shows without `--nocapture`.
 
 use std::io::Write;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
-use burn_offload::cuda;
+use burn_offload::{HostBuffer, HostMemoryKind, cuda};
 use cubecl::cuda::CudaDevice;
+
+/// A byte pattern that differs at every offset modulo 251 (so shifted copies are caught).
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i % 251) as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
+}
+
+/// Pinned, device-mapped host memory holding `data`.
+pub fn pinned_with(device: &CudaDevice, data: &[u8]) -> Arc<HostBuffer> {
+    let mut buffer = cuda::alloc_pinned(device.index, data.len()).expect("pinned allocation");
+    assert!(matches!(buffer.kind(), HostMemoryKind::Pinned { .. }));
+    buffer.as_mut_slice().copy_from_slice(data);
+    Arc::new(buffer)
+}
 
 /// Held for the length of a GPU test: the lock that serialises the GPU tests of a file (they
 /// share one device, its offload mode and the process-wide pinned byte counters). When the

@@ -30,7 +30,7 @@ use cudarc::driver::sys;
 
 use super::kernel::{RawKernel, launch_raw};
 use super::{CudaError, driver, pinned};
-use crate::copy::{CopyError, CopyJob, CopyStreams, Region, Wait, reached};
+use crate::copy::{CopyError, CopyJob, CopyStreams, Region, RingShape, Wait, reached};
 use crate::host::HostBuffer;
 
 /// The source of `src/inner/cuda/kernels/flags.cu`.
@@ -161,9 +161,7 @@ struct InFlight {
 /// The CUDA streams, ring and flags of a copy engine (see the [module docs](self)).
 pub struct CudaCopyStreams {
     device: CudaDevice,
-    capacity: u64,
-    slots: usize,
-    consumers: usize,
+    shape: RingShape,
     stream: OwnStream,
     /// The ring: one CubeCL buffer, held for the engine's life.
     ring: Handle,
@@ -231,9 +229,12 @@ impl CudaCopyStreams {
         drop(ctx);
         Ok(Self {
             device: device.clone(),
-            capacity,
-            slots,
-            consumers,
+            shape: RingShape {
+                capacity,
+                slots,
+                consumers,
+                align: RING_ALIGN,
+            },
             stream,
             ring,
             ring_ptr,
@@ -269,13 +270,13 @@ impl CudaCopyStreams {
     /// The ring's bytes of `region` as a CubeCL handle (a view of the ring's buffer).
     pub fn handle(&self, region: &Region) -> Result<Handle, CopyError> {
         let end = region.offset.checked_add(region.len);
-        if end.is_none_or(|end| end > self.capacity) {
+        if end.is_none_or(|end| end > self.shape.capacity) {
             return Err(CopyError::Device {
                 reason: format!(
                     "region {}..{} is outside the ring of {} bytes",
                     region.offset,
                     region.offset.saturating_add(region.len),
-                    self.capacity
+                    self.shape.capacity
                 ),
             });
         }
@@ -325,15 +326,15 @@ impl CudaCopyStreams {
     }
 
     fn reader_done(&self, slot: usize, consumer: usize) -> u64 {
-        self.flags.ptr + 4 * (self.slots + slot * self.consumers + consumer) as u64
+        self.flags.ptr + 4 * (self.shape.slots + slot * self.shape.consumers + consumer) as u64
     }
 
     fn check_slot(&self, slot: usize, consumer: usize) -> Result<(), CopyError> {
-        if slot >= self.slots || consumer >= self.consumers {
+        if slot >= self.shape.slots || consumer >= self.shape.consumers {
             return Err(CopyError::Device {
                 reason: format!(
                     "flag ({slot}, {consumer}) outside {} slots x {} consumers",
-                    self.slots, self.consumers
+                    self.shape.slots, self.shape.consumers
                 ),
             });
         }
@@ -369,20 +370,8 @@ impl CudaCopyStreams {
 }
 
 impl CopyStreams for CudaCopyStreams {
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-
-    fn slots(&self) -> usize {
-        self.slots
-    }
-
-    fn consumers(&self) -> usize {
-        self.consumers
-    }
-
-    fn alignment(&self) -> u64 {
-        RING_ALIGN
+    fn shape(&self) -> RingShape {
+        self.shape
     }
 
     fn current_queue(&self) -> u64 {
@@ -409,13 +398,13 @@ impl CopyStreams for CudaCopyStreams {
     fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
         for job in &jobs {
             let end = job.offset.checked_add(job.source.len());
-            if end.is_none_or(|end| end > self.capacity) {
+            if end.is_none_or(|end| end > self.shape.capacity) {
                 return Err(CopyError::Device {
                     reason: format!(
                         "a copy of {} bytes to offset {} is outside the ring of {} bytes",
                         job.source.len(),
                         job.offset,
-                        self.capacity
+                        self.shape.capacity
                     ),
                 });
             }
