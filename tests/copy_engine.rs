@@ -60,12 +60,15 @@ fn op_thread(
             engine.acquire(&region).unwrap();
             let expected = weights[w].clone();
             let seen = seen.clone();
-            engine.streams().read(&region, pause, move |bytes| {
-                seen.reads.fetch_add(1, Ordering::AcqRel);
-                if bytes != expected.as_slice() {
-                    seen.wrong.fetch_add(1, Ordering::AcqRel);
-                }
-            });
+            engine
+                .streams()
+                .read(&region, pause, move |bytes| {
+                    seen.reads.fetch_add(1, Ordering::AcqRel);
+                    if bytes != expected.as_slice() {
+                        seen.wrong.fetch_add(1, Ordering::AcqRel);
+                    }
+                })
+                .unwrap();
             engine.release(&region).unwrap();
             regions.push(region);
         }
@@ -253,9 +256,12 @@ fn an_order_change_discards_what_was_not_taken() {
             engine.acquire(&r).unwrap();
             let expected = weights[w].clone();
             let (done_tx, done_rx) = channel();
-            engine.streams().read(&r, Duration::ZERO, move |bytes| {
-                done_tx.send(bytes == expected.as_slice()).unwrap();
-            });
+            engine
+                .streams()
+                .read(&r, Duration::ZERO, move |bytes| {
+                    done_tx.send(bytes == expected.as_slice()).unwrap();
+                })
+                .unwrap();
             engine.release(&r).unwrap();
             wrong += usize::from(!done_rx.recv().unwrap());
         }
@@ -332,7 +338,8 @@ fn copies_in_flight_keep_their_sources_until_they_land() {
     let (tx, rx) = channel();
     engine
         .streams()
-        .read(&r, Duration::ZERO, move |b| tx.send(b[7]).unwrap());
+        .read(&r, Duration::ZERO, move |b| tx.send(b[7]).unwrap())
+        .unwrap();
     engine.release(&r).unwrap();
     // Weight 0's pattern at byte 7: (0 * 31 + 7 * 7 + 1) % 251.
     assert_eq!(rx.recv().unwrap(), 50);

@@ -9,7 +9,7 @@
 //! is broken.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -95,13 +95,13 @@ struct Flags {
     values: Mutex<Vec<u32>>,
     changed: Condvar,
     /// Set when the streams are dropped: waits give up so the threads can end.
-    shutdown: AtomicUsize,
+    shutdown: AtomicBool,
 }
 
 impl Flags {
     fn wait(&self, index: usize, value: u32) {
         let mut values = lock(&self.values);
-        while !reached(values[index], value) && self.shutdown.load(Ordering::Acquire) == 0 {
+        while !reached(values[index], value) && !self.shutdown.load(Ordering::Acquire) {
             values = self.changed.wait(values).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -136,18 +136,19 @@ pub struct EmulatedStreams {
 impl EmulatedStreams {
     /// A ring of `capacity` bytes, `slots` sets of flags, room for `consumers` op threads.
     pub fn new(capacity: u64, slots: usize, consumers: usize) -> Self {
+        let shape = RingShape {
+            capacity,
+            slots,
+            consumers,
+            align: 1,
+        };
         let flags = Flags {
-            values: Mutex::new(vec![0; slots * (1 + consumers)]),
+            values: Mutex::new(vec![0; shape.flag_words()]),
             changed: Condvar::new(),
-            shutdown: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
         };
         Self {
-            shape: RingShape {
-                capacity,
-                slots,
-                consumers,
-                align: 1,
-            },
+            shape,
             memory: Arc::new(Mutex::new(vec![0; capacity as usize])),
             flags: Arc::new(flags),
             faults: Faults::default(),
@@ -189,13 +190,15 @@ impl EmulatedStreams {
     }
 
     /// An emulated kernel on the calling thread's op stream that reads `region` (half, then a
-    /// pause of `pause`, then the other half) and hands the bytes to `done`.
+    /// pause of `pause`, then the other half) and hands the bytes to `done`; refused before it
+    /// is queued if the region does not lie inside the ring.
     pub fn read(
         &self,
         region: &Region,
         pause: Duration,
         done: impl FnOnce(Vec<u8>) + Send + 'static,
-    ) {
+    ) -> Result<(), CopyError> {
+        self.shape.check_span(region.offset, region.len)?;
         let memory = self.memory.clone();
         let (start, len) = (region.offset as usize, region.len as usize);
         self.op_stream().enqueue(move || {
@@ -204,6 +207,7 @@ impl EmulatedStreams {
             bytes.extend_from_slice(&lock(&memory)[start + len / 2..start + len]);
             done(bytes);
         });
+        Ok(())
     }
 
     /// Waits until every stream has run all its queued work.
@@ -214,16 +218,12 @@ impl EmulatedStreams {
             s.drain();
         }
     }
-
-    fn reader_flag(&self, slot: usize, consumer: usize) -> usize {
-        self.shape.slots + slot * self.shape.consumers + consumer
-    }
 }
 
 impl Drop for EmulatedStreams {
     fn drop(&mut self) {
         // Queued copies still run (they hold their sources); waits no longer block.
-        self.flags.shutdown.store(1, Ordering::Release);
+        self.flags.shutdown.store(true, Ordering::Release);
         self.flags.changed.notify_all();
     }
 }
@@ -241,24 +241,15 @@ impl CopyStreams for EmulatedStreams {
         if self.faults.skip_copy_wait {
             return Ok(());
         }
+        let index = self.shape.reader_flag(wait.slot, wait.consumer)?;
         let flags = self.flags.clone();
-        let index = self.reader_flag(wait.slot, wait.consumer);
         self.copy.enqueue(move || flags.wait(index, wait.value));
         Ok(())
     }
 
     fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
         for job in &jobs {
-            if job.offset + job.source.len() > self.shape.capacity {
-                return Err(CopyError::Device {
-                    reason: format!(
-                        "a copy to {}..{} is outside the ring of {} bytes",
-                        job.offset,
-                        job.offset + job.source.len(),
-                        self.shape.capacity
-                    ),
-                });
-            }
+            self.shape.check_span(job.offset, job.source.len())?;
         }
         self.batches.fetch_add(1, Ordering::AcqRel);
         let memory = self.memory.clone();
@@ -275,23 +266,25 @@ impl CopyStreams for EmulatedStreams {
     }
 
     fn copy_signal(&self, slot: usize, value: u32) -> Result<(), CopyError> {
+        let index = self.shape.copy_flag(slot)?;
         let flags = self.flags.clone();
-        self.copy.enqueue(move || flags.set(slot, value));
+        self.copy.enqueue(move || flags.set(index, value));
         Ok(())
     }
 
     fn op_wait(&self, slot: usize, value: u32) -> Result<(), CopyError> {
+        let index = self.shape.copy_flag(slot)?;
         if self.faults.skip_op_wait {
             return Ok(());
         }
         let flags = self.flags.clone();
-        self.op_stream().enqueue(move || flags.wait(slot, value));
+        self.op_stream().enqueue(move || flags.wait(index, value));
         Ok(())
     }
 
     fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
+        let index = self.shape.reader_flag(slot, consumer)?;
         let flags = self.flags.clone();
-        let index = self.reader_flag(slot, consumer);
         self.op_stream().enqueue(move || flags.set(index, value));
         Ok(())
     }

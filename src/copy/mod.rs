@@ -173,6 +173,48 @@ pub struct RingShape {
     pub align: u64,
 }
 
+impl RingShape {
+    /// Words of flags: `copy_done` per slot, then `reader_done` per slot and consumer.
+    pub fn flag_words(&self) -> usize {
+        self.slots * (1 + self.consumers)
+    }
+
+    /// The index of `copy_done[slot]` among the flag words.
+    pub fn copy_flag(&self, slot: usize) -> Result<usize, CopyError> {
+        self.reader_flag(slot, 0).map(|_| slot)
+    }
+
+    /// The index of `reader_done[slot][consumer]` among the flag words.
+    pub fn reader_flag(&self, slot: usize, consumer: usize) -> Result<usize, CopyError> {
+        if slot >= self.slots || consumer >= self.consumers {
+            return Err(CopyError::Device {
+                reason: format!(
+                    "flag ({slot}, {consumer}) outside {} slots x {} consumers",
+                    self.slots, self.consumers
+                ),
+            });
+        }
+        Ok(self.slots + slot * self.consumers + consumer)
+    }
+
+    /// Checks that `len` bytes at `offset` lie inside the ring.
+    pub fn check_span(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.capacity)
+        {
+            return Err(CopyError::Device {
+                reason: format!(
+                    "bytes {offset}..{} are outside the ring of {} bytes",
+                    offset.saturating_add(len),
+                    self.capacity
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// One copy of a group: a source and where it goes in the ring.
 #[derive(Debug, Clone)]
 pub struct CopyJob {
@@ -279,9 +321,7 @@ impl<S: CopyStreams> CopyEngine<S> {
             loop {
                 if st.closed {
                     // Reserved regions of this group were never handed out.
-                    for r in &regions {
-                        let _ = st.ring.discard(r.id);
-                    }
+                    st.ring.discard_all(&regions);
                     return Err(CopyError::Closed);
                 }
                 match st.ring.reserve(source.len()) {
@@ -293,9 +333,7 @@ impl<S: CopyStreams> CopyEngine<S> {
                     Err(Busy::Held(id)) if regions.first().is_some_and(|r| id >= r.id) => {
                         // The group would overwrite itself: it does not fit in the ring
                         // (with the tail a wrap skips).
-                        for r in &regions {
-                            let _ = st.ring.discard(r.id);
-                        }
+                        st.ring.discard_all(&regions);
                         return Err(CopyError::GroupTooLarge {
                             bytes: sources.iter().map(CopySource::len).sum(),
                             capacity,
@@ -328,10 +366,7 @@ impl<S: CopyStreams> CopyEngine<S> {
             Ok(())
         })();
         if let Err(e) = queued {
-            let mut st = self.lock();
-            for r in &regions {
-                let _ = st.ring.discard(r.id);
-            }
+            self.lock().ring.discard_all(&regions);
             return Err(e);
         }
         Ok(regions)

@@ -208,6 +208,13 @@ impl Ring {
             .ok_or(Refused::Unknown)
     }
 
+    fn get(&self, id: u64) -> Result<&Live, Refused> {
+        self.live
+            .iter()
+            .find(|l| l.region.id == id)
+            .ok_or(Refused::Unknown)
+    }
+
     /// `consumer` (below 64) reads region `id` from now on.
     pub fn take(&mut self, id: u64, consumer: usize) -> Result<Region, Refused> {
         let live = self.find(id)?;
@@ -221,22 +228,14 @@ impl Ring {
 
     /// `consumer`'s reads of region `id` are queued, and so is the signal that they are done.
     pub fn release(&mut self, id: u64, consumer: usize) -> Result<(), Refused> {
-        let live = self.find(id)?;
-        if live.taken & (1 << consumer) == 0 {
-            return Err(Refused::NotTaken);
-        }
-        live.released |= 1 << consumer;
+        self.check_taken(id, consumer)?;
+        self.find(id)?.released |= 1 << consumer;
         Ok(())
     }
 
     /// Whether `consumer` took region `id` (and the region is live), without changing anything.
     pub fn check_taken(&self, id: u64, consumer: usize) -> Result<(), Refused> {
-        let live = self
-            .live
-            .iter()
-            .find(|l| l.region.id == id)
-            .ok_or(Refused::Unknown)?;
-        if live.taken & (1 << consumer) == 0 {
+        if self.get(id)?.taken & (1 << consumer) == 0 {
             return Err(Refused::NotTaken);
         }
         Ok(())
@@ -247,6 +246,13 @@ impl Ring {
     pub fn discard(&mut self, id: u64) -> Result<(), Refused> {
         self.find(id)?.discarded = true;
         Ok(())
+    }
+
+    /// Discards each of `regions` that is still live (a group that was never handed out).
+    pub fn discard_all(&mut self, regions: &[Region]) {
+        for r in regions {
+            let _ = self.discard(r.id);
+        }
     }
 
     /// Discards every region no consumer has taken (an order change).

@@ -126,7 +126,8 @@ fn find_batch() -> Batch {
     Batch::Loop
 }
 
-/// A `CUstream` of the engine's own.
+/// A `CUstream` of the engine's own, destroyed on drop (null: leaked, see
+/// [`CudaCopyStreams`]'s `Drop`).
 struct OwnStream(sys::CUstream);
 
 // SAFETY: a CUstream is a driver handle usable from any thread of the process; the engine
@@ -135,9 +136,36 @@ unsafe impl Send for OwnStream {}
 // SAFETY: see `Send`.
 unsafe impl Sync for OwnStream {}
 
-/// Device memory of the flags (`cuMemAlloc`), freed after the device has finished with it.
+impl Drop for OwnStream {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the stream was created by `cuStreamCreate` in the primary context and is
+            // not used after this; its queued work still completes (`cuStreamDestroy`
+            // returns at once and releases the stream once the work is done).
+            unsafe {
+                let _ = sys::cuStreamDestroy_v2(self.0);
+            }
+        }
+    }
+}
+
+/// Device memory of the flags (`cuMemAlloc`), freed on drop (0: leaked). The owner frees it
+/// only once no device work can touch it any more: [`CudaCopyStreams`]'s `Drop` synchronises
+/// the device first, and `new` drops it before any work that uses it was queued.
 struct DeviceWords {
     ptr: sys::CUdeviceptr,
+}
+
+impl Drop for DeviceWords {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by `cuMemAlloc` in the primary context; no device work uses
+            // it any more (see the type's docs).
+            unsafe {
+                let _ = sys::cuMemFree_v2(self.ptr);
+            }
+        }
+    }
 }
 
 fn device_error(e: CudaError) -> CopyError {
@@ -194,9 +222,15 @@ impl CudaCopyStreams {
                 ),
             });
         }
+        let shape = RingShape {
+            capacity,
+            slots,
+            consumers,
+            align: RING_ALIGN,
+        };
         let client = driver::cubecl_client(device)?;
         let ctx = driver::primary_context(device.index)?;
-        let words = slots * (1 + consumers);
+        let words = shape.flag_words();
         let mut flags_ptr: sys::CUdeviceptr = 0;
         // SAFETY: the primary context is current (bound above); `flags_ptr` is a valid
         // out-pointer.
@@ -229,12 +263,7 @@ impl CudaCopyStreams {
         drop(ctx);
         Ok(Self {
             device: device.clone(),
-            shape: RingShape {
-                capacity,
-                slots,
-                consumers,
-                align: RING_ALIGN,
-            },
+            shape,
             stream,
             ring,
             ring_ptr,
@@ -269,17 +298,7 @@ impl CudaCopyStreams {
 
     /// The ring's bytes of `region` as a CubeCL handle (a view of the ring's buffer).
     pub fn handle(&self, region: &Region) -> Result<Handle, CopyError> {
-        let end = region.offset.checked_add(region.len);
-        if end.is_none_or(|end| end > self.shape.capacity) {
-            return Err(CopyError::Device {
-                reason: format!(
-                    "region {}..{} is outside the ring of {} bytes",
-                    region.offset,
-                    region.offset.saturating_add(region.len),
-                    self.shape.capacity
-                ),
-            });
-        }
+        self.shape.check_span(region.offset, region.len)?;
         let tail = self.ring.size() - region.offset - region.len;
         Ok(self
             .ring
@@ -321,24 +340,14 @@ impl CudaCopyStreams {
             .map_err(device_error)
     }
 
-    fn copy_done(&self, slot: usize) -> u64 {
-        self.flags.ptr + 4 * slot as u64
+    /// The device address of `copy_done[slot]` (checked to be a flag word).
+    fn copy_done(&self, slot: usize) -> Result<u64, CopyError> {
+        Ok(self.flags.ptr + 4 * self.shape.copy_flag(slot)? as u64)
     }
 
-    fn reader_done(&self, slot: usize, consumer: usize) -> u64 {
-        self.flags.ptr + 4 * (self.shape.slots + slot * self.shape.consumers + consumer) as u64
-    }
-
-    fn check_slot(&self, slot: usize, consumer: usize) -> Result<(), CopyError> {
-        if slot >= self.shape.slots || consumer >= self.shape.consumers {
-            return Err(CopyError::Device {
-                reason: format!(
-                    "flag ({slot}, {consumer}) outside {} slots x {} consumers",
-                    self.shape.slots, self.shape.consumers
-                ),
-            });
-        }
-        Ok(())
+    /// The device address of `reader_done[slot][consumer]` (checked to be a flag word).
+    fn reader_done(&self, slot: usize, consumer: usize) -> Result<u64, CopyError> {
+        Ok(self.flags.ptr + 4 * self.shape.reader_flag(slot, consumer)? as u64)
     }
 
     fn in_flight(&self) -> MutexGuard<'_, InFlight> {
@@ -353,9 +362,10 @@ impl CudaCopyStreams {
     }
 
     fn launch_flag(&self, kernel: RawKernel, flag: u64, value: u32) -> Result<(), CopyError> {
-        // SAFETY: `flag` is a word of `self.flags` (checked by the callers), which is freed
-        // only after the context has been synchronised (in `Drop`); the params match
-        // `FlagParams` (two u64 words); the kernel touches nothing else.
+        // SAFETY: `flag` is a word of `self.flags` (from `copy_done`/`reader_done`, which
+        // check the index against the flag words), freed only after the context has been
+        // synchronised (in `Drop`); the params match `FlagParams` (two u64 words); the kernel
+        // touches nothing else.
         unsafe {
             launch_raw(
                 &self.device,
@@ -379,9 +389,8 @@ impl CopyStreams for CudaCopyStreams {
     }
 
     fn copy_wait(&self, wait: Wait) -> Result<(), CopyError> {
-        self.check_slot(wait.slot, wait.consumer)?;
+        let flag = self.reader_done(wait.slot, wait.consumer)?;
         self.bind()?;
-        let flag = self.reader_done(wait.slot, wait.consumer);
         // SAFETY: the stream is ours and alive; `flag` is a word of `self.flags`, alive until
         // the stream has been synchronised in `Drop`.
         let result = unsafe {
@@ -397,17 +406,7 @@ impl CopyStreams for CudaCopyStreams {
 
     fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
         for job in &jobs {
-            let end = job.offset.checked_add(job.source.len());
-            if end.is_none_or(|end| end > self.shape.capacity) {
-                return Err(CopyError::Device {
-                    reason: format!(
-                        "a copy of {} bytes to offset {} is outside the ring of {} bytes",
-                        job.source.len(),
-                        job.offset,
-                        self.shape.capacity
-                    ),
-                });
-            }
+            self.shape.check_span(job.offset, job.source.len())?;
         }
         if jobs.is_empty() {
             return Ok(());
@@ -519,7 +518,7 @@ impl CopyStreams for CudaCopyStreams {
     }
 
     fn copy_signal(&self, slot: usize, value: u32) -> Result<(), CopyError> {
-        self.check_slot(slot, 0)?;
+        let flag = self.copy_done(slot)?;
         self.bind()?;
         // SAFETY: the stream is ours; the flag is a word of `self.flags`, alive until the
         // stream has been synchronised in `Drop`. The default flags order the write after the
@@ -527,7 +526,7 @@ impl CopyStreams for CudaCopyStreams {
         let result = unsafe {
             sys::cuStreamWriteValue32_v2(
                 self.stream.0,
-                self.copy_done(slot),
+                flag,
                 value,
                 sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
             )
@@ -536,13 +535,11 @@ impl CopyStreams for CudaCopyStreams {
     }
 
     fn op_wait(&self, slot: usize, value: u32) -> Result<(), CopyError> {
-        self.check_slot(slot, 0)?;
-        self.launch_flag(WAIT_FLAG, self.copy_done(slot), value)
+        self.launch_flag(WAIT_FLAG, self.copy_done(slot)?, value)
     }
 
     fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
-        self.check_slot(slot, consumer)?;
-        self.launch_flag(SET_FLAG, self.reader_done(slot, consumer), value)
+        self.launch_flag(SET_FLAG, self.reader_done(slot, consumer)?, value)
     }
 }
 
@@ -562,14 +559,11 @@ impl Drop for CudaCopyStreams {
         if let Err(e) = synced {
             // Leaking is the only safe choice when the device state is unknown.
             log::warn!("copy engine: could not synchronise the device ({e}); leaking its flags");
+            self.flags.ptr = 0;
+            self.stream.0 = std::ptr::null_mut();
             return;
         }
-        // SAFETY: nothing can use the flags or the stream any more (synchronised above, and
-        // `self` is being dropped).
-        unsafe {
-            let _ = sys::cuMemFree_v2(self.flags.ptr);
-            let _ = sys::cuStreamDestroy_v2(self.stream.0);
-        }
+        // The stream and the flags go with the fields (nothing can use them any more).
         self.in_flight().sources.clear();
     }
 }
