@@ -91,7 +91,7 @@ use burn_offload::{
     OpStats, PrefetchStats, op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
-use cuda_common::{MIB, WARMUP, env_usize, limits, median, timed, timed_queued};
+use cuda_common::{MIB, WARMUP, env_usize, limits, median, median_timed, timed, timed_queued};
 use model::{Cache, Llama, LlamaConfig};
 use serde_json::{Value, json};
 
@@ -311,7 +311,7 @@ fn argmax(row: &[f32]) -> usize {
         .0
 }
 
-fn check(logits: &[f32], reference: &Reference, batch: usize, workload: Workload) -> Check {
+fn check(logits: &[f32], reference: &Reference<'_>, batch: usize, workload: Workload) -> Check {
     let (against, exact, reference) = (
         reference.against,
         reference.exact,
@@ -352,11 +352,11 @@ fn check(logits: &[f32], reference: &Reference, batch: usize, workload: Workload
 }
 
 /// What a variant's logits are checked against.
-struct Reference {
+struct Reference<'a> {
     against: &'static str,
     exact: bool,
     /// Per workload, the last sample's logits.
-    logits: [Vec<f32>; 3],
+    logits: &'a [Vec<f32>; 3],
 }
 
 /// One row of the table (and of the JSON).
@@ -420,20 +420,10 @@ fn dma_by_size(cuda: &CudaDevice, sizes: &[u64]) -> Result<Vec<(u64, f64)>, Cuda
     let host = std::sync::Arc::new(cuda::alloc_pinned(cuda.index, largest)?);
     let mut out = Vec::new();
     for &size in sizes {
-        let mut failed = None;
-        let mut run = || {
-            if let Err(e) = cuda::upload_dma(cuda, &host, 0..size as usize) {
-                failed = Some(e);
-            }
-        };
-        timed(cuda, &mut run)?;
-        let times = (0..3)
-            .map(|_| timed(cuda, &mut run))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        out.push((size, median(times)));
+        let secs = median_timed(cuda, 1, 3, &mut || {
+            cuda::upload_dma(cuda, &host, 0..size as usize).map(drop)
+        })?;
+        out.push((size, secs));
     }
     drop(host);
     cuda::free_upload_sources(cuda)?;
@@ -562,7 +552,7 @@ impl Bench {
         (offloaded_bytes, offloaded_tensors): (u64, usize),
         workload: Workload,
         run: impl FnMut() -> Tensor<Bk, 2>,
-        (reference, dma_gbps): (Option<&Reference>, Option<f64>),
+        (reference, dma_gbps): (Option<&Reference<'_>>, Option<f64>),
     ) -> Result<(), CudaError> {
         let measured = if self.out_of_time() {
             None
@@ -698,12 +688,8 @@ impl Bench {
         let resident: Llama<Off<Plain>> = config.init(&device);
         resident.visit(&mut Materialize);
         let inputs = Inputs::new(&resident, vocab, &device);
-        let resident_reference = Reference {
-            against: "resident",
-            exact: false,
-            logits: Workload::ALL
-                .map(|w| inputs.run(&resident, w).into_data().iter::<f32>().collect()),
-        };
+        let resident_logits: [Vec<f32>; 3] =
+            Workload::ALL.map(|w| inputs.run(&resident, w).into_data().iter::<f32>().collect());
         let (_, report) = OffloadPolicy::from_bytes(0).apply(resident.clone())?;
         let total = report.total_bytes();
         cuda::sync(&cuda)?;
@@ -747,7 +733,8 @@ impl Bench {
             let offloaded = (report.offloaded_bytes(), report.offloaded_tensors());
             let offloaded_sizes: Vec<u64> = report.offloaded().map(|p| p.bytes).collect();
             let dma_gbps = self.limits.dma_gbps_for(&offloaded_sizes);
-            let mut copy_reference: Option<Reference> = None;
+            // The `copy` run's logits, once it has run.
+            let mut copy_logits: Option<[Vec<f32>; 3]> = None;
             println!(
                 "  {}: {:.3} GB in {} of {} tensors offloaded ({:.1} s to move them)",
                 pct(fraction),
@@ -765,21 +752,16 @@ impl Bench {
                 }
                 let model = context.adopt_module(model.clone());
                 let is_copy = mode == OffloadMode::Copy;
-                let reference = match (&copy_reference, mode) {
-                    (Some(copy), OffloadMode::Prefetch { .. }) => Reference {
+                let reference = match (&copy_logits, mode) {
+                    (Some(logits), OffloadMode::Prefetch { .. } | OffloadMode::Uva) => Reference {
                         against: "copy",
-                        exact: true,
-                        logits: copy.logits.clone(),
-                    },
-                    (Some(copy), OffloadMode::Uva) => Reference {
-                        against: "copy",
-                        exact: false,
-                        logits: copy.logits.clone(),
+                        exact: matches!(mode, OffloadMode::Prefetch { .. }),
+                        logits,
                     },
                     _ => Reference {
                         against: "resident",
                         exact: false,
-                        logits: resident_reference.logits.clone(),
+                        logits: &resident_logits,
                     },
                 };
                 let (variant, mode) = variant_name(fraction, mode);
@@ -798,13 +780,10 @@ impl Bench {
                 if is_copy {
                     let rows = &self.rows[first..];
                     if rows.iter().all(|r| r.measured.is_some()) {
-                        copy_reference = Some(Reference {
-                            against: "copy",
-                            exact: false,
-                            logits: [0, 1, 2].map(|i| {
+                        copy_logits =
+                            Some([0, 1, 2].map(|i| {
                                 rows[i].measured.as_ref().expect("checked").logits.clone()
-                            }),
-                        });
+                            }));
                     }
                 }
             }

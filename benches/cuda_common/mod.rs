@@ -52,6 +52,34 @@ pub fn timed_queued(cuda: &CudaDevice, f: &mut dyn FnMut()) -> Result<(f64, f64)
     Ok((queued, start.elapsed().as_secs_f64()))
 }
 
+/// The median seconds ([`timed`]) of `samples` runs of `f` after `warmup` untimed ones; the
+/// first error `f` returned, if any.
+pub fn median_timed(
+    cuda: &CudaDevice,
+    warmup: usize,
+    samples: usize,
+    f: &mut dyn FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    let mut failed = None;
+    let mut run = || {
+        if let Err(e) = f()
+            && failed.is_none()
+        {
+            failed = Some(e);
+        }
+    };
+    for _ in 0..warmup {
+        timed(cuda, &mut run)?;
+    }
+    let times = (0..samples)
+        .map(|_| timed(cuda, &mut run))
+        .collect::<Result<Vec<_>, _>>()?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(median(times)),
+    }
+}
+
 /// GB/s of a pinned host→device DMA (`cuda::upload_dma`, the copy engine) and of a kernel
 /// reading host-mapped memory (`cuda::upload_sm_copy`, what the zero-copy kernels do): 256 MiB,
 /// medians of at least 5 samples after `WARMUP` runs.
@@ -62,29 +90,12 @@ pub fn limits(cuda: &CudaDevice, samples: usize) -> Result<[f64; 2], CudaError> 
         chunk.fill(i as u8);
     }
     let host = Arc::new(host);
-    let secs = |f: &mut dyn FnMut() -> Result<(), CudaError>| -> Result<f64, CudaError> {
-        let mut failed = None;
-        let mut run = || {
-            if let Err(e) = f() {
-                failed = Some(e);
-            }
-        };
-        for _ in 0..WARMUP {
-            timed(cuda, &mut run)?;
-        }
-        let times = (0..samples.max(5))
-            .map(|_| timed(cuda, &mut run))
-            .collect::<Result<Vec<_>, _>>()?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(median(times)),
-        }
-    };
-    let dma = secs(&mut || {
+    let samples = samples.max(5);
+    let dma = median_timed(cuda, WARMUP, samples, &mut || {
         black_box(cuda::upload_dma(cuda, &host, 0..len)?);
         Ok(())
     })?;
-    let sm = secs(&mut || {
+    let sm = median_timed(cuda, WARMUP, samples, &mut || {
         black_box(cuda::upload_sm_copy(cuda, &host, 0..len)?);
         Ok(())
     })?;
