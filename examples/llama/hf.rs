@@ -14,7 +14,7 @@
 //! Architectures: `LlamaForCausalLM` (Llama 2 and 3, `rope_scaling` of type `llama3` or
 //! `linear`, explicit `head_dim`, `attention_bias`, `mlp_bias`, grouped-query attention, tied
 //! or untied head), `MistralForCausalLM` (sliding window) and `Qwen2ForCausalLM` (q/k/v
-//! biases). Hugging Face's rotate-half RoPE is what [`Rope`](crate::model::Rope) computes, so
+//! biases). Hugging Face's rotate-half RoPE is what [`Rope`](super::model::Rope) computes, so
 //! no q/k permutation is needed.
 //!
 //! This lives beside the example's model rather than in the library: it maps checkpoints onto
@@ -38,7 +38,7 @@ use burn_store::{
 };
 use serde_json::Value;
 
-use crate::model::{Llama, LlamaConfig, RopeScaling};
+use super::model::{Llama, LlamaConfig, RopeScaling};
 
 /// What can be wrong with a model directory. Every message names the file, and the tensor
 /// where one is at fault.

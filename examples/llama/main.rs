@@ -24,8 +24,9 @@
 //! whole model would fit too, and samples the device memory in use every 10 ms from before the
 //! model is created to the end of generation, to print its peak.
 
-mod hf;
-mod model;
+// `pub(crate)`: the integration tests include this file as their module `llama` and use both.
+pub(crate) mod hf;
+pub(crate) mod model;
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -217,12 +218,7 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
     match args.device {
-        DeviceKind::Cpu if args.dtype != Dtype::F32 => Err(format!(
-            "--dtype {} needs --device cuda: the CPU target (burn-ndarray) runs in f32",
-            args.dtype
-        )
-        .into()),
-        DeviceKind::Cpu => run_on::<NdArray>(args, NdArrayDevice::Cpu, None),
+        DeviceKind::Cpu => run_cpu(args),
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => {
             use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
@@ -272,6 +268,20 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// `--device cpu`: the run on the CPU reference target (burn-ndarray, f32). The tests (which
+/// run on the CPU) call this, not [`run`], so that the test crate does not build the runs on
+/// the GPU targets that [`run`] can pick.
+fn run_cpu(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
+    if args.dtype != Dtype::F32 {
+        return Err(format!(
+            "--dtype {} needs --device cuda: the CPU target (burn-ndarray) runs in f32",
+            args.dtype
+        )
+        .into());
+    }
+    run_on::<NdArray>(args, NdArrayDevice::Cpu, None)
 }
 
 /// The whole run on the target `T` (`OffloadBackend<T>` on compute device `compute`);
@@ -1224,7 +1234,7 @@ mod tests {
         let args = Args::try_parse_from(["llama", "--offload-gb", "-1"])
             .expect("a negative --offload-gb is a value, not a flag");
         assert_eq!(args.offload_gb, -1.0);
-        let err = run(&args).expect_err("a negative budget").to_string();
+        let err = run_cpu(&args).expect_err("a negative budget").to_string();
         assert!(
             err.starts_with("invalid offload budget -1 GiB: give a finite number of GiB >= 0"),
             "{err}"
@@ -1259,7 +1269,7 @@ mod tests {
             ])
             .unwrap();
             // Exit code failure would mean the offloaded tokens differ from the resident ones.
-            let code = run(&args).unwrap_or_else(|e| panic!("{mode}: {e}"));
+            let code = run_cpu(&args).unwrap_or_else(|e| panic!("{mode}: {e}"));
             assert_eq!(
                 format!("{code:?}"),
                 format!("{:?}", ExitCode::SUCCESS),
@@ -1314,7 +1324,7 @@ mod tests {
             "0",
         ])
         .unwrap();
-        let err = run(&args).expect_err("too small").to_string();
+        let err = run_cpu(&args).expect_err("too small").to_string();
         assert!(
             err.starts_with("the model does not fit a device budget of 10.5 KiB")
                 && err.contains("give a budget of at least"),
@@ -1324,7 +1334,7 @@ mod tests {
         let args = Args::try_parse_from(["llama", "--model", &fixture("qwen2"), "--gpu-budget-gb"])
             .unwrap();
         assert_eq!(args.gpu_budget_gb, Some(None));
-        let err = run(&args).expect_err("no device memory").to_string();
+        let err = run_cpu(&args).expect_err("no device memory").to_string();
         assert!(err.contains("give the GiB to plan for"), "{err}");
     }
 
@@ -1333,7 +1343,7 @@ mod tests {
         // A prompt without a tokenizer.
         let args = Args::try_parse_from(["llama", "--model", &fixture("qwen2"), "--prompt", "hi"])
             .unwrap();
-        let err = run(&args).expect_err("no tokenizer").to_string();
+        let err = run_cpu(&args).expect_err("no tokenizer").to_string();
         assert!(
             err.starts_with("--prompt needs a tokenizer.json in"),
             "{err}"
@@ -1349,7 +1359,7 @@ mod tests {
             "10",
         ])
         .unwrap();
-        let err = run(&args).expect_err("too long").to_string();
+        let err = run_cpu(&args).expect_err("too long").to_string();
         assert!(
             err.contains(
                 "70 positions (prompt + --gen-tokens) exceed the model's max_position_embeddings 64"
@@ -1371,7 +1381,7 @@ mod tests {
         let args =
             Args::try_parse_from(["llama", "--model", dir, "--prompt", "The quick brown fox"])
                 .unwrap();
-        let err = run(&args)
+        let err = run_cpu(&args)
             .expect_err("ids beyond the vocabulary")
             .to_string();
         assert!(
@@ -1380,7 +1390,7 @@ mod tests {
         );
         // Not a model directory.
         let args = Args::try_parse_from(["llama", "--model", env!("CARGO_MANIFEST_DIR")]).unwrap();
-        let err = run(&args).expect_err("no config").to_string();
+        let err = run_cpu(&args).expect_err("no config").to_string();
         assert!(err.contains("config.json"), "{err}");
         // --model and --preset, --gpu-budget-gb and --offload-gb are alternatives.
         assert!(Args::try_parse_from(["llama", "--model", "x", "--preset", "tiny"]).is_err());

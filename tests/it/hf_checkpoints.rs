@@ -4,10 +4,8 @@
 //! two prompts, in `reference.json`). Each is run with every parameter resident and with every
 //! parameter offloaded in each mode, on the CPU target.
 
-#[path = "../examples/llama/hf.rs"]
-mod hf;
-#[path = "../examples/llama/model.rs"]
-mod model;
+use crate::llama::hf;
+use crate::llama::model;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

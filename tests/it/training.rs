@@ -1,9 +1,7 @@
 //! Training with offloaded parameters: `Autodiff<OffloadBackend<NdArray>>` follows
 //! `Autodiff<NdArray>` step for step, and the offloaded parameters stay offloaded.
-//!
-//! The mode is a process-wide per-device setting (set by `apply`), so every test takes `LOCK`.
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
@@ -16,7 +14,7 @@ use burn_offload::{
     op_stats, reset_op_stats,
 };
 use burn_store::ModuleSnapshot;
-use common::{CPU, D_MODEL, D_OUT, Net, SmallMlp, device, lock, placements, require_grads, values};
+use common::{CPU, D_MODEL, D_OUT, Net, SmallMlp, device, placements, require_grads, values};
 
 type Ref = Autodiff<NdArray>;
 type Off = Autodiff<OffloadBackend<NdArray>>;
@@ -317,32 +315,27 @@ const UVA_REL: f32 = 1e-4;
 
 #[test]
 fn net_sgd_copy_matches_reference() {
-    let _guard = lock();
     let report = run_both::<Net<Off>>(net_policy(OffloadMode::Copy), Opt::Sgd, COPY_REL);
     assert_eq!(report.offloaded_tensors(), 9);
 }
 
 #[test]
 fn net_adam_copy_matches_reference() {
-    let _guard = lock();
     run_both::<Net<Off>>(net_policy(OffloadMode::Copy), Opt::Adam, COPY_REL);
 }
 
 #[test]
 fn net_sgd_uva_matches_reference() {
-    let _guard = lock();
     run_both::<Net<Off>>(net_policy(OffloadMode::Uva), Opt::Sgd, UVA_REL);
 }
 
 #[test]
 fn net_adam_uva_matches_reference() {
-    let _guard = lock();
     run_both::<Net<Off>>(net_policy(OffloadMode::Uva), Opt::Adam, UVA_REL);
 }
 
 #[test]
 fn mlp_fully_offloaded_matches_reference() {
-    let _guard = lock();
     for (mode, rel) in [(OffloadMode::Copy, COPY_REL), (OffloadMode::Uva, UVA_REL)] {
         for opt in [Opt::Sgd, Opt::Adam] {
             let report = run_both::<SmallMlp<Off>>(all_policy(mode), opt, rel);
@@ -355,7 +348,6 @@ fn mlp_fully_offloaded_matches_reference() {
 /// broadcast over two leading dims.
 #[test]
 fn rank_3_inputs_match_reference() {
-    let _guard = lock();
     for (mode, rel) in [(OffloadMode::Copy, COPY_REL), (OffloadMode::Uva, UVA_REL)] {
         run_both_rank::<3, Net<Off>>(net_policy(mode), Opt::Adam, rel);
         run_both_rank::<3, SmallMlp<Off>>(all_policy(mode), Opt::Sgd, rel);
@@ -364,7 +356,6 @@ fn rank_3_inputs_match_reference() {
 
 #[test]
 fn mlp_filtered_offload_matches_reference() {
-    let _guard = lock();
     let policy = OffloadPolicy::from_bytes(u64::MAX)
         .params(["fc2", "fc1.weight"])
         .mode(OffloadMode::Copy);
@@ -379,7 +370,6 @@ fn mlp_filtered_offload_matches_reference() {
 /// one `keep_offloaded` call puts them back, values untouched.
 #[test]
 fn keep_offloaded_restores_placement_after_a_plain_step() {
-    let _guard = lock();
     let (reference, model, report) = models::<Net<Off>>(&net_policy(OffloadMode::Copy));
     let mut optim = AdamConfig::new().init::<Off, Net<Off>>();
     let mut ref_optim = AdamConfig::new().init::<Ref, Net<Ref>>();
@@ -423,7 +413,6 @@ fn keep_offloaded_restores_placement_after_a_plain_step() {
 /// backward pass leaves the parameters in host memory.
 #[test]
 fn offloaded_weights_get_reference_gradients() {
-    let _guard = lock();
     for (mode, rel) in [(OffloadMode::Copy, COPY_REL), (OffloadMode::Uva, UVA_REL)] {
         let (reference, model, report) = models::<SmallMlp<Off>>(&all_policy(mode));
         let (x, y) = inputs();
@@ -474,7 +463,6 @@ fn offloaded_weights_get_reference_gradients() {
 /// Frozen parameters stay frozen when a policy moves them, lazy or initialised.
 #[test]
 fn frozen_params_stay_frozen() {
-    let _guard = lock();
     let policy = all_policy(OffloadMode::Copy);
 
     // `Param::set_require_grad` keeps a lazy parameter lazy (`Module::no_grad` would

@@ -16,10 +16,9 @@
 //! `BURN_OFFLOAD_REQUIRE_GPU=1` (see `common::gpu`). The offload mode is global per device, so
 //! the tests run one at a time (the guard of `common::gpu` holds a lock).
 
-#[path = "../examples/llama/model.rs"]
-mod model;
+use crate::llama::model;
 
-mod common;
+use crate::common;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -52,7 +51,7 @@ const MODES: [OffloadMode; 2] = [OffloadMode::Uva, OffloadMode::Copy];
 /// The GPU and its guard (see `common::gpu`), configured for `uva` with pinned memory. Refuses
 /// the environment switches that override the mode or pinning these tests choose.
 fn gpu(test: &str) -> Option<(CudaDevice, common::gpu::GpuGuard)> {
-    let found = common::gpu::gpu(test)?;
+    let found = common::gpu::gpu(module_path!(), test)?;
     assert!(
         effective_mode(OffloadMode::Uva) == OffloadMode::Uva && effective_pin_memory(true),
         "{test}: unset {ENV_DISABLE_UVA} and {ENV_DISABLE_PIN_MEMORY} to run these tests"

@@ -2,9 +2,10 @@
 //! measurement (rows and weight size), copies are prefetched where the calibration says
 //! copies overlap compute, and results never change.
 //!
-//! The calibration cache is process-wide per device (the hardware's): every test takes `lock()`.
+//! The calibration cache is process-wide per device (the hardware's): the tests that clear or
+//! set it run in a process of their own (`own_process!`).
 
-mod common;
+use crate::common;
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -15,7 +16,11 @@ use burn_offload::auto::{Calibration, RowRate, calibration, clear_calibration, s
 use burn_offload::{
     OffloadContext, OffloadDevice, OffloadMode, OffloadPolicy, op_stats, reset_op_stats,
 };
-use common::{B, CPU, device, lock};
+use common::{B, CPU, device};
+
+/// Why the tests that start with `own_process!` need a process of their own.
+const OWN_PROCESS: &str =
+    "the calibration cache is the process's: these tests clear and set the CPU's";
 
 fn host() -> OffloadDevice<burn::backend::ndarray::NdArrayDevice> {
     OffloadDevice::host(CPU)
@@ -77,7 +82,7 @@ fn run(rows: usize, k: usize, n: usize) -> (bool, f32) {
 
 #[test]
 fn apply_measures_the_device_once_in_auto_mode() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     clear_calibration(&CPU);
     let model: Linear<B> = LinearConfig::new(64, 64).init(&device());
     let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
@@ -135,7 +140,7 @@ fn auto_reads_in_place_where_the_calibration_predicts_it_faster() {
 
 #[test]
 fn auto_prefetches_copies_where_copies_overlap_compute() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let model: Linear<B> = LinearConfig::new(32, 48).init(&device());
     let (model, _) = OffloadPolicy::from_bytes(u64::MAX)
         .mode(OffloadMode::Copy)

@@ -10,7 +10,7 @@
 //!   in `Prefetch` mode only for `embedding`);
 //! - views of offloaded tensors stay offloaded and make no transient copy.
 
-mod common;
+use crate::common;
 
 use burn::backend::{Autodiff, NdArray, ndarray::NdArrayDevice};
 use burn::tensor::activation::{gelu, log_softmax, relu, sigmoid, silu, softmax};

@@ -1,5 +1,6 @@
 //! Shared test fixtures: a small model with known parameter sizes and visitors that read back
-//! where each parameter lives.
+//! where each parameter lives; tests that run in a process of their own ([`process`]); the GPU
+//! tests' device and guard ([`gpu`]).
 #![allow(dead_code)]
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -10,6 +11,9 @@ use burn_offload::OffloadDevice;
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod process;
+
+pub(crate) use process::own_process;
 
 /// The CPU device.
 pub const CPU: burn::backend::ndarray::NdArrayDevice = burn::backend::ndarray::NdArrayDevice::Cpu;
@@ -20,14 +24,6 @@ pub type B = burn_offload::OffloadBackend<burn::backend::NdArray>;
 /// `Device(CPU)`: where models are initialised.
 pub fn device() -> OffloadDevice<burn::backend::ndarray::NdArrayDevice> {
     OffloadDevice::Device(CPU)
-}
-
-static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Serialises the tests of one file that read process-wide state (the per-device mode, host
-/// memory counters).
-pub fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub const D_MODEL: usize = 8;

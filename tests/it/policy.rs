@@ -1,6 +1,6 @@
 //! `OffloadPolicy`: vLLM's segment matching, the budget walk, the report and every bad input.
 
-mod common;
+use crate::common;
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
@@ -913,7 +913,7 @@ fn policies_round_trip_through_serde_in_every_mode() {
     }
 }
 
-/// `(target, message)` of every warning logged in this test binary.
+/// `(target, message)` of every warning logged in this process.
 static LOGGED_WARNINGS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
 
 struct WarningCapture;
@@ -935,7 +935,8 @@ impl log::Log for WarningCapture {
 
 #[test]
 fn report_warnings_are_logged_under_their_own_target() {
-    // The only logger of this test binary; other tests' warnings are told apart by the filter.
+    common::own_process!("installs the process's logger (there is one per process)");
+    // The only logger of this process; other warnings are told apart by the filter.
     log::set_logger(&WarningCapture).unwrap();
     log::set_max_level(log::LevelFilter::Warn);
     let filter = "only_in_the_log_target_test";

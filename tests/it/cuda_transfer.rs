@@ -4,7 +4,7 @@
 //! Every GPU test skips with a printed reason when there is no CUDA driver or device, unless
 //! `BURN_OFFLOAD_REQUIRE_GPU=1` (see `common::gpu`).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -62,7 +62,8 @@ fn probe_reports_a_reason_and_never_panics() {
 
 #[test]
 fn stream_read_kernel_copies_pinned_memory() {
-    let Some((device, _gpu)) = gpu("stream_read_kernel_copies_pinned_memory") else {
+    let Some((device, _gpu)) = gpu(module_path!(), "stream_read_kernel_copies_pinned_memory")
+    else {
         return;
     };
     let data = pattern(BUFFER_LEN, 11);
@@ -82,7 +83,10 @@ fn stream_read_kernel_copies_pinned_memory() {
 
 #[test]
 fn dma_upload_copies_pinned_and_pageable_memory() {
-    let Some((device, _gpu)) = gpu("dma_upload_copies_pinned_and_pageable_memory") else {
+    let Some((device, _gpu)) = gpu(
+        module_path!(),
+        "dma_upload_copies_pinned_and_pageable_memory",
+    ) else {
         return;
     };
     let data = pattern(BUFFER_LEN, 29);
@@ -103,7 +107,8 @@ fn dma_upload_copies_pinned_and_pageable_memory() {
 
 #[test]
 fn device_copy_kernel_copies_device_buffers() {
-    let Some((device, _gpu)) = gpu("device_copy_kernel_copies_device_buffers") else {
+    let Some((device, _gpu)) = gpu(module_path!(), "device_copy_kernel_copies_device_buffers")
+    else {
         return;
     };
     let data = pattern(1 << 20, 3);
@@ -122,7 +127,8 @@ fn device_copy_kernel_copies_device_buffers() {
 
 #[test]
 fn uploads_then_burn_ops_without_host_sync() {
-    let Some((device, _gpu)) = gpu("uploads_then_burn_ops_without_host_sync") else {
+    let Some((device, _gpu)) = gpu(module_path!(), "uploads_then_burn_ops_without_host_sync")
+    else {
         return;
     };
     let values: Vec<f32> = (0..4 * 1000).map(|i| i as f32 * 0.25 - 100.0).collect();
@@ -169,7 +175,8 @@ fn uploads_then_burn_ops_without_host_sync() {
 
 #[test]
 fn pinned_counters_return_to_zero_after_drop() {
-    let Some((device, _gpu)) = gpu("pinned_counters_return_to_zero_after_drop") else {
+    let Some((device, _gpu)) = gpu(module_path!(), "pinned_counters_return_to_zero_after_drop")
+    else {
         return;
     };
     // Earlier tests may have left upload sources in CubeCL's drop queue of *their* threads;

@@ -1,5 +1,7 @@
 //! Burn's per-device settings hold for both placements of a device. Settings can only be made
-//! before the device's first tensor, so this is its own test binary with a single test.
+//! before the device's first tensor, so the test runs in a process of its own.
+
+use crate::common;
 
 use burn::backend::NdArray;
 use burn::prelude::*;
@@ -11,6 +13,7 @@ const CPU: burn::backend::ndarray::NdArrayDevice = burn::backend::ndarray::NdArr
 
 #[test]
 fn per_device_settings_hold_for_both_placements() {
+    common::own_process!("Burn takes a device's settings only before its first tensor");
     // Both placements are one device to Burn: settings made for one apply to the other.
     let host = OffloadDevice::Host(CPU);
     let resident = OffloadDevice::Device(CPU);

@@ -1,5 +1,7 @@
 //! The environment switches. Environment variables (and the logger that records their
-//! warnings) are process-wide, so this file (its own test binary) has a single test.
+//! warnings) are process-wide, so the test runs in a process of its own.
+
+use crate::common;
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
@@ -90,10 +92,11 @@ fn run_prefetch_embedding() -> (OffloadMode, u64, u64) {
 
 #[test]
 fn environment_switches_override_the_policy() {
+    common::own_process!("sets environment variables and installs the process's logger");
     let cpu = NdArrayDevice::Cpu;
     log::set_logger(&Capture).unwrap();
     log::set_max_level(log::LevelFilter::Warn);
-    // SAFETY: this is the only test in this binary, so no other thread reads the environment.
+    // SAFETY: this test runs alone in its own process, so no other thread reads the environment.
     unsafe {
         std::env::remove_var(ENV_DISABLE_UVA);
         std::env::remove_var(ENV_DISABLE_PIN_MEMORY);

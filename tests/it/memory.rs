@@ -1,10 +1,10 @@
 //! Host memory accounting: exact-size allocations, and nothing left alive after models,
 //! views and ops are dropped.
 //!
-//! `host_memory_stats` (and the per-device mode) are process-wide, so every test here takes
-//! `LOCK`; each `tests/*.rs` file is its own process, so other files do not interfere.
+//! `host_memory_stats` is process-wide, so every test here runs in a process of its own
+//! (`own_process!`): no other test allocates or frees host memory beside it.
 
-mod common;
+use crate::common;
 
 use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
@@ -15,7 +15,10 @@ use burn_offload::{
     HostMemoryStats, OffloadContext, OffloadDevice, OffloadMode, OffloadOptimizer, OffloadPolicy,
     host_memory_stats, op_stats, reset_op_stats,
 };
-use common::{B, CPU, NET_BYTES, Net, device, lock, placements, values};
+use common::{B, CPU, NET_BYTES, Net, device, placements, values};
+
+/// Why the tests that start with `own_process!` need a process of their own.
+const OWN_PROCESS: &str = "host_memory_stats counts every host buffer in the process";
 
 fn host() -> OffloadDevice<NdArrayDevice> {
     OffloadDevice::Host(CPU)
@@ -36,7 +39,7 @@ fn iota(n: usize) -> Vec<f32> {
 
 #[test]
 fn allocations_are_exact_size() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let start = host_memory_stats();
 
     let t = Tensor::<B, 1>::from_data(TensorData::new(iota(1000), [1000]), &host());
@@ -93,7 +96,7 @@ fn allocations_are_exact_size() {
 
 #[test]
 fn offloaded_model_is_freed_when_dropped() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let start = host_memory_stats();
 
     // Lazy parameters: nothing until they are initialised.
@@ -140,7 +143,7 @@ fn offloaded_model_is_freed_when_dropped() {
 
 #[test]
 fn views_and_clones_share_the_buffer() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let start = host_memory_stats();
     let data = TensorData::new(iota(24), [2, 3, 4]);
     let t = Tensor::<B, 3>::from_data(data.clone(), &host());
@@ -199,7 +202,7 @@ fn views_and_clones_share_the_buffer() {
 
 #[test]
 fn reshaping_a_non_contiguous_view_makes_a_resident_copy() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let start = host_memory_stats();
     let t = Tensor::<B, 2>::from_data(TensorData::new(iota(12), [3, 4]), &host());
     reset_op_stats();
@@ -218,7 +221,7 @@ fn reshaping_a_non_contiguous_view_makes_a_resident_copy() {
 
 #[test]
 fn ops_with_transient_copies_leave_nothing_behind() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     for mode in [OffloadMode::Copy, OffloadMode::Uva] {
         let start = host_memory_stats();
         let w = OffloadContext::with_mode(mode)
@@ -275,7 +278,7 @@ fn ops_with_transient_copies_leave_nothing_behind() {
 
 #[test]
 fn training_steps_do_not_leak_host_memory() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     type AB = Autodiff<B>;
     let start = host_memory_stats();
     let model = Net::<AB>::new(&device());
@@ -310,7 +313,7 @@ fn training_steps_do_not_leak_host_memory() {
 /// context synchronisation), in every mode that keeps no weak reference to them.
 #[test]
 fn training_steps_reuse_the_host_buffers() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     type AB = Autodiff<B>;
     for mode in [OffloadMode::Uva, OffloadMode::Copy, OffloadMode::Auto] {
         let model = Net::<AB>::new(&device());
@@ -354,7 +357,7 @@ fn training_steps_reuse_the_host_buffers() {
 /// allocates nothing, and initialising leaves nothing in host memory.
 #[test]
 fn lazy_host_params_retargeted_to_the_device_leave_no_host_memory() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let start = host_memory_stats();
     let (model, report) = OffloadPolicy::from_bytes(0)
         .apply(Net::<B>::new(&host()))
@@ -380,7 +383,7 @@ fn lazy_host_params_retargeted_to_the_device_leave_no_host_memory() {
 #[test]
 fn random_init_on_the_host_is_seeded_and_never_touches_the_device() {
     use burn::tensor::backend::Backend as _;
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let shape = [1024, 1100]; // over a million elements: the parallel fill
     let draw = |seed| {
         B::seed(&host(), seed);

@@ -2,14 +2,14 @@
 //! tensors, totals, the failure message), the plan's policy applied, and the predicted decode
 //! step against the measured one on the CPU target.
 
-#[path = "../examples/llama/model.rs"]
-mod model;
+use crate::llama::model;
 
 use std::time::{Duration, Instant};
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
 use burn::tensor::{Int, Tensor, TensorData};
+use burn_offload::auto::{Calibration, RowRate};
 use burn_offload::fit::{DeviceBudget, FitParam, FitPlan, FitPlanner, ParamUse, fit_params};
 use burn_offload::inner::TargetDevice;
 use burn_offload::{OffloadBackend, OffloadDevice, OffloadError, OffloadMode};
@@ -195,34 +195,79 @@ fn decode_step(model: &Llama<B>, steps: usize) -> Duration {
     times[times.len() / 2]
 }
 
+/// The fastest of two calibrations, rate by rate: what the device does when nothing else runs.
+fn fastest(a: Calibration, b: Calibration) -> Calibration {
+    assert_eq!(
+        a.rows.iter().map(|r| r.rows).collect::<Vec<_>>(),
+        b.rows.iter().map(|r| r.rows).collect::<Vec<_>>()
+    );
+    Calibration {
+        upload_latency_s: a.upload_latency_s.min(b.upload_latency_s),
+        upload_bytes_per_s: a.upload_bytes_per_s.max(b.upload_bytes_per_s),
+        rows: a
+            .rows
+            .iter()
+            .zip(&b.rows)
+            .map(|(a, b)| RowRate {
+                rows: a.rows,
+                zero_copy_bytes_per_s: a.zero_copy_bytes_per_s.max(b.zero_copy_bytes_per_s),
+                device_matmul_bytes_per_s: a
+                    .device_matmul_bytes_per_s
+                    .max(b.device_matmul_bytes_per_s),
+            })
+            .collect(),
+        seconds: a.seconds.min(b.seconds),
+        ..a
+    }
+}
+
 /// The prediction is made of weight reads at the calibrated rates; on a model whose weights
 /// dominate a decode step (the `small` preset's shapes, 81 MiB in f32), the measured step is
 /// near it, in uva (read in place) and in copy (copied per use). Seen here: 0.65-0.73x in a
 /// release build (its matrices sit in the CPU's caches more than the 16 MiB calibration
 /// weight), 1.1-1.2x in a debug build; the test allows 0.4-2.5x.
+///
+/// Other tests run beside this one (one process, parallel threads): the calibration and the
+/// steps are measured in turns, three rounds, and each side keeps its fastest round, so that
+/// a busy moment slows neither side alone.
 #[test]
 fn the_predicted_decode_step_is_near_the_measured_one_on_the_cpu() {
     let mut config = LlamaConfig::preset("small").unwrap();
     config.max_seq_len = 32;
-    let calibration = NdArrayDevice::Cpu.calibrate(true).unwrap();
-    for mode in [OffloadMode::Uva, OffloadMode::Copy] {
-        let model: Llama<B> = config.init(&device());
-        let budget = DeviceBudget::new(48 * MIB)
-            .reserve(0)
-            .kv_cache(config.kv_cache_bytes(1, 32, 4))
-            .activations(config.activation_bytes(1, 4, 32, 4));
-        let plan = FitPlanner::new(budget)
-            .mode(mode)
-            .plan(&fit_params(&model, &["embed"]))
-            .unwrap();
-        assert!(plan.offloaded_bytes() > 30 * MIB, "{plan}");
-        let (model, _) = plan.policy().apply(model).unwrap();
-        let predicted = plan.estimate(&calibration, 1);
-        let _warm = decode_step(&model, 2);
+    let runs: Vec<_> = [OffloadMode::Uva, OffloadMode::Copy]
+        .into_iter()
+        .map(|mode| {
+            let model: Llama<B> = config.init(&device());
+            let budget = DeviceBudget::new(48 * MIB)
+                .reserve(0)
+                .kv_cache(config.kv_cache_bytes(1, 32, 4))
+                .activations(config.activation_bytes(1, 4, 32, 4));
+            let plan = FitPlanner::new(budget)
+                .mode(mode)
+                .plan(&fit_params(&model, &["embed"]))
+                .unwrap();
+            assert!(plan.offloaded_bytes() > 30 * MIB, "{plan}");
+            let (model, _) = plan.policy().apply(model).unwrap();
+            let _warm = decode_step(&model, 2);
+            (mode, plan, model)
+        })
+        .collect();
+    let mut calibration: Option<Calibration> = None;
+    let mut measured = vec![f64::INFINITY; runs.len()];
+    for _ in 0..3 {
+        let round = NdArrayDevice::Cpu.calibrate(true).unwrap();
+        calibration = Some(match calibration {
+            Some(best) => fastest(best, round),
+            None => round,
+        });
         // The best of three medians: the bound is about the model, not about a busy machine.
-        let measured = (0..3)
-            .map(|_| decode_step(&model, 5).as_secs_f64())
-            .fold(f64::INFINITY, f64::min);
+        for ((_, _, model), best) in runs.iter().zip(&mut measured) {
+            *best = best.min(decode_step(model, 5).as_secs_f64());
+        }
+    }
+    let calibration = calibration.expect("three rounds");
+    for ((mode, plan, _), measured) in runs.iter().zip(measured) {
+        let predicted = plan.estimate(&calibration, 1);
         let ratio = measured / predicted.seconds;
         println!(
             "{mode}: predicted {predicted}, measured {:.3} ms (ratio {ratio:.2})",

@@ -6,9 +6,8 @@
 //! fused; loading a safetensors file creates offloaded parameters in host memory only;
 //! training follows NdArray and reuses the host buffers; nothing leaks after a model drops.
 //! Skips, saying why, where there is no Vulkan driver.
-#![cfg(feature = "wgpu")]
 
-mod common;
+use crate::common;
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
@@ -39,12 +38,17 @@ const MODES: [OffloadMode; 3] = [
     },
 ];
 
+/// Runs this module's tests one at a time (lavapipe runs one queue anyway).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Why the tests that count host memory need a process of their own.
+const OWN_PROCESS: &str = "host_memory_stats counts every host buffer in the process";
+
 /// `None` where there is no Vulkan driver (the test then returns, printing why); else the lock
-/// that runs this file's tests one at a time: they count process-wide host memory, and
-/// lavapipe runs one queue anyway.
+/// that runs this module's tests one at a time.
 fn start() -> Option<std::sync::MutexGuard<'static, ()>> {
     match burn_offload::wgpu::probe() {
-        Ok(()) => Some(common::lock()),
+        Ok(()) => Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner())),
         Err(reason) => {
             eprintln!("skipped: {reason}");
             None
@@ -303,14 +307,16 @@ fn cat_indexing_and_views() {
     });
 }
 
-/// Two tests that run `check::<Bk>(name)`, one on each wgpu backend.
+/// Two tests that run `check::<Bk>(name)`, one on each wgpu backend; with `own_process`, each
+/// in a process of its own (the parent holds the module's lock while it runs).
 macro_rules! on_both {
-    ($fused:ident, $unfused:ident, $check:ident) => {
+    ($fused:ident, $unfused:ident, $check:ident $(, $own:ident)?) => {
         #[test]
         fn $fused() {
             let Some(_serial) = start() else {
                 return;
             };
+            $(common::$own!(OWN_PROCESS);)?
             $check::<Fused>("OffloadBackend<Wgpu>");
         }
 
@@ -319,6 +325,7 @@ macro_rules! on_both {
             let Some(_serial) = start() else {
                 return;
             };
+            $(common::$own!(OWN_PROCESS);)?
             $check::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
         }
     };
@@ -473,7 +480,8 @@ fn no_leaks<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
 on_both!(
     no_leaks_after_a_model_drops_fused,
     no_leaks_after_a_model_drops_unfused,
-    no_leaks
+    no_leaks,
+    own_process
 );
 
 /// The fused blocks that ran (fuser name, operations) and whether one has a matmul.
@@ -618,7 +626,8 @@ fn training<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
 on_both!(
     training_follows_ndarray_and_reuses_host_buffers_fused,
     training_follows_ndarray_and_reuses_host_buffers_unfused,
-    training
+    training,
+    own_process
 );
 
 /// Two op threads read one prefetch-mode model at once (each its own CubeCL stream and, fused,
@@ -723,5 +732,6 @@ fn safetensors_loading<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
 on_both!(
     safetensors_loads_offloaded_params_into_host_memory_fused,
     safetensors_loads_offloaded_params_into_host_memory_unfused,
-    safetensors_loading
+    safetensors_loading,
+    own_process
 );

@@ -2,7 +2,7 @@
 //! read by its own mode and prefetcher; Burn's own `to_device` and per-device settings keep
 //! placement; the explicit ways to list and undo it.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,7 @@ fn two_models_on_one_device_keep_their_own_modes_and_prefetchers() {
 
 #[test]
 fn applying_again_switches_the_mode_without_copying() {
+    common::own_process!("host_memory_stats counts every host allocation in the process");
     let net = base(3);
     let (net, uva) = offload(&net, OffloadMode::Uva);
     let allocations = burn_offload::host_memory_stats().total_allocations;

@@ -5,7 +5,7 @@
 //! Every GPU test skips with a printed reason when there is no CUDA driver or device, unless
 //! `BURN_OFFLOAD_REQUIRE_GPU=1` (see `common::gpu`).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::mpsc::channel;
@@ -93,7 +93,10 @@ fn cycles(device: &CudaDevice, batched: bool) {
 
 #[test]
 fn batched_copies_reach_their_readers_in_order() {
-    let Some((device, _guard)) = gpu("batched_copies_reach_their_readers_in_order") else {
+    let Some((device, _guard)) = gpu(
+        module_path!(),
+        "batched_copies_reach_their_readers_in_order",
+    ) else {
         return;
     };
     cycles(&device, true);
@@ -101,7 +104,8 @@ fn batched_copies_reach_their_readers_in_order() {
 
 #[test]
 fn looped_copies_reach_their_readers_in_order() {
-    let Some((device, _guard)) = gpu("looped_copies_reach_their_readers_in_order") else {
+    let Some((device, _guard)) = gpu(module_path!(), "looped_copies_reach_their_readers_in_order")
+    else {
         return;
     };
     cycles(&device, false);
@@ -109,7 +113,7 @@ fn looped_copies_reach_their_readers_in_order() {
 
 #[test]
 fn a_burn_op_reads_a_region_as_a_tensor() {
-    let Some((device, _guard)) = gpu("a_burn_op_reads_a_region_as_a_tensor") else {
+    let Some((device, _guard)) = gpu(module_path!(), "a_burn_op_reads_a_region_as_a_tensor") else {
         return;
     };
     type B = CudaBackend<f32>;

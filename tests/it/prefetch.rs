@@ -1,11 +1,13 @@
 //! Prefetch mode: same results as the other modes, prefetched copies used after the first
 //! forward, a changed read order falls back and relearns, the lookahead bound holds, and
 //! nothing outlives the model.
+//!
+//! The tests that read the process-wide counters or count the process's threads run in a
+//! process of their own (`own_process!`).
 
-mod common;
+use crate::common;
 
-#[path = "../examples/llama/model.rs"]
-mod model;
+use crate::llama::model;
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,10 @@ use burn_offload::{
     OffloadError, OffloadMode, OffloadPolicy, PrefetchStats, host_memory_stats, op_stats,
     prefetch_stats, reset_op_stats, reset_prefetch_stats,
 };
-use common::{B, NET_BYTES, Net, device, lock};
+use common::{B, NET_BYTES, Net, device};
+
+/// Why the tests that start with `own_process!` need a process of their own.
+const OWN_PROCESS: &str = "prefetch_stats() sums every model's counters in the process, and the prefetch threads are counted in /proc/self/task";
 
 fn prefetch(lookahead_bytes: u64) -> OffloadMode {
     OffloadMode::Prefetch { lookahead_bytes }
@@ -110,7 +115,7 @@ fn warm() {
 
 #[test]
 fn prefetch_matches_copy_uva_and_resident() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     fresh();
     let base = base();
     let xs = inputs(8);
@@ -164,7 +169,7 @@ fn prefetch_matches_copy_uva_and_resident() {
 
 #[test]
 fn a_changed_order_falls_back_and_relearns() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     fresh();
     let base = base();
     let xs = inputs(4);
@@ -229,7 +234,7 @@ fn a_changed_order_falls_back_and_relearns() {
 
 #[test]
 fn the_lookahead_bound_holds() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     fresh();
     let base = base();
     let xs = inputs(12);
@@ -281,7 +286,7 @@ fn no_prefetch_threads() {
 
 #[test]
 fn nothing_outlives_the_model() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     fresh();
     let before = host_memory_stats();
     {
@@ -309,7 +314,7 @@ fn nothing_outlives_the_model() {
 
 #[test]
 fn the_thread_releases_its_uploads_only_once_the_model_is_gone() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     fresh();
     // A thread of an earlier test may still be releasing on its way out.
     no_prefetch_threads();
@@ -342,7 +347,7 @@ fn the_thread_releases_its_uploads_only_once_the_model_is_gone() {
 
 #[test]
 fn a_model_dropped_while_another_runs_is_released_once() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     fresh();
     no_prefetch_threads();
     let xs = inputs(8);
@@ -379,7 +384,7 @@ fn a_model_dropped_while_another_runs_is_released_once() {
 
 #[test]
 fn llama_greedy_tokens_match_in_prefetch_mode() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     fresh();
     let config = model::LlamaConfig::preset("tiny").unwrap();
     let resident: model::Llama<B> = config.init(&device());

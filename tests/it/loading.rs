@@ -1,9 +1,10 @@
 //! Loading models bigger than device memory: a lazily initialised model gets a policy first,
 //! then its weights are loaded, and offloaded parameters never touch device memory.
 //!
-//! `host_memory_stats` is process-wide, so every test here takes `LOCK`.
+//! `host_memory_stats` is process-wide, so every test here runs in a process of its own
+//! (`own_process!`).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -19,9 +20,11 @@ use burn_offload::{
 };
 use burn_store::{BurnpackStore, ModuleSnapshot, SafetensorsStore};
 use common::{
-    B, CPU, NET_BYTES, NET_PARAMS, Net, assert_same_values, device, init_states, lock, placements,
-    values,
+    B, CPU, NET_BYTES, NET_PARAMS, Net, assert_same_values, device, init_states, placements, values,
 };
+
+/// Why the tests that start with `own_process!` need a process of their own.
+const OWN_PROCESS: &str = "host_memory_stats counts every host buffer in the process";
 
 /// Offloads `layers.0.mlp.*` (1120 bytes) and, as the total is still below the budget,
 /// `layers.1.mlp.up.weight` (512): 5 tensors, 1632 bytes; 880 bytes stay on the device.
@@ -131,7 +134,7 @@ fn check_forward(model: &Net<B>, reference: &Net<NdArray>) {
 
 #[test]
 fn apply_to_a_lazy_model_allocates_nothing() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let (model, _report) = lazy_offloaded_model();
     // Initialising it later creates each parameter on its side directly.
     let before = host_memory_stats();
@@ -155,7 +158,7 @@ fn apply_to_a_lazy_model_allocates_nothing() {
 
 #[test]
 fn safetensors_loads_offloaded_params_into_host_memory() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let (reference, ref_values) = reference();
@@ -182,7 +185,7 @@ fn safetensors_loads_offloaded_params_into_host_memory() {
 
 #[test]
 fn safetensors_from_bytes_loads_offloaded_params_into_host_memory() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let (reference, ref_values) = reference();
     let mut store = SafetensorsStore::from_bytes(None);
     reference.save_into(&mut store).unwrap();
@@ -200,7 +203,7 @@ fn safetensors_from_bytes_loads_offloaded_params_into_host_memory() {
 
 #[test]
 fn burnpack_loads_offloaded_params_into_host_memory() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.bpk");
     let (reference, ref_values) = reference();
@@ -314,7 +317,7 @@ where
 
 #[test]
 fn named_mpk_record_loaded_on_host_then_apply() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let dir = tempfile::tempdir().unwrap();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     load_record_then_apply(&recorder, &dir.path().join("model"));
@@ -322,7 +325,7 @@ fn named_mpk_record_loaded_on_host_then_apply() {
 
 #[test]
 fn bin_record_loaded_on_host_then_apply() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let dir = tempfile::tempdir().unwrap();
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
     load_record_then_apply(&recorder, &dir.path().join("model"));
@@ -331,7 +334,7 @@ fn bin_record_loaded_on_host_then_apply() {
 /// The contrast: a record loaded on `Device(d)` creates every tensor in device memory first.
 #[test]
 fn record_loaded_on_device_allocates_everything_on_device_first() {
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model");
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
@@ -364,7 +367,7 @@ fn record_loaded_on_device_allocates_everything_on_device_first() {
 #[test]
 fn col_layout_linear_loads_through_a_retargeted_param() {
     use burn::nn::{Linear, LinearConfig, LinearLayout};
-    let _guard = lock();
+    common::own_process!(OWN_PROCESS);
     let config = LinearConfig::new(3, 5).with_layout(LinearLayout::Col);
     let reference: Linear<NdArray> = config.init(&CPU);
     let mut store = SafetensorsStore::from_bytes(None);
