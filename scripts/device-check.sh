@@ -93,19 +93,21 @@ bench() { # name, timeout: one bench binary, every JSON path in its environment
 # Never run on a GPU yet (issue #14): the copy engine's own stream, ring and flag kernels
 # (test-cuda_copy_engine), and the bench that compares it with CubeCL's uploads on the same
 # layers against the DMA bound at those sizes (bench-copy_engine, declared below).
-for t in cuda_copy_engine cuda_transfer nvrtc burn_offload; do
-  [ -x "$B/tests/$t" ] && step "test-$t" 60 "$B/tests/$t" --test-threads=1
+# The integration tests are one binary (tests/it), a module per area: a step runs a module.
+for t in cuda_copy_engine cuda_transfer nvrtc; do
+  [ -x "$B/tests/it" ] && step "test-$t" 60 "$B/tests/it" "$t::" --test-threads=1
 done
+[ -x "$B/tests/burn_offload" ] && step "test-burn_offload" 60 "$B/tests/burn_offload" --test-threads=1
 # cuda_target one test at a time (a slow one cannot hide the others), progress shown; the
 # linear/matmul sweeps (many shapes, each autotuned by Burn's plain matmul) come after the
 # whole-model steps.
-target_tests=$("$B/tests/cuda_target" --list 2>/dev/null | sed -n 's/: test$//p')
+target_tests=$("$B/tests/it" --list cuda_target:: 2>/dev/null | sed -n 's/^cuda_target::\(.*\): test$/\1/p')
 # Never run on a GPU yet (issue #13): Burn's fused `Cuda` wrapped, in-place reads as lazy
 # fusion custom ops, prefetched copies registered on the op thread.
 fused=llama_generates_the_same_tokens_offloaded_fused
-grep -qx "$fused" <<< "$target_tests" && step "cuda_target-$fused" 120 "$B/tests/cuda_target" --exact "$fused" --nocapture
+grep -qx "$fused" <<< "$target_tests" && step "cuda_target-$fused" 120 "$B/tests/it" --exact "cuda_target::$fused" --nocapture
 for t in $(grep -v -e '^linear_matmul' -e "^$fused\$" <<< "$target_tests"); do
-  step "cuda_target-$t" 120 "$B/tests/cuda_target" --exact "$t" --nocapture
+  step "cuda_target-$t" 120 "$B/tests/it" --exact "cuda_target::$t" --nocapture
 done
 # The example in uva mode first (on Burn's fused `Cuda`, the example's default, then the
 # unfused backend): warm-up vs steady state shows where the time goes.
@@ -130,7 +132,7 @@ bench offload_model "${MODEL_BENCH_TIMEOUT:-400}"
 step example-big 240 "$B/examples/llama" --device cuda --dtype bf16 --preset 50b --offload-gb 40 \
   --no-check --prompt-len 16 --gen-tokens 4 --warmup 1
 for t in $(grep '^linear_matmul' <<< "$target_tests"); do
-  step "cuda_target-$t" 60 "$B/tests/cuda_target" --exact "$t" --nocapture
+  step "cuda_target-$t" 60 "$B/tests/it" --exact "cuda_target::$t" --nocapture
 done
 for mode in copy prefetch auto; do
   step "example-$mode" 45 "${small[@]}" --offload-gb 0.05 --mode "$mode"

@@ -14,8 +14,9 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         name = m["target"]["name"]
         kind = m["target"]["kind"][0]
-        # Only the binaries that need a GPU: the CPU tests run in CI.
-        if kind in ("test", "lib") and name in ("cuda_transfer", "cuda_copy_engine", "cuda_target", "nvrtc", "burn_offload"):
+        # The integration tests (one binary; device-check.sh runs its GPU modules) and the
+        # library's unit tests.
+        if kind in ("test", "lib") and name in ("it", "burn_offload"):
             shutil.copy(m["executable"], os.path.join(".gpu/tests", name))
 '
 cargo build --release --features cuda,autotune --example llama --benches --message-format=json 2>/dev/null |
