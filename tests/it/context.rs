@@ -138,7 +138,7 @@ fn two_models_on_one_device_keep_their_own_modes_and_prefetchers() {
 
 #[test]
 fn applying_again_switches_the_mode_without_copying() {
-    common::own_process!("host_memory_stats counts every host allocation in the process");
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let net = base(3);
     let (net, uva) = offload(&net, OffloadMode::Uva);
     let allocations = burn_offload::host_memory_stats().total_allocations;

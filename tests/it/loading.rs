@@ -23,9 +23,6 @@ use common::{
     B, CPU, NET_BYTES, NET_PARAMS, Net, assert_same_values, device, init_states, placements, values,
 };
 
-/// Why the tests that start with `own_process!` need a process of their own.
-const OWN_PROCESS: &str = "host_memory_stats counts every host buffer in the process";
-
 /// Offloads `layers.0.mlp.*` (1120 bytes) and, as the total is still below the budget,
 /// `layers.1.mlp.up.weight` (512): 5 tensors, 1632 bytes; 880 bytes stay on the device.
 fn policy() -> OffloadPolicy {
@@ -134,7 +131,7 @@ fn check_forward(model: &Net<B>, reference: &Net<NdArray>) {
 
 #[test]
 fn apply_to_a_lazy_model_allocates_nothing() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let (model, _report) = lazy_offloaded_model();
     // Initialising it later creates each parameter on its side directly.
     let before = host_memory_stats();
@@ -158,7 +155,7 @@ fn apply_to_a_lazy_model_allocates_nothing() {
 
 #[test]
 fn safetensors_loads_offloaded_params_into_host_memory() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let (reference, ref_values) = reference();
@@ -185,7 +182,7 @@ fn safetensors_loads_offloaded_params_into_host_memory() {
 
 #[test]
 fn safetensors_from_bytes_loads_offloaded_params_into_host_memory() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let (reference, ref_values) = reference();
     let mut store = SafetensorsStore::from_bytes(None);
     reference.save_into(&mut store).unwrap();
@@ -203,7 +200,7 @@ fn safetensors_from_bytes_loads_offloaded_params_into_host_memory() {
 
 #[test]
 fn burnpack_loads_offloaded_params_into_host_memory() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.bpk");
     let (reference, ref_values) = reference();
@@ -317,7 +314,7 @@ where
 
 #[test]
 fn named_mpk_record_loaded_on_host_then_apply() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let dir = tempfile::tempdir().unwrap();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     load_record_then_apply(&recorder, &dir.path().join("model"));
@@ -325,7 +322,7 @@ fn named_mpk_record_loaded_on_host_then_apply() {
 
 #[test]
 fn bin_record_loaded_on_host_then_apply() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let dir = tempfile::tempdir().unwrap();
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
     load_record_then_apply(&recorder, &dir.path().join("model"));
@@ -334,7 +331,7 @@ fn bin_record_loaded_on_host_then_apply() {
 /// The contrast: a record loaded on `Device(d)` creates every tensor in device memory first.
 #[test]
 fn record_loaded_on_device_allocates_everything_on_device_first() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model");
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
@@ -367,7 +364,7 @@ fn record_loaded_on_device_allocates_everything_on_device_first() {
 #[test]
 fn col_layout_linear_loads_through_a_retargeted_param() {
     use burn::nn::{Linear, LinearConfig, LinearLayout};
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let config = LinearConfig::new(3, 5).with_layout(LinearLayout::Col);
     let reference: Linear<NdArray> = config.init(&CPU);
     let mut store = SafetensorsStore::from_bytes(None);

@@ -17,9 +17,6 @@ use burn_offload::{
 };
 use common::{B, CPU, NET_BYTES, Net, device, placements, values};
 
-/// Why the tests that start with `own_process!` need a process of their own.
-const OWN_PROCESS: &str = "host_memory_stats counts every host buffer in the process";
-
 fn host() -> OffloadDevice<NdArrayDevice> {
     OffloadDevice::Host(CPU)
 }
@@ -39,7 +36,7 @@ fn iota(n: usize) -> Vec<f32> {
 
 #[test]
 fn allocations_are_exact_size() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let start = host_memory_stats();
 
     let t = Tensor::<B, 1>::from_data(TensorData::new(iota(1000), [1000]), &host());
@@ -96,7 +93,7 @@ fn allocations_are_exact_size() {
 
 #[test]
 fn offloaded_model_is_freed_when_dropped() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let start = host_memory_stats();
 
     // Lazy parameters: nothing until they are initialised.
@@ -143,7 +140,7 @@ fn offloaded_model_is_freed_when_dropped() {
 
 #[test]
 fn views_and_clones_share_the_buffer() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let start = host_memory_stats();
     let data = TensorData::new(iota(24), [2, 3, 4]);
     let t = Tensor::<B, 3>::from_data(data.clone(), &host());
@@ -202,7 +199,7 @@ fn views_and_clones_share_the_buffer() {
 
 #[test]
 fn reshaping_a_non_contiguous_view_makes_a_resident_copy() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let start = host_memory_stats();
     let t = Tensor::<B, 2>::from_data(TensorData::new(iota(12), [3, 4]), &host());
     reset_op_stats();
@@ -221,7 +218,7 @@ fn reshaping_a_non_contiguous_view_makes_a_resident_copy() {
 
 #[test]
 fn ops_with_transient_copies_leave_nothing_behind() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     for mode in [OffloadMode::Copy, OffloadMode::Uva] {
         let start = host_memory_stats();
         let w = OffloadContext::with_mode(mode)
@@ -278,7 +275,7 @@ fn ops_with_transient_copies_leave_nothing_behind() {
 
 #[test]
 fn training_steps_do_not_leak_host_memory() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     type AB = Autodiff<B>;
     let start = host_memory_stats();
     let model = Net::<AB>::new(&device());
@@ -313,7 +310,7 @@ fn training_steps_do_not_leak_host_memory() {
 /// context synchronisation), in every mode that keeps no weak reference to them.
 #[test]
 fn training_steps_reuse_the_host_buffers() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     type AB = Autodiff<B>;
     for mode in [OffloadMode::Uva, OffloadMode::Copy, OffloadMode::Auto] {
         let model = Net::<AB>::new(&device());
@@ -357,7 +354,7 @@ fn training_steps_reuse_the_host_buffers() {
 /// allocates nothing, and initialising leaves nothing in host memory.
 #[test]
 fn lazy_host_params_retargeted_to_the_device_leave_no_host_memory() {
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let start = host_memory_stats();
     let (model, report) = OffloadPolicy::from_bytes(0)
         .apply(Net::<B>::new(&host()))
@@ -383,7 +380,7 @@ fn lazy_host_params_retargeted_to_the_device_leave_no_host_memory() {
 #[test]
 fn random_init_on_the_host_is_seeded_and_never_touches_the_device() {
     use burn::tensor::backend::Backend as _;
-    common::own_process!(OWN_PROCESS);
+    common::own_process!(common::process::COUNTS_HOST_MEMORY);
     let shape = [1024, 1100]; // over a million elements: the parallel fill
     let draw = |seed| {
         B::seed(&host(), seed);

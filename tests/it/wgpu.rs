@@ -41,9 +41,6 @@ const MODES: [OffloadMode; 3] = [
 /// Runs this module's tests one at a time (lavapipe runs one queue anyway).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Why the tests that count host memory need a process of their own.
-const OWN_PROCESS: &str = "host_memory_stats counts every host buffer in the process";
-
 /// `None` where there is no Vulkan driver (the test then returns, printing why); else the lock
 /// that runs this module's tests one at a time.
 fn start() -> Option<std::sync::MutexGuard<'static, ()>> {
@@ -316,7 +313,7 @@ macro_rules! on_both {
             let Some(_serial) = start() else {
                 return;
             };
-            $(common::$own!(OWN_PROCESS);)?
+            $(common::$own!(common::process::COUNTS_HOST_MEMORY);)?
             $check::<Fused>("OffloadBackend<Wgpu>");
         }
 
@@ -325,7 +322,7 @@ macro_rules! on_both {
             let Some(_serial) = start() else {
                 return;
             };
-            $(common::$own!(OWN_PROCESS);)?
+            $(common::$own!(common::process::COUNTS_HOST_MEMORY);)?
             $check::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
         }
     };

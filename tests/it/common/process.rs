@@ -13,6 +13,9 @@
 
 use std::process::{Command, Stdio};
 
+/// The reason of every test that reads `host_memory_stats` (live bytes, allocations).
+pub const COUNTS_HOST_MEMORY: &str = "host_memory_stats counts every host buffer in the process";
+
 /// Set in the child process to the name of the one test it runs.
 pub const CHILD_ENV: &str = "BURN_OFFLOAD_TEST_CHILD";
 
@@ -22,7 +25,7 @@ pub const CHILD_ENV: &str = "BURN_OFFLOAD_TEST_CHILD";
 /// ```ignore
 /// #[test]
 /// fn counts_host_memory() {
-///     common::own_process!("host_memory_stats counts every host buffer in the process");
+///     common::own_process!(common::process::COUNTS_HOST_MEMORY);
 ///     // ... the test's body, run in the child process only
 /// }
 /// ```
