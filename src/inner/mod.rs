@@ -94,6 +94,16 @@ pub trait TargetDevice: DeviceOps {
     /// Measures what [`OffloadMode::Auto`](crate::OffloadMode::Auto) decides from, with host
     /// memory pinned if `pin` (see [`crate::auto`]).
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError>;
+
+    /// What the rates [`calibrate`](Self::calibrate) measures depend on besides the device's
+    /// type and id, the build profile and the pinning: the hardware and its driver (e.g. the
+    /// CPU's model and threads, a GPU's name and driver version). A calibration cached on disk
+    /// ([`crate::auto::cache`]) is used only while this stays the same, so it should change
+    /// when the device or its driver does, and stay the same otherwise (no timestamps, no
+    /// free memory). The default, empty, leaves the device's type and id as the only check.
+    fn fingerprint(&self) -> String {
+        String::new()
+    }
 }
 
 /// What a backend must provide to be wrapped by [`OffloadBackend`](crate::OffloadBackend).

@@ -34,6 +34,13 @@ impl TargetDevice for NdArrayDevice {
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
         measure::<NdArray<f32>>(self, pin, false)
     }
+
+    /// The CPU's model (from `/proc/cpuinfo` where there is one, else the architecture) and
+    /// the threads this process may use (NdArray's matmul can use them all).
+    fn fingerprint(&self) -> String {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        format!("{}, {threads} threads", crate::auto::cache::cpu_model())
+    }
 }
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> OffloadTarget

@@ -536,15 +536,23 @@ fn beyond_lookahead(params: &[ParamReport], lookahead: u64) -> Option<String> {
     })
 }
 
-/// The device's calibration for `Auto`, measured now if it has none yet (once per process). A
-/// failed measurement is logged and leaves `Auto` on the target's static threshold.
+/// The device's calibration for `Auto`: the process's (memory), else the disk cache's entry
+/// for this device, pinning and build ([`crate::auto::cache`]), else measured now and written
+/// to the disk cache. A failed measurement is logged and leaves `Auto` on the target's static
+/// threshold; the disk cache's failures are only logged.
 fn calibrate<D: TargetDevice>(device: &D, pin: bool) -> Option<std::sync::Arc<Calibration>> {
     if let Some(c) = crate::auto::calibration(device) {
         return Some(c);
     }
+    if let Some((c, path)) = crate::auto::cache::load(device, pin) {
+        log::info!("auto mode on {device:?}: {c}, cached in {}", path.display());
+        crate::auto::set_calibration(device, c);
+        return crate::auto::calibration(device);
+    }
     match device.calibrate(pin) {
         Ok(c) => {
             log::info!("auto mode on {device:?}: {c}");
+            crate::auto::cache::store(device, pin, &c);
             crate::auto::set_calibration(device, c);
             crate::auto::calibration(device)
         }

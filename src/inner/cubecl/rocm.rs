@@ -21,4 +21,16 @@ impl TargetDevice for AmdDevice {
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
         calibrate::<HipRuntime, u8>(self, pin)
     }
+
+    /// The runtime's name and the GPU's hardware properties as CubeCL's client reports them
+    /// (compute units, plane sizes, shared-memory limits). Starts the device's client, as
+    /// `calibrate` and any op would.
+    fn fingerprint(&self) -> String {
+        let client = <HipRuntime as cubecl::Runtime>::client(self);
+        format!(
+            "{}: {:?}",
+            <HipRuntime as cubecl::Runtime>::name(&client),
+            client.properties().hardware
+        )
+    }
 }

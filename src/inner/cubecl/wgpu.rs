@@ -23,6 +23,20 @@ impl TargetDevice for WgpuDevice {
     fn calibrate(&self, pin: bool) -> Result<Calibration, OffloadError> {
         calibrate::<WgpuRuntime, u32>(self, pin)
     }
+
+    /// The graphics API (`wgpu<wgsl>` on Vulkan, …) and the adapter's hardware properties as
+    /// CubeCL's client reports them (plane sizes, workgroup and shared-memory limits: they
+    /// tell lavapipe from a GPU, and most GPUs apart). Starts the device's client, as
+    /// `calibrate` and any op would.
+    fn fingerprint(&self) -> String {
+        let client = <WgpuRuntime as cubecl::Runtime>::client(self);
+        format!(
+            "{} ({:?}): {:?}",
+            <WgpuRuntime as cubecl::Runtime>::name(&client),
+            client.info(),
+            client.properties().hardware
+        )
+    }
 }
 
 /// Where the Vulkan loader looks for drivers on Linux (the ICD manifests a driver package

@@ -51,6 +51,37 @@ impl TargetDevice for CudaDevice {
         super::wait_pinned_releases();
         Ok(calibration)
     }
+
+    /// The GPU's name, compute capability and PCI address, the driver's CUDA version and,
+    /// where Linux shows it, the kernel driver's version line (`/proc/driver/nvidia/version`):
+    /// another card at this index, or a driver update, measures again.
+    fn fingerprint(&self) -> String {
+        use super::driver::{attribute, compute_capability, device_name, probe};
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let describe = || -> Result<String, super::CudaError> {
+            let driver = probe()?.driver_version;
+            let name = device_name(self.index)?;
+            let (major, minor) = compute_capability(self.index)?;
+            let pci = [
+                A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID,
+                A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID,
+                A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID,
+            ]
+            .map(|a| attribute(self.index, a));
+            let pci = match pci {
+                [Ok(domain), Ok(bus), Ok(dev)] => format!("{domain:04x}:{bus:02x}:{dev:02x}"),
+                _ => "unknown".into(),
+            };
+            let kernel_driver = std::fs::read_to_string("/proc/driver/nvidia/version")
+                .ok()
+                .and_then(|v| v.lines().next().map(|l| format!(", {}", l.trim())))
+                .unwrap_or_default();
+            Ok(format!(
+                "{name}, sm_{major}{minor}, PCI {pci}, CUDA driver {driver}{kernel_driver}"
+            ))
+        };
+        describe().unwrap_or_else(|e| format!("cuda:{} unavailable ({e})", self.index))
+    }
 }
 
 /// Whether `gather_host` can read this table: contiguous rows that do not overlap (a flipped

@@ -1,12 +1,17 @@
 //! [`OffloadMode::Auto`](crate::OffloadMode::Auto): a per-op choice between reading in place
 //! (zero-copy), a transient copy and a prefetched copy, from what was measured on the device.
 //!
-//! [`OffloadPolicy::apply`](crate::OffloadPolicy::apply) in `Auto` mode measures each compute
-//! device once per process ([`TargetDevice::calibrate`](crate::inner::TargetDevice), which
-//! calls [`measure`]), keeps the result in a per-device cache here and hands it to the model's
-//! [`OffloadContext`](crate::OffloadContext). A [`Calibration`] holds:
+//! [`OffloadPolicy::apply`](crate::OffloadPolicy::apply) in `Auto` mode looks for each compute
+//! device's calibration in this process's per-device cache here, then on disk ([`cache`]: one
+//! file per device in the user's cache directory, kept across processes), and measures the
+//! device only where neither has one ([`TargetDevice::calibrate`](crate::inner::TargetDevice),
+//! which calls [`measure`]; the result goes to both caches). It hands the calibration to the
+//! model's [`OffloadContext`](crate::OffloadContext). So a machine measures each device once
+//! per build profile, until the device, its driver or this crate changes
+//! ([`TargetDevice::fingerprint`](crate::inner::TargetDevice::fingerprint)). A [`Calibration`]
+//! holds:
 //! - the fixed cost of one transient upload (a tiny tensor) and the upload bandwidth (a 16 MiB
-//!   weight): on CUDA the DMA from pinned memory, on the CPU a memcpy;
+//!   weight; 1 MiB in a debug build): on CUDA the DMA from pinned memory, on the CPU a memcpy;
 //! - for each row count `m` the zero-copy kernel accepts (1, 2, 4, … up to
 //!   [`zero_copy_max_rows`](crate::inner::OffloadTarget::zero_copy_max_rows)): the bytes per
 //!   second of `[m, K] @ W` reading `W` in place, and of the backend's own GEMM on a resident
@@ -35,7 +40,15 @@
 //! that no policy placed, or a calibration that failed), `Auto` reads in place up to the
 //! target's static row threshold, as `Uva` does, and never prefetches. [`set_calibration`]
 //! installs a calibration measured earlier (it is `serde`-serialisable) for the policies applied
-//! after it, [`clear_calibration`] removes one.
+//! after it, [`clear_calibration`] removes one from the process's cache and
+//! [`clear_calibration_cache`] a device's entries from the disk.
+
+pub mod cache;
+
+pub use cache::{
+    ENV_CACHE_DIR, ENV_DISABLE_CALIBRATION_CACHE, calibration_cache_dir, calibration_cache_file,
+    clear_calibration_cache,
+};
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
@@ -48,12 +61,28 @@ use crate::error::OffloadError;
 use crate::host::HostTensor;
 use crate::inner::OffloadTarget;
 
-/// Rows × columns of the `f32` weight the calibration measures with (16 MiB).
-const WEIGHT_DIMS: [usize; 2] = [1024, 4096];
+/// Rows × columns of the `f32` weight the calibration measures with: 16 MiB (more than a
+/// CPU's caches hold) in a release build. In a debug build 1 MiB: there the CPU target's
+/// unoptimised kernels are bound by their own instructions, not by memory, so a larger weight
+/// measures the same rates, only slower (16 MiB took 3.6 to 6.5 s on a 2-core VM, 1 MiB 0.2 s).
+const WEIGHT_DIMS: [usize; 2] = if cfg!(debug_assertions) {
+    [256, 1024]
+} else {
+    [1024, 4096]
+};
 /// Elements of the tiny tensor whose upload time is taken as the fixed cost of an upload.
 const TINY_ELEMENTS: usize = 256;
-/// Timed runs per measurement (the median is kept), after one untimed run.
+/// Most timed runs per measurement (the median is kept), after one untimed run.
 const REPS: usize = 5;
+/// A measurement takes no further timed run once its runs add up to this many seconds (it
+/// always takes one): long runs vary less, and need fewer. Above what a release build's
+/// runs take on a CPU (up to 15 ms each with the 16 MiB weight), so they all get [`REPS`].
+const SAMPLE_BUDGET_S: f64 = 0.1;
+/// No further row count is measured once the calibration has taken this many seconds (the
+/// row counts left out are copied, as those past the kernel's limit are). A safeguard for
+/// slow or loaded machines: a release build took 0.3 to 0.4 s on a 2-core VM, a debug build
+/// (with its smaller weight) 0.2 s.
+const TOTAL_BUDGET_S: f64 = if cfg!(debug_assertions) { 0.5 } else { 2.0 };
 
 /// Rates measured at one row count.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -186,8 +215,9 @@ pub fn set_calibration<D: DeviceOps>(device: &D, calibration: Calibration) {
         .insert(device.to_id(), Arc::new(calibration));
 }
 
-/// Removes `device`'s calibration from the cache: the next policy applied in `Auto` mode
-/// measures it again.
+/// Removes `device`'s calibration from the process's cache: the next policy applied in `Auto`
+/// mode takes it from the disk cache, or measures it again where there is none there
+/// ([`clear_calibration_cache`] removes that one).
 pub fn clear_calibration<D: DeviceOps>(device: &D) {
     CALIBRATIONS
         .write()
@@ -214,8 +244,10 @@ fn host_f32<B: OffloadTarget>(
 /// Measures the [`Calibration`] of target `B` on `device` (host memory pinned if `pin`).
 ///
 /// Uses the target's primitives directly (no [`OffloadBackend`](crate::OffloadBackend) op), so
-/// op statistics are untouched; its host memory (16 MiB) is freed before it returns. Takes
-/// about half a second on a CPU, less on a GPU (plus the backend's first-use autotuning).
+/// op statistics are untouched; its host memory (16 MiB; 1 MiB in a debug build) is freed
+/// before it returns. Takes 0.3 to 0.4 s on a 2-core CPU in a release build and 0.2 s in a
+/// debug build, less on a GPU (plus the backend's first-use autotuning); past 2 s (0.5 s in a
+/// debug build) it measures no further row count. Callers keep the result: see [`cache`].
 /// `copies_overlap_compute` is the caller's: a property of the target, not a measurement.
 pub fn measure<B: OffloadTarget>(
     device: &B::Device,
@@ -226,19 +258,27 @@ pub fn measure<B: OffloadTarget>(
     let sync_failed = |e: burn_backend::ExecutionError| OffloadError::Calibration {
         reason: format!("synchronising the device failed: {e}"),
     };
+    // One untimed run, then timed ones until there are `REPS` or they add up to the budget;
+    // the median (the lower one of an even count) is kept.
     let time = |f: &mut dyn FnMut()| -> Result<f64, OffloadError> {
         let mut samples = Vec::with_capacity(REPS);
+        let mut timed = 0.0;
         for rep in 0..=REPS {
             B::sync(device).map_err(sync_failed)?;
             let start = Instant::now();
             f();
             B::sync(device).map_err(sync_failed)?;
             if rep > 0 {
-                samples.push(start.elapsed().as_secs_f64());
+                let seconds = start.elapsed().as_secs_f64();
+                samples.push(seconds);
+                timed += seconds;
+                if timed >= SAMPLE_BUDGET_S {
+                    break;
+                }
             }
         }
         samples.sort_by(f64::total_cmp);
-        Ok(samples[samples.len() / 2].max(1e-9))
+        Ok(samples[(samples.len() - 1) / 2].max(1e-9))
     };
 
     let weight = host_f32::<B>(device, WEIGHT_DIMS, pin)?;
@@ -261,6 +301,13 @@ pub fn measure<B: OffloadTarget>(
         let max_rows = B::zero_copy_max_rows(device);
         let mut m = 1;
         while m <= max_rows {
+            if !rows.is_empty() && started.elapsed().as_secs_f64() > TOTAL_BUDGET_S {
+                log::debug!(
+                    "calibration: {m} rows and more not measured (past {TOTAL_BUDGET_S} s); \
+                     they copy"
+                );
+                break;
+            }
             let lhs = B::float_from_data(TensorData::new(vec![0.01f32; m * k], [m, k]), device);
             let mut supported = true;
             let zero_copy = time(&mut || match B::host_matmul(lhs.clone(), &weight) {
