@@ -135,6 +135,11 @@ HANDWRITTEN = {
     "TransactionOps": "src/backend/transaction.rs",
 }
 
+# Forward ops that read a model's weights (with `float_matmul`, `linear` and `embedding`, written
+# by hand): each first reports parameters that lost their host placement (`src/mark.rs`).
+FORWARD_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+               "conv_transpose3d", "deform_conv2d"}
+
 # Struct returns converted field by field (see `src/backend/convert.rs`).
 STRUCT_RETURNS = {"MaxPool1dWithIndices", "MaxPool2dWithIndices", "MaxPool1dBackward",
                   "MaxPool2dBackward", "DeformConv2dBackward"}
@@ -194,6 +199,8 @@ def emit(traits, root):
             ret = f" -> {outer_type(m['ret'])}" if m['ret'] else ''
             call = f"B::{m['name']}({', '.join(convert_arg(n, t) for n, t in m['args'])})"
             out.append(f"        fn {m['name']}({params}){ret} {{")
+            if m['name'] in FORWARD_OPS:
+                out.append("            crate::mark::check_lost();")
             out.append(f"            {convert_ret(call, m['ret'])}")
             out.append("        }")
         out.append("    };")

@@ -14,7 +14,7 @@
 //! which reads in place up to the target's static row threshold and never prefetches).
 
 use std::any::{Any, TypeId};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
@@ -69,6 +69,8 @@ struct Inner {
     /// The prefetchers of this context, by wrapped backend type and compute device.
     prefetchers: Mutex<HashMap<(TypeId, DeviceId), Arc<dyn AnyPrefetcher>>>,
     stats: Arc<PrefetchCounters>,
+    /// Paths of parameters that lost their host placement ([`crate::mark`]), in report order.
+    lost: Mutex<Vec<String>>,
 }
 
 impl Drop for Inner {
@@ -105,6 +107,7 @@ impl OffloadContext {
                 auto_lookahead: AtomicU64::new(crate::mode::DEFAULT_PREFETCH_LOOKAHEAD_BYTES),
                 prefetchers: Mutex::new(HashMap::new()),
                 stats: Arc::new(PrefetchCounters::default()),
+                lost: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -186,6 +189,33 @@ impl OffloadContext {
         }
     }
 
+    /// The parameters of this model that a policy put in host memory and that are in device
+    /// memory now (an optimizer step or a `Module::map` replaced them), as reported (and
+    /// logged once, with the fix) by the first forward op after it happened. Placing them in
+    /// host memory again ([`keep_offloaded`](crate::keep_offloaded), a policy) clears them.
+    pub fn lost_placements(&self) -> Vec<String> {
+        self.inner
+            .lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn note_lost_placement(&self, path: String) {
+        let mut lost = self.inner.lost.lock().unwrap_or_else(|e| e.into_inner());
+        if !lost.contains(&path) {
+            lost.push(path);
+        }
+    }
+
+    pub(crate) fn clear_lost_placement(&self, path: &str) {
+        self.inner
+            .lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != path);
+    }
+
     /// This context's prefetch statistics (all its devices).
     pub fn prefetch_stats(&self) -> PrefetchStats {
         self.inner.stats.snapshot()
@@ -240,6 +270,7 @@ impl OffloadContext {
                 context: self.clone(),
                 redirect_creations: false,
                 moves: false,
+                mark: None,
             },
             f,
         )
@@ -285,10 +316,32 @@ pub(crate) struct Scope {
     /// this context), `Device(d)` brings into device memory. Outside such a scope a move never
     /// changes placement (Burn's own `to_device` calls keep offloaded tensors offloaded).
     pub moves: bool,
+    /// The mark of the parameter being placed: a host value placed inside carries it.
+    pub mark: Option<Arc<crate::mark::ParamMark>>,
 }
 
 thread_local! {
     static SCOPES: RefCell<Vec<Scope>> = const { RefCell::new(Vec::new()) };
+    static PLACEMENT_QUERY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with `Tensor::device()` naming the placement: `Host(d)` for a tensor in host
+/// memory. Everywhere else a tensor's device is its compute device, `Device(d)`, whatever its
+/// placement, so that code taking its device from a parameter creates in device memory.
+pub(crate) fn querying_placement<R>(f: impl FnOnce() -> R) -> R {
+    struct Guard(bool);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            PLACEMENT_QUERY.with(|q| q.set(self.0));
+        }
+    }
+    let _guard = Guard(PLACEMENT_QUERY.with(|q| q.replace(true)));
+    f()
+}
+
+/// Whether [`querying_placement`] is active on this thread.
+pub(crate) fn placement_queried() -> bool {
+    PLACEMENT_QUERY.with(Cell::get)
 }
 
 /// Runs `f` inside `scope` on this thread.
@@ -333,6 +386,7 @@ pub fn with_host_placement<R>(f: impl FnOnce() -> R) -> R {
             context: current_context(),
             redirect_creations: true,
             moves: false,
+            mark: None,
         },
         f,
     )

@@ -72,6 +72,19 @@ pub enum OffloadError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A `params` filter or a `paths` entry of a policy matches no parameter of the model it
+    /// is applied to (a typo, or a filter written for another model's names).
+    #[error(
+        "the offload policy's {unmatched} match no parameter of this model; a filter matches \
+         whole dotted segments of a parameter path (`feed_forward` matches \
+         `layers.0.feed_forward.w1.weight`); fix the filter (`placements(&model)` lists every \
+         path), or accept it with `OffloadPolicy::allow_unmatched(true)` (`allow_unmatched = \
+         true` in a policy file) for a filter list shared across models"
+    )]
+    UnmatchedFilters {
+        /// Each filter or path that matched nothing, with the closest that exist.
+        unmatched: String,
+    },
     /// An offload mode name that burn-offload does not know.
     #[error(
         "unknown offload mode {given:?}: use one of `uva`, `copy`, `auto`, `prefetch` or `prefetch:<lookahead bytes>`"

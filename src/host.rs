@@ -121,6 +121,8 @@ pub struct HostBuffer {
     /// Bits of [`DeviceReaders`]: devices that may read the buffer.
     readers: AtomicU64,
     release: Option<HostRelease>,
+    /// The parameter this buffer is the value of, if a policy marked one ([`crate::mark`]).
+    mark: std::sync::Mutex<Option<crate::mark::BufferMark>>,
 }
 
 // SAFETY: the buffer owns its memory exclusively; shared access goes through `&self` (reads)
@@ -185,7 +187,13 @@ impl HostBuffer {
             kind,
             readers: AtomicU64::new(0),
             release: Some(release),
+            mark: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Records that this buffer is the value of a marked parameter ([`crate::mark`]).
+    pub(crate) fn set_mark(&self, mark: crate::mark::BufferMark) {
+        *self.mark.lock().unwrap_or_else(|e| e.into_inner()) = Some(mark);
     }
 
     /// Size in bytes (exactly what was asked for).
@@ -237,6 +245,14 @@ impl HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
+        if let Some(mark) = self
+            .mark
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            crate::mark::buffer_freed(mark);
+        }
         if let Some(release) = self.release.take() {
             release(self.ptr, self.len, self.readers());
         }

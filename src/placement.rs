@@ -1,15 +1,15 @@
 //! Where a module's parameters live, and bringing a whole module back into device memory.
 //!
-//! Burn's own `Module::to_device` never changes placement (see
-//! [`OffloadDevice`]), and `Module::devices()` lists compute devices
-//! (both placements of a device compare equal, so it names one of them per device): these two
-//! functions are the explicit way to ask and to undo.
+//! Burn's own `Module::to_device` never changes placement (see [`OffloadDevice`]), and
+//! `Tensor::device()` / `Module::devices()` name compute devices (`Device(d)`, whatever the
+//! placement: what a model's code creates its activations on): these functions are the
+//! explicit way to ask and to undo.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Tensor, backend::Backend};
 use burn_backend::DeviceOps;
 
-use crate::context::OffloadContext;
+use crate::context::{OffloadContext, querying_placement};
 use crate::device::OffloadDevice;
 use crate::policy::{ParamAction, Placement, walk_params};
 
@@ -40,7 +40,7 @@ where
 
         fn visit_float<const N: usize>(&mut self, param: &Param<Tensor<B, N>>) {
             let device = if param.is_initialized() {
-                param.val().device()
+                querying_placement(|| param.val().device())
             } else {
                 param.lazy_device()
             };
@@ -58,6 +58,23 @@ where
     };
     module.visit(&mut visitor);
     visitor.out
+}
+
+/// Where `tensor` lives: [`Placement::Host`] for a tensor in host memory (`tensor.device()`
+/// names the compute device, `Device(d)`, for both).
+/// Int and bool tensors are always in device memory.
+pub fn tensor_placement<B, D, const N: usize, K>(tensor: &Tensor<B, N, K>) -> Placement
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+    K: burn::tensor::BasicOps<B>,
+    K::Elem: burn::tensor::Element,
+{
+    if querying_placement(|| tensor.device()).is_host() {
+        Placement::Host
+    } else {
+        Placement::Device
+    }
 }
 
 /// Brings every parameter of `module` that lives in host memory into device memory (lazy ones
@@ -108,7 +125,7 @@ impl OffloadContext {
         B: Backend<Device = OffloadDevice<D>>,
         D: DeviceOps,
     {
-        let device = tensor.device();
+        let device = querying_placement(|| tensor.device());
         if device.is_host() {
             self.place(tensor, &device)
         } else {

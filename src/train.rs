@@ -133,7 +133,7 @@ impl OldValues {
                     return;
                 }
                 let value = param.val();
-                let device = value.device();
+                let device = crate::context::querying_placement(|| value.device());
                 if device.is_host() {
                     // Inside `donating`, this move hands the view to the pool.
                     self.0

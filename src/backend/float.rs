@@ -11,7 +11,9 @@ use burn_backend::TensorMetadata;
 use super::generated::delegate_float_tensor_ops;
 use super::prelude::*;
 use super::tensor::{Offloaded, host_from_data, host_random, offload};
-use crate::context::{OffloadContext, current_context, current_scope, host_redirect_active};
+use crate::context::{
+    OffloadContext, current_context, current_scope, host_redirect_active, placement_queried,
+};
 use crate::host::HostTensor;
 use crate::plan::{OpKind, ReadPath};
 use crate::recycle;
@@ -130,10 +132,18 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
         }
     }
 
+    /// The compute device, `Device(d)`, for every tensor: code that takes its device from a
+    /// parameter (a KV cache, a RoPE table, `Module::devices()`) creates in device memory
+    /// whatever the parameter's placement. Only burn-offload's own placement queries
+    /// ([`tensor_placement`](crate::tensor_placement), [`placements`](crate::placements)) see
+    /// `Host(d)` for a tensor in host memory.
     fn float_device(tensor: &FloatTensor<Self>) -> Device<Self> {
         match tensor {
             OffloadTensor::Resident(t) => OffloadDevice::Device(B::float_device(t)),
-            OffloadTensor::Offloaded(o) => OffloadDevice::Host(o.device().clone()),
+            OffloadTensor::Offloaded(o) if placement_queried() => {
+                OffloadDevice::Host(o.device().clone())
+            }
+            OffloadTensor::Offloaded(o) => OffloadDevice::Device(o.device().clone()),
         }
     }
 
@@ -151,7 +161,11 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                 let t = B::float_to_device(t, target);
                 match moves {
                     Some(scope) if device.is_host() => {
-                        OffloadTensor::Offloaded(Self::offload_into_recycled(t, scope.context))
+                        let o = Self::offload_into_recycled(t, scope.context);
+                        if let Some(mark) = &scope.mark {
+                            mark.placed(o.host());
+                        }
+                        OffloadTensor::Offloaded(o)
                     }
                     _ => Self::resident(t),
                 }
@@ -169,6 +183,9 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                 // Host memory is readable by any device of the target: the reader changes.
                 Some(scope) => {
                     B::note_host_reader(o.host(), target);
+                    if let Some(mark) = &scope.mark {
+                        mark.placed(o.host());
+                    }
                     OffloadTensor::Offloaded(o.retag(target.clone(), scope.context))
                 }
                 None => {
@@ -262,6 +279,7 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
     }
 
     fn float_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::mark::check_lost();
         match (lhs, rhs) {
             (OffloadTensor::Resident(lhs), OffloadTensor::Offloaded(rhs)) => {
                 Self::resident(Self::matmul_host_rhs(lhs, &rhs))

@@ -1169,6 +1169,7 @@ macro_rules! delegate_module_ops {
             bias: Option<FloatTensor<Self>>,
             options: ConvOptions<1>,
         ) -> FloatTensor<Self> {
+            crate::mark::check_lost();
             Self::resident(B::conv1d(
                 Self::fetch(x),
                 Self::fetch(weight),
@@ -1219,6 +1220,7 @@ macro_rules! delegate_module_ops {
             bias: Option<FloatTensor<Self>>,
             options: ConvOptions<2>,
         ) -> FloatTensor<Self> {
+            crate::mark::check_lost();
             Self::resident(B::conv2d(
                 Self::fetch(x),
                 Self::fetch(weight),
@@ -1271,6 +1273,7 @@ macro_rules! delegate_module_ops {
             bias: Option<FloatTensor<Self>>,
             options: DeformConvOptions<2>,
         ) -> FloatTensor<Self> {
+            crate::mark::check_lost();
             Self::resident(B::deform_conv2d(
                 Self::fetch(x),
                 Self::fetch(offset),
@@ -1305,6 +1308,7 @@ macro_rules! delegate_module_ops {
             bias: Option<FloatTensor<Self>>,
             options: ConvOptions<3>,
         ) -> FloatTensor<Self> {
+            crate::mark::check_lost();
             Self::resident(B::conv3d(
                 Self::fetch(x),
                 Self::fetch(weight),
@@ -1355,6 +1359,7 @@ macro_rules! delegate_module_ops {
             bias: Option<FloatTensor<Self>>,
             options: ConvTransposeOptions<1>,
         ) -> FloatTensor<Self> {
+            crate::mark::check_lost();
             Self::resident(B::conv_transpose1d(
                 Self::fetch(x),
                 Self::fetch(weight),
@@ -1403,6 +1408,7 @@ macro_rules! delegate_module_ops {
             bias: Option<FloatTensor<Self>>,
             options: ConvTransposeOptions<2>,
         ) -> FloatTensor<Self> {
+            crate::mark::check_lost();
             Self::resident(B::conv_transpose2d(
                 Self::fetch(x),
                 Self::fetch(weight),
@@ -1451,6 +1457,7 @@ macro_rules! delegate_module_ops {
             bias: Option<FloatTensor<Self>>,
             options: ConvTransposeOptions<3>,
         ) -> FloatTensor<Self> {
+            crate::mark::check_lost();
             Self::resident(B::conv_transpose3d(
                 Self::fetch(x),
                 Self::fetch(weight),

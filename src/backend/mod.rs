@@ -80,7 +80,6 @@ impl<B: OffloadTarget> Backend for OffloadBackend<B> {
     }
 
     fn seed(device: &Self::Device, seed: u64) {
-        crate::random::seed(seed);
         B::seed(device.compute(), seed)
     }
 

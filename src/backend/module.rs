@@ -1,4 +1,6 @@
-//! Module ops that read offloaded weights in place: `linear` and `embedding`.
+//! Module ops that read offloaded weights in place: `linear` and `embedding`. Like every
+//! forward op that reads weights, they first report parameters that lost their host placement
+//! ([`crate::mark`]).
 
 use burn_backend::TensorMetadata;
 
@@ -11,6 +13,7 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
     delegate_module_ops!();
 
     fn embedding(weights: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
+        crate::mark::check_lost();
         match weights {
             OffloadTensor::Offloaded(w) => {
                 let indices = match Self::read_path(&w, OpKind::Embedding) {
@@ -42,6 +45,7 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
+        crate::mark::check_lost();
         match (x, weight) {
             (OffloadTensor::Resident(x), OffloadTensor::Offloaded(w)) => {
                 // Same shapes as Burn's default `linear`: weight [K, N] broadcast over x's batch.

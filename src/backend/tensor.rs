@@ -109,8 +109,11 @@ impl<B: OffloadTarget> TensorMetadata for OffloadTensor<B> {
     }
 }
 
-/// A random tensor created directly in new host memory for `device` (pinned if `context`
-/// says so), filled in place by several threads ([`crate::random`]).
+/// A random tensor in new host memory for `device` (pinned if `context` says so), drawn by
+/// the wrapped backend on the device and copied out: the values, and the backend's generator
+/// state after them, are those of the same tensor created in device memory, so a seeded model
+/// has the same weights whatever the policy offloads. Device memory holds one such tensor at
+/// a time, for as long as the copy takes.
 pub(crate) fn host_random<B: OffloadTarget>(
     shape: Shape,
     distribution: Distribution,
@@ -118,12 +121,8 @@ pub(crate) fn host_random<B: OffloadTarget>(
     device: &B::Device,
     context: OffloadContext,
 ) -> Offloaded<B> {
-    let bytes = shape.num_elements() * DType::from(dtype).size();
-    let mut buffer =
-        B::alloc_host(device, bytes, context.pin_memory()).unwrap_or_else(|e| panic!("{e}"));
-    crate::random::fill(buffer.as_mut_slice(), dtype, distribution);
-    let host =
-        HostTensor::new(buffer, shape.to_vec(), dtype.into()).expect("buffer sized for shape");
+    let drawn = B::float_random(shape, distribution, device, dtype);
+    let host = B::download(drawn, context.pin_memory()).unwrap_or_else(|e| panic!("{e}"));
     record(|s| s.host_created_bytes += host.size_bytes() as u64);
     Offloaded::new(host, device.clone(), context)
 }

@@ -2,13 +2,14 @@
 //! `cpu_offload_params`), and [`OffloadPolicy::apply`], which puts them there.
 
 mod report;
+mod suggest;
 mod walk;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub(crate) use report::human_bytes;
 pub use report::{OffloadReport, ParamReport, Placement};
-pub(crate) use walk::{ParamAction, in_moves, walk_params};
+pub(crate) use walk::{ParamAction, in_moves, param_paths, walk_params};
 
 use crate::auto::Calibration;
 use crate::context::{ContextConfig, OffloadContext};
@@ -65,6 +66,10 @@ pub struct OffloadPolicy {
     pub mode: OffloadMode,
     /// Pin (page-lock and device-map) host memory where the target can.
     pub pin_memory: bool,
+    /// Accept `params` filters and `paths` that match no parameter of the model (a filter list
+    /// shared across models): [`apply`](Self::apply) then warns instead of failing with
+    /// [`OffloadError::UnmatchedFilters`].
+    pub allow_unmatched: bool,
 }
 
 impl Default for OffloadPolicy {
@@ -76,6 +81,7 @@ impl Default for OffloadPolicy {
             min_tensor_bytes: 0,
             mode: OffloadMode::Auto,
             pin_memory: true,
+            allow_unmatched: false,
         }
     }
 }
@@ -95,6 +101,8 @@ struct PolicyFile {
     min_tensor_bytes: u64,
     mode: Option<ModeSpec>,
     pin_memory: Option<bool>,
+    #[serde(default)]
+    allow_unmatched: bool,
 }
 
 /// A mode in a policy file: a string (`"uva"`, `"prefetch:4096"`), parsed by us, or
@@ -180,6 +188,14 @@ impl OffloadPolicy {
         self
     }
 
+    /// Accepts filters and paths that match no parameter (see
+    /// [`allow_unmatched`](Self#structfield.allow_unmatched)): for a filter list shared across
+    /// models. Off by default, so that a typo is an error.
+    pub fn allow_unmatched(mut self, allow: bool) -> Self {
+        self.allow_unmatched = allow;
+        self
+    }
+
     /// Keeps parameters smaller than `bytes` on the device.
     pub fn min_tensor_bytes(mut self, bytes: u64) -> Self {
         self.min_tensor_bytes = bytes;
@@ -247,6 +263,7 @@ impl OffloadPolicy {
         policy.params = file.params;
         policy.paths = file.paths;
         policy.min_tensor_bytes = file.min_tensor_bytes;
+        policy.allow_unmatched = file.allow_unmatched;
         match file.mode {
             Some(ModeSpec::Text(text)) => policy.mode = text.parse()?,
             Some(ModeSpec::Mode(mode)) => policy.mode = mode,
@@ -329,6 +346,10 @@ impl OffloadPolicy {
         M: burn::module::Module<B>,
     {
         self.validate()?;
+        if !self.allow_unmatched {
+            // Before anything moves: on an error the caller's model is dropped unchanged.
+            self.check_filters_match(&param_paths(&module))?;
+        }
         let context = OffloadContext::new(ContextConfig::new(self.mode, self.pin_memory));
         let config = context.config();
         // Per compute device: (device, offloaded bytes, all bytes, largest offloaded tensor).
@@ -423,6 +444,41 @@ fn offload_decision(device_offloaded: &mut u64, bytes: u64, max_bytes: u64) -> b
         *device_offloaded = device_offloaded.saturating_add(bytes);
     }
     offload
+}
+
+impl OffloadPolicy {
+    /// [`OffloadError::UnmatchedFilters`] if a `params` filter or a `paths` entry matches none
+    /// of `paths` (the model's parameter paths), with the closest segments or paths that do
+    /// exist.
+    pub fn check_filters_match(&self, paths: &[String]) -> Result<(), OffloadError> {
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let mut unmatched: Vec<String> = unmatched_filters(&self.params, &refs)
+            .into_iter()
+            .map(|f| describe_unmatched(f, suggest::segments(f, &refs)))
+            .collect();
+        unmatched.extend(
+            self.paths
+                .iter()
+                .filter(|p| !refs.contains(&p.as_str()))
+                .map(|p| describe_unmatched(p, suggest::paths(p, &refs))),
+        );
+        if unmatched.is_empty() {
+            return Ok(());
+        }
+        Err(OffloadError::UnmatchedFilters {
+            unmatched: unmatched.join("; "),
+        })
+    }
+}
+
+/// "`mlp` (closest: `feed_forward`, `ffn_norm`)", or the bare name.
+fn describe_unmatched(name: &str, closest: Vec<String>) -> String {
+    if closest.is_empty() {
+        format!("`{name}`")
+    } else {
+        let closest: Vec<String> = closest.iter().map(|c| format!("`{c}`")).collect();
+        format!("`{name}` (did you mean {}?)", closest.join(" or "))
+    }
 }
 
 /// The filters that match none of `paths`.

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use burn::module::{ModuleMapper, Param};
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Tensor, backend::Backend};
 use burn_backend::{DType, DeviceOps, get_device_settings};
 
 use super::report::{ParamReport, Placement};
-use crate::context::{OffloadContext, Scope, with_scope};
+use crate::context::{OffloadContext, Scope, querying_placement, with_scope};
 use crate::device::OffloadDevice;
+use crate::mark::{ParamMark, answer_query, find_mark};
 
 /// What the walker knows of one parameter before deciding.
 #[derive(Debug, Clone)]
@@ -63,6 +64,34 @@ where
     (module, walker.reports)
 }
 
+/// The full dotted path of every float parameter of `module`, in module order (initialises
+/// nothing).
+pub(crate) fn param_paths<B: Backend, M: burn::module::Module<B>>(module: &M) -> Vec<String> {
+    struct Paths {
+        path: Vec<String>,
+        out: Vec<String>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Paths {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+
+        fn visit_float<const N: usize>(&mut self, _param: &Param<Tensor<B, N>>) {
+            self.out.push(self.path.join("."));
+        }
+    }
+    let mut paths = Paths {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut paths);
+    paths.out
+}
+
 impl<B, D, F> ModuleMapper<B> for Walker<F>
 where
     B: Backend<Device = OffloadDevice<D>>,
@@ -81,7 +110,8 @@ where
         let initialized = param.is_initialized();
         let (shape, dtype, device) = if initialized {
             let value = param.val();
-            (value.shape().to_vec(), value.dtype(), value.device())
+            let device = querying_placement(|| value.device());
+            (value.shape().to_vec(), value.dtype(), device)
         } else {
             // A lazy parameter is created with the device's default float type.
             let device = param.lazy_device();
@@ -106,13 +136,18 @@ where
         let param = if !moved && !to_host {
             param
         } else if initialized {
-            let target = placement_of(&info.device, to_host);
-            in_moves(&self.context, || param.map(|t| move_tensor(t, &target)))
+            place_initialized(
+                param,
+                placement_of(&info.device, to_host),
+                &self.context,
+                &info.path,
+            )
         } else {
             retarget_lazy(
                 param,
                 placement_of(&info.device, to_host),
                 self.context.clone(),
+                &info.path,
             )
         };
         self.reports.push(ParamReport {
@@ -157,14 +192,102 @@ fn move_tensor<B: Backend, const N: usize>(
 /// Runs `f` in a placement scope of `context`: `to_device` moves between host and device
 /// memory, and tensors in host memory are given `context`.
 pub(crate) fn in_moves<R>(context: &OffloadContext, f: impl FnOnce() -> R) -> R {
+    in_moves_marked(context, None, f)
+}
+
+/// [`in_moves`] for the parameter `mark`: a host value placed inside carries it.
+fn in_moves_marked<R>(
+    context: &OffloadContext,
+    mark: Option<Arc<ParamMark>>,
+    f: impl FnOnce() -> R,
+) -> R {
     with_scope(
         Scope {
             context: context.clone(),
             redirect_creations: false,
             moves: true,
+            mark,
         },
         f,
     )
+}
+
+/// An empty tensor for asking a parameter's load mapper for its mark ([`find_mark`]).
+fn probe<B: Backend<Device = OffloadDevice<D>>, D: DeviceOps, const N: usize>(
+    device: &OffloadDevice<D>,
+) -> Tensor<B, N> {
+    Tensor::<B, N>::empty([0; N], &device.to_resident())
+}
+
+/// The mark of the parameter at `path` (the one its load mapper carries, else a new one), and
+/// whether it is new. A parameter that goes to the device keeps its mark, set to the device.
+fn mark_for(
+    found: Option<Arc<ParamMark>>,
+    to_host: bool,
+    context: &OffloadContext,
+    path: &str,
+) -> (Option<Arc<ParamMark>>, bool) {
+    match (found, to_host) {
+        (Some(mark), true) => {
+            mark.to_host(context);
+            (Some(mark), false)
+        }
+        (None, true) => (Some(ParamMark::new(path.to_string(), context)), true),
+        (Some(mark), false) => {
+            mark.to_device();
+            (None, false)
+        }
+        (None, false) => (None, false),
+    }
+}
+
+/// A load mapper that runs `inner` (the parameter's own) and then puts the loaded tensor in
+/// host memory of `mark`'s context while the parameter belongs there. Answers [`find_mark`].
+fn load_into<B, D, const N: usize>(
+    mark: Arc<ParamMark>,
+    inner: impl Fn(Tensor<B, N>) -> Tensor<B, N> + Send + Sync + 'static,
+) -> impl Fn(Tensor<B, N>) -> Tensor<B, N> + Send + Sync + 'static
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+{
+    move |tensor| {
+        if answer_query(&mark) {
+            return tensor;
+        }
+        let loaded = inner(tensor);
+        match mark.host_context() {
+            // A leaf again (with autodiff, a move is an op): Burn sets the gradient flag next.
+            Some(context) => {
+                let host = loaded.device().to_host();
+                in_moves_marked(&context, Some(mark.clone()), || loaded.to_device(&host)).detach()
+            }
+            None => loaded,
+        }
+    }
+}
+
+/// Moves an initialised parameter to `target`, marked ([`crate::mark`]) if it goes to host
+/// memory: its load mapper (the parameter's own, then burn-offload's) keeps loads there.
+fn place_initialized<B, D, const N: usize>(
+    param: Param<Tensor<B, N>>,
+    target: OffloadDevice<D>,
+    context: &OffloadContext,
+    path: &str,
+) -> Param<Tensor<B, N>>
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+{
+    let (id, tensor, mapper) = param.consume();
+    let (_, found) = find_mark(|| mapper.on_load(probe::<B, D, N>(&target)));
+    let (mark, new) = mark_for(found, target.is_host(), context, path);
+    let moved = in_moves_marked(context, mark.clone(), || move_tensor(tensor, &target));
+    let param = Param::from_mapped_value(id, moved, mapper.clone());
+    match mark {
+        Some(mark) if new => param.load_mapper(load_into(mark, move |t| mapper.on_load(t))),
+        _ => param,
+    }
 }
 
 /// A new lazy parameter (same id and shape) on `target` whose initialiser runs the original
@@ -182,6 +305,7 @@ fn retarget_lazy<B, D, const N: usize>(
     param: Param<Tensor<B, N>>,
     target: OffloadDevice<D>,
     context: OffloadContext,
+    path: &str,
 ) -> Param<Tensor<B, N>>
 where
     B: Backend<Device = OffloadDevice<D>>,
@@ -189,14 +313,14 @@ where
 {
     let id = param.id;
     let shape = param.lazy_shape();
-    let probe = Tensor::<B, N>::empty([0; N], &param.lazy_device().to_resident());
-    let carrier = param.clone().transform_for_load(probe, id);
+    let probe = probe::<B, D, N>(&param.lazy_device());
+    let (carrier, found) = find_mark(|| param.clone().transform_for_load(probe, id));
+    let (mark, _) = mark_for(found, target.is_host(), &context, path);
     let require_grad = carrier.val().is_require_grad();
     let original = Arc::new(param);
     let (on_load, on_save) = (carrier.clone(), carrier);
-    // Weak: a later policy re-tags the parameter, and this one's context may then go.
-    let load_context = context.downgrade();
-    Param::uninitialized(
+    let init_mark = mark.clone();
+    let param = Param::uninitialized(
         id,
         move |device: &OffloadDevice<D>, require_grad| {
             let value = if device.is_host() {
@@ -204,31 +328,27 @@ where
                     context: context.clone(),
                     redirect_creations: true,
                     moves: false,
+                    mark: None,
                 };
                 with_scope(redirect, || original.val())
             } else {
                 original.val()
             };
-            let value = in_moves(&context, || value.to_device(device));
+            let mark = init_mark.clone().filter(|_| device.is_host());
+            let value = in_moves_marked(&context, mark, || value.to_device(device));
             value.detach().set_require_grad(require_grad)
         },
         target,
         require_grad,
         shape,
     )
+    .save_mapper(move |tensor| on_save.clone().map(|_| tensor).transform_for_save().val());
     // Placements compare equal, so the carrier's `transform_for_load` does not move `tensor`;
-    // a tensor a store created in host memory is given this context while it lives (an O(1)
-    // re-tag), one created in device memory stays there.
-    .load_mapper(move |tensor| {
-        let loaded = on_load.clone().transform_for_load(tensor, id).val();
-        let device = loaded.device();
-        match load_context.upgrade() {
-            // A leaf again (with autodiff, a move is an op): Burn sets the gradient flag next.
-            Some(context) if device.is_host() => {
-                in_moves(&context, || loaded.to_device(&device)).detach()
-            }
-            _ => loaded,
-        }
-    })
-    .save_mapper(move |tensor| on_save.clone().map(|_| tensor).transform_for_save().val())
+    // the mark then puts what a store loaded (in host or in device memory) in host memory of
+    // the model's context while the parameter belongs there.
+    let load = move |tensor| on_load.clone().transform_for_load(tensor, id).val();
+    match mark {
+        Some(mark) => param.load_mapper(load_into(mark, load)),
+        None => param.load_mapper(load),
+    }
 }

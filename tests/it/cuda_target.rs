@@ -175,7 +175,7 @@ fn operand(
     let host = OffloadDevice::host(cuda.clone());
     let offloaded = view.apply(Tensor::<B, 2>::from_data(data, (&host, dtype)), k, n);
     assert!(
-        offloaded.device().is_host(),
+        common::on_host(&offloaded),
         "the {view:?} view stays offloaded"
     );
     (plain, offloaded, held)

@@ -27,7 +27,7 @@ fn per_device_settings_hold_for_both_placements() {
     assert_eq!(mask.int().dtype(), DType::I32);
     // Created on `Host(d)`, a tensor's results live on `Device(d)`: the same settings.
     let offloaded = Tensor::<B, 1>::from_data([1.0, -1.0], &host);
-    assert!(offloaded.device().is_host());
+    assert!(common::on_host(&offloaded));
     let result = (offloaded * 2.0).greater_elem(0.0).int();
     assert_eq!(result.dtype(), DType::I32);
     assert_eq!(result.into_data().to_vec::<i32>().unwrap(), [1, 0]);

@@ -40,3 +40,4 @@ mod training;
 mod views;
 #[cfg(feature = "wgpu")]
 mod wgpu;
+mod zoo;

@@ -40,7 +40,7 @@ fn allocations_are_exact_size() {
     let start = host_memory_stats();
 
     let t = Tensor::<B, 1>::from_data(TensorData::new(iota(1000), [1000]), &host());
-    assert!(t.device().is_host());
+    assert!(common::on_host(&t));
     assert_eq!(delta(start), (4000, 1));
     assert_eq!(
         host_memory_stats().total_allocations,
@@ -77,7 +77,7 @@ fn allocations_are_exact_size() {
         Tensor::<B, 2>::random([7, 9], Distribution::Default, &host()),
     ];
     assert_eq!(delta(start), (5 * 7 * 9 * 4, 5));
-    assert!(tensors.iter().all(|t| t.device().is_host()));
+    assert!(tensors.iter().all(common::on_host));
     assert_eq!(tensors[2].to_data().to_vec::<f32>().unwrap(), vec![2.5; 63]);
     drop(tensors);
 
@@ -85,7 +85,7 @@ fn allocations_are_exact_size() {
     let resident = Tensor::<B, 2>::ones([10, 10], &device());
     assert_eq!(delta(start), (0, 0));
     let moved = OffloadContext::default_context().place(resident, &host());
-    assert!(moved.device().is_host());
+    assert!(common::on_host(&moved));
     assert_eq!(delta(start), (400, 1));
     drop(moved);
     assert_eq!(delta(start), (0, 0));
@@ -176,12 +176,12 @@ fn views_and_clones_share_the_buffer() {
     ];
     let chunks = t.clone().chunk(2, 1);
     for (view, expected) in &views {
-        assert!(view.device().is_host(), "a view stays in host memory");
+        assert!(common::on_host(view), "a view stays in host memory");
         assert_eq!(view.to_data(), expected.to_data());
     }
-    assert!(chunks.iter().all(|c| c.device().is_host()));
+    assert!(chunks.iter().all(common::on_host));
     let flat: Tensor<B, 1> = t.clone().flatten(0, 2);
-    assert!(flat.device().is_host());
+    assert!(common::on_host(&flat));
     assert_eq!(delta(start), (96, 1), "no view allocates");
 
     // The buffer lives as long as its last view.
@@ -204,7 +204,7 @@ fn reshaping_a_non_contiguous_view_makes_a_resident_copy() {
     let t = Tensor::<B, 2>::from_data(TensorData::new(iota(12), [3, 4]), &host());
     reset_op_stats();
     let r = t.clone().transpose().reshape([12]);
-    assert!(!r.device().is_host());
+    assert!(!common::on_host(&r));
     assert_eq!(op_stats().transient_uploads, 1);
     assert_eq!(
         r.to_data().to_vec::<f32>().unwrap(),
@@ -238,7 +238,7 @@ fn ops_with_transient_copies_leave_nothing_behind() {
             burn::tensor::activation::relu(w.clone()),
         ];
         let stats = op_stats();
-        assert!(outputs.iter().all(|o| !o.device().is_host()));
+        assert!(outputs.iter().all(|o| !common::on_host(o)));
         if mode == OffloadMode::Copy {
             assert_eq!(stats.transient_uploads, 6, "{stats:?}");
             assert_eq!(
@@ -389,7 +389,7 @@ fn random_init_on_the_host_is_seeded_and_never_touches_the_device() {
     reset_op_stats();
     let start = host_memory_stats();
     let a = draw(3);
-    assert!(a.device().is_host());
+    assert!(common::on_host(&a));
     let stats = op_stats();
     assert_eq!(stats.device_created_bytes, 0, "{stats:?}");
     assert_eq!(stats.host_created_bytes, (1024 * 1100 * 4) as u64);

@@ -124,8 +124,8 @@ fn filters_restrict_what_is_offloaded() {
             "head.weight",
         ])
     );
-    assert!(offloaded_with(&filters(&["attn"])).is_empty());
-    assert!(offloaded_with(&filters(&["ml"])).is_empty());
+    assert!(offloaded_with(&filters(&["attn"]).allow_unmatched(true)).is_empty());
+    assert!(offloaded_with(&filters(&["ml"]).allow_unmatched(true)).is_empty());
 
     // The budget only counts eligible parameters: 600 bytes of `mlp` are up.weight (512) and,
     // as the check comes before each parameter, up.bias (64) and down.weight (512) too.
@@ -149,8 +149,18 @@ fn exact_paths_select_only_those_parameters() {
         offloaded_with(&policy),
         paths(&["layers.0.mlp.up.weight", "head.bias"])
     );
+    let error = OffloadPolicy::from_bytes(u64::MAX)
+        .paths(["layers.0.mlp"])
+        .apply(net())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("`layers.0.mlp` (did you mean `layers.0.mlp.up.bias`"),
+        "{error}"
+    );
     let (_, report) = OffloadPolicy::from_bytes(u64::MAX)
         .paths(["layers.0.mlp"])
+        .allow_unmatched(true)
         .apply(net())
         .unwrap();
     assert!(offloaded_paths(&report).is_empty());
@@ -269,8 +279,8 @@ fn budget_ending_inside_a_layer_offloads_the_crossing_param() {
     assert!(report.is_offloaded("layers.0.mlp.up.weight"));
     // A module partly offloaded: up.weight in host memory, up.bias on the device.
     let up = &model.layers[0].mlp.up;
-    assert!(up.weight.val().device().is_host());
-    assert!(!up.bias.as_ref().unwrap().val().device().is_host());
+    assert!(common::on_host(&up.weight.val()));
+    assert!(!common::on_host(&up.bias.as_ref().unwrap().val()));
 
     // A budget ending exactly at a parameter's end stops before the next one.
     let (_, report) = OffloadPolicy::from_bytes(576).apply(net()).unwrap();
@@ -649,8 +659,28 @@ fn a_prefetch_lookahead_of_zero_is_rejected() {
 }
 
 #[test]
-fn a_filter_matching_no_parameter_gets_its_own_warning() {
-    let (_, report) = filters(&["mlpp"]).apply(net()).unwrap();
+fn a_filter_matching_no_parameter_is_an_error_naming_the_closest_segments() {
+    let error = filters(&["mlpp", "mlp"]).apply(net()).unwrap_err();
+    assert!(
+        matches!(&error, OffloadError::UnmatchedFilters { unmatched } if unmatched == "`mlpp` (did you mean `mlp`?)"),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("allow_unmatched(true)"), "{message}");
+    // A family's name for a part suggests this model's name for it.
+    let error = filters(&["ffn"]).apply(net()).unwrap_err().to_string();
+    assert!(error.contains("`ffn` (did you mean `mlp`?)"), "{error}");
+    // From a policy file too.
+    let policy = OffloadPolicy::from_toml("max_gib = 1.0\nparams = [\"attn\"]").unwrap();
+    assert!(policy.apply(net()).is_err());
+}
+
+#[test]
+fn allowed_unmatched_filters_get_their_own_warning() {
+    let (_, report) = filters(&["mlpp"])
+        .allow_unmatched(true)
+        .apply(net())
+        .unwrap();
     assert_eq!(report.offloaded_tensors(), 0);
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     let w = &report.warnings[0];
@@ -660,7 +690,11 @@ fn a_filter_matching_no_parameter_gets_its_own_warning() {
     );
     assert!(!w.contains("all of them are offloaded"), "{w}");
     // Several, one of which matches: the others are named together.
-    let (_, report) = filters(&["attn", "mlp", "ml"]).apply(net()).unwrap();
+    let policy = OffloadPolicy::from_toml(
+        "max_gib = 1.0\nparams = [\"attn\", \"mlp\", \"ml\"]\nallow_unmatched = true",
+    )
+    .unwrap();
+    let (_, report) = policy.apply(net()).unwrap();
     assert!(
         report.warnings[0].starts_with("parameter filters `attn`, `ml` match no parameter"),
         "{:?}",
@@ -940,7 +974,10 @@ fn report_warnings_are_logged_under_their_own_target() {
     log::set_logger(&WarningCapture).unwrap();
     log::set_max_level(log::LevelFilter::Warn);
     let filter = "only_in_the_log_target_test";
-    let (_, report) = filters(&[filter]).apply(net()).unwrap();
+    let (_, report) = filters(&[filter])
+        .allow_unmatched(true)
+        .apply(net())
+        .unwrap();
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     let logged: Vec<_> = LOGGED_WARNINGS
         .lock()
@@ -959,4 +996,44 @@ fn report_warnings_are_logged_under_their_own_target() {
     );
     // Under the crate's prefix, so `RUST_LOG=burn_offload=warn` still shows them.
     assert!(burn_offload::policy::WARNINGS_LOG_TARGET.starts_with("burn_offload::"));
+
+    // A lost placement: a `Module::map` that computes new values on the device replaces the
+    // offloaded `head` parameters. The next forward logs one warning naming both and the fix;
+    // later forwards log nothing more.
+    struct Rescale;
+    impl burn::module::ModuleMapper<B> for Rescale {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<B, D>> {
+            param.map(|t| t.mul_scalar(1.0))
+        }
+    }
+    let (model, report) = filters(&["head"]).apply(net()).unwrap();
+    let model = burn::module::Module::map(model, &mut Rescale);
+    let input = || burn::tensor::Tensor::<B, 3>::zeros([1, 2, common::D_MODEL], &device());
+    model.forward(input());
+    model.forward(input());
+    let lost: Vec<_> = LOGGED_WARNINGS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(target, _)| target == burn_offload::LOST_PLACEMENT_LOG_TARGET)
+        .map(|(_, message)| message.clone())
+        .collect();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(
+        lost[0].contains("`head.weight`, `head.bias`"),
+        "{}",
+        lost[0]
+    );
+    assert!(
+        lost[0].contains("OffloadOptimizer::new(optimizer, &report)"),
+        "{}",
+        lost[0]
+    );
+    assert_eq!(
+        report.context().unwrap().lost_placements(),
+        ["head.weight", "head.bias"]
+    );
 }

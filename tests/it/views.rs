@@ -396,9 +396,12 @@ fn run_chain(seed: u64) -> usize {
         assert_eq!(got, expected, "{}", ctx());
         let after = offloaded.host();
         if reference.dims().contains(&0) {
-            // Burn makes an empty slice with `empty` on the same (host) device: new memory.
-            let after = after.unwrap_or_else(|| panic!("an empty result left Host: {}", ctx()));
-            root = after.buffer().clone();
+            // An empty result holds nothing, wherever it is: a view of an empty offloaded
+            // tensor stays one, and Burn makes an empty slice with `empty` on the tensor's
+            // device, the compute device (a resident tensor, offloaded again next step).
+            if let Some(after) = after {
+                root = after.buffer().clone();
+            }
         } else if expect_view {
             let after = after.unwrap_or_else(|| panic!("a view became resident: {}", ctx()));
             assert!(

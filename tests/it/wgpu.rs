@@ -78,7 +78,7 @@ fn place<Inner: OffloadTarget<Device = WgpuDevice>, const N: usize>(
         OffloadDevice::device(wgpu())
     };
     let tensor = Tensor::<OffloadBackend<Inner>, N>::from_data(data.clone(), &device);
-    assert_eq!(tensor.device().is_host(), offloaded);
+    assert_eq!(common::on_host(&tensor), offloaded);
     tensor
 }
 
@@ -156,7 +156,7 @@ macro_rules! equiv {
                         rule: $rule,
                         placement: &placement,
                     };
-                    check(&case, out.device().is_host(), stats, &out.into_data(), &$expected);
+                    check(&case, common::on_host(&out), stats, &out.into_data(), &$expected);
                 }
             });
         }
@@ -732,3 +732,51 @@ on_both!(
     safetensors_loading,
     own_process
 );
+
+/// Why the seeded tests run in a process of their own.
+const SEEDED: &str = "CubeCL's random generator is the process's: a seeded draw must not \
+                      interleave with other tests' draws";
+
+/// Same seed, same weights: a lazily initialised model whose parameters a policy offloads has
+/// bit for bit the weights of the wrapped backend alone (its generator draws them on the
+/// device, then they are copied out), in every mode.
+fn same_seed_same_weights<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
+    const SEED: u64 = 7;
+    Bk::seed(&wgpu(), SEED);
+    let plain = common::values(&common::Net::<Bk>::new(&wgpu()));
+    let device = OffloadDevice::Device(wgpu());
+    for mode in [
+        OffloadMode::Uva,
+        OffloadMode::Copy,
+        OffloadMode::Auto,
+        OffloadMode::Prefetch {
+            lookahead_bytes: 1 << 20,
+        },
+    ] {
+        <OffloadBackend<Bk> as burn::tensor::backend::Backend>::seed(&device, SEED);
+        let (net, report) = OffloadPolicy::from_bytes(common::NET_BYTES / 2)
+            .mode(mode)
+            .apply(Net::<Bk>::new(&device))
+            .unwrap();
+        assert!(report.offloaded_tensors() > 0, "{name} {mode}");
+        assert_eq!(common::values(&net), plain, "{name} {mode}");
+    }
+}
+
+#[test]
+fn same_seed_same_weights_fused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    common::own_process!(SEEDED);
+    same_seed_same_weights::<Fused>("OffloadBackend<Wgpu>");
+}
+
+#[test]
+fn same_seed_same_weights_unfused() {
+    let Some(_serial) = start() else {
+        return;
+    };
+    common::own_process!(SEEDED);
+    same_seed_same_weights::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
+}

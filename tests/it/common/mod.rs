@@ -7,6 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
+use burn_backend::DeviceOps;
 use burn_offload::OffloadDevice;
 
 #[cfg(feature = "cuda")]
@@ -190,16 +191,29 @@ pub fn values<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, TensorData)>
     out
 }
 
+/// Whether `tensor` is in host memory (its `device()` is the compute device either way).
+pub fn on_host<D, B, const N: usize, K>(tensor: &Tensor<B, N, K>) -> bool
+where
+    D: DeviceOps,
+    B: Backend<Device = OffloadDevice<D>>,
+    K: burn::tensor::BasicOps<B>,
+    K::Elem: burn::tensor::Element,
+{
+    burn_offload::tensor_placement(tensor) == burn_offload::Placement::Host
+}
+
 /// Path and whether the parameter's tensor is in host memory (initialises lazy ones).
 pub fn placements<D, B, M>(module: &M) -> Vec<(String, bool)>
 where
-    D: Clone,
+    D: DeviceOps,
     B: Backend<Device = OffloadDevice<D>>,
     M: Module<B>,
 {
-    let mut out = Vec::new();
-    visit::<B, M>(module, |path, p| out.push((path, p.device().is_host())));
-    out
+    visit::<B, M>(module, |_, p| drop(p.device()));
+    burn_offload::placements(module)
+        .into_iter()
+        .map(|(path, placement)| (path, placement == burn_offload::Placement::Host))
+        .collect()
 }
 
 /// Path and whether the parameter requires a gradient.
