@@ -311,16 +311,23 @@ fn the_calibration_is_kept_on_disk_and_read_back_without_measuring() {
     clear_calibration(&CPU);
 }
 
-#[test]
-fn stale_or_corrupt_entries_are_measured_again_and_replaced() {
-    common::own_process!(OWN_PROCESS);
+/// A fresh cache directory (see [`fresh_cache_dir`]) holding [`planted`] under the CPU's key,
+/// with no calibration in the process: the directory, the entry's file and its key.
+fn planted_cache() -> (tempfile::TempDir, std::path::PathBuf, serde_json::Value) {
     let dir = fresh_cache_dir();
     clear_calibration(&CPU);
     let file = calibration_cache_file(&CPU, true).unwrap();
     let key = serde_json::to_value(CacheKey::new(&CPU, true)).unwrap();
+    write_entry(&file, &key, &planted());
+    (dir, file, key)
+}
+
+#[test]
+fn stale_or_corrupt_entries_are_measured_again_and_replaced() {
+    common::own_process!(OWN_PROCESS);
+    let (dir, file, key) = planted_cache();
     // The planted entry under the right key is used (the check of the damaged ones below
     // would pass vacuously otherwise).
-    write_entry(&file, &key, &planted());
     assert_eq!(apply_auto(), planted());
 
     let with = |field: &str, value: serde_json::Value| {
@@ -391,11 +398,7 @@ fn stale_or_corrupt_entries_are_measured_again_and_replaced() {
 #[test]
 fn the_switch_keeps_the_calibration_off_the_disk() {
     common::own_process!(OWN_PROCESS);
-    let dir = fresh_cache_dir();
-    clear_calibration(&CPU);
-    let file = calibration_cache_file(&CPU, true).unwrap();
-    let key = serde_json::to_value(CacheKey::new(&CPU, true)).unwrap();
-    write_entry(&file, &key, &planted());
+    let (dir, file, _) = planted_cache();
     let planted_text = std::fs::read_to_string(&file).unwrap();
 
     for off in ["0", "off", "False"] {

@@ -4,6 +4,7 @@
 //! two prompts, in `reference.json`). Each is run with every parameter resident and with every
 //! parameter offloaded in each mode, on the CPU target.
 
+use crate::common::MODES;
 use crate::llama::hf;
 use crate::llama::model;
 
@@ -120,15 +121,6 @@ fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
         })
         .fold(0.0, f32::max)
 }
-
-const MODES: [OffloadMode; 4] = [
-    OffloadMode::Uva,
-    OffloadMode::Copy,
-    OffloadMode::Auto,
-    OffloadMode::Prefetch {
-        lookahead_bytes: 1 << 20,
-    },
-];
 
 #[test]
 fn every_fixture_matches_transformers_resident_and_offloaded_in_every_mode() {

@@ -745,14 +745,7 @@ fn same_seed_same_weights<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
     Bk::seed(&wgpu(), SEED);
     let plain = common::values(&common::Net::<Bk>::new(&wgpu()));
     let device = OffloadDevice::Device(wgpu());
-    for mode in [
-        OffloadMode::Uva,
-        OffloadMode::Copy,
-        OffloadMode::Auto,
-        OffloadMode::Prefetch {
-            lookahead_bytes: 1 << 20,
-        },
-    ] {
+    for mode in common::MODES {
         <OffloadBackend<Bk> as burn::tensor::backend::Backend>::seed(&device, SEED);
         let (net, report) = OffloadPolicy::from_bytes(common::NET_BYTES / 2)
             .mode(mode)

@@ -8,6 +8,7 @@
 //! it).
 
 use crate::common;
+use common::MODES;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param};
@@ -282,15 +283,6 @@ fn host_paths(placed: &[(String, Placement)]) -> Vec<&str> {
         .map(|(path, _)| path.as_str())
         .collect()
 }
-
-const MODES: [OffloadMode; 4] = [
-    OffloadMode::Uva,
-    OffloadMode::Copy,
-    OffloadMode::Auto,
-    OffloadMode::Prefetch {
-        lookahead_bytes: 1 << 20,
-    },
-];
 
 // ------------------------------------------------------------------------------------------
 // The tests.

@@ -27,6 +27,16 @@ pub fn device() -> OffloadDevice<burn::backend::ndarray::NdArrayDevice> {
     OffloadDevice::Device(CPU)
 }
 
+/// Every mode, with a prefetch lookahead of 1 MiB.
+pub const MODES: [burn_offload::OffloadMode; 4] = [
+    burn_offload::OffloadMode::Uva,
+    burn_offload::OffloadMode::Copy,
+    burn_offload::OffloadMode::Auto,
+    burn_offload::OffloadMode::Prefetch {
+        lookahead_bytes: 1 << 20,
+    },
+];
+
 pub const D_MODEL: usize = 8;
 pub const D_FF: usize = 16;
 pub const D_OUT: usize = 4;
