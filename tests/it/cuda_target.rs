@@ -1033,3 +1033,29 @@ fn auto_mode_measures_the_card_and_warns_when_the_model_fits() {
     );
     clear_calibration(&cuda);
 }
+
+/// Same seed, same weights on CUDA, fused and unfused: a lazily initialised model whose
+/// parameters a policy offloads has bit for bit the weights of the wrapped backend alone.
+#[test]
+fn same_seed_same_weights() {
+    let Some((cuda, _gpu)) = gpu("same_seed_same_weights") else {
+        return;
+    };
+    fn check<Bk: OffloadTarget<Device = CudaDevice>>(cuda: &CudaDevice, name: &str) {
+        const SEED: u64 = 11;
+        Bk::seed(cuda, SEED);
+        let plain = common::values(&common::Net::<Bk>::new(cuda));
+        let device = OffloadDevice::Device(cuda.clone());
+        for mode in common::MODES {
+            <OffloadBackend<Bk> as Backend>::seed(&device, SEED);
+            let (net, report) = OffloadPolicy::from_bytes(common::NET_BYTES / 2)
+                .mode(mode)
+                .apply(common::Net::<OffloadBackend<Bk>>::new(&device))
+                .unwrap();
+            assert!(report.offloaded_tensors() > 0, "{name} {mode}");
+            assert_eq!(common::values(&net), plain, "{name} {mode}");
+        }
+    }
+    check::<R>(&cuda, "CudaBackend");
+    check::<burn_cuda::Cuda>(&cuda, "burn::backend::Cuda");
+}
