@@ -280,7 +280,14 @@ where
     D: DeviceOps,
 {
     let (id, tensor, mapper) = param.consume();
-    let (_, found) = find_mark(|| mapper.on_load(probe::<B, D, N>(&target)));
+    // Only a parameter with a load mapper can hold a mark; most have none, and theirs is then
+    // not run on a probe. (`ParamMapper` keeps its mappers private; its `Debug` says whether
+    // there is one.)
+    let found = if format!("{mapper:?}").contains("load: true") {
+        find_mark(|| mapper.on_load(probe::<B, D, N>(&target))).1
+    } else {
+        None
+    };
     let (mark, new) = mark_for(found, target.is_host(), context, path);
     let moved = in_moves_marked(context, mark.clone(), || move_tensor(tensor, &target));
     let param = Param::from_mapped_value(id, moved, mapper.clone());
