@@ -320,6 +320,15 @@ pub(crate) struct Scope {
     pub mark: Option<Arc<crate::mark::ParamMark>>,
 }
 
+impl Scope {
+    /// `host` is placed inside this scope: it carries the scope's mark, if there is one.
+    pub(crate) fn placed(&self, host: &crate::host::HostTensor) {
+        if let Some(mark) = &self.mark {
+            mark.placed(host);
+        }
+    }
+}
+
 thread_local! {
     static SCOPES: RefCell<Vec<Scope>> = const { RefCell::new(Vec::new()) };
     static PLACEMENT_QUERY: Cell<bool> = const { Cell::new(false) };

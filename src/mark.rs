@@ -48,7 +48,6 @@ struct MarkState {
 }
 
 /// What a host buffer holds while it is a marked parameter's value.
-#[derive(Clone)]
 pub(crate) struct BufferMark {
     mark: Weak<ParamMark>,
     generation: u64,

@@ -10,7 +10,7 @@ use burn_backend::TensorMetadata;
 
 use super::generated::delegate_float_tensor_ops;
 use super::prelude::*;
-use super::tensor::{Offloaded, host_from_data, host_random, offload};
+use super::tensor::{Offloaded, host_from_data, offload};
 use crate::context::{
     OffloadContext, current_context, current_scope, host_redirect_active, placement_queried,
 };
@@ -68,28 +68,22 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
         Self::create(data, device)
     }
 
+    /// Drawn by `B` on the device whatever the placement, so that a seed gives the same values
+    /// (and leaves `B`'s generator in the same state) with and without a policy; a tensor for
+    /// host memory is then copied out, one at a time.
     fn float_random(
         shape: Shape,
         distribution: Distribution,
         device: &Device<Self>,
         dtype: FloatDType,
     ) -> FloatTensor<Self> {
+        let drawn = B::float_random(shape, distribution, device.compute(), dtype);
         if Self::creates_on_host(device) {
-            let d = device.compute();
-            OffloadTensor::Offloaded(host_random::<B>(
-                shape,
-                distribution,
-                dtype,
-                d,
-                current_context(),
-            ))
+            let offloaded = offload::<B>(drawn, current_context());
+            record(|s| s.host_created_bytes += offloaded.host().size_bytes() as u64);
+            OffloadTensor::Offloaded(offloaded)
         } else {
-            Self::created(B::float_random(
-                shape,
-                distribution,
-                device.compute(),
-                dtype,
-            ))
+            Self::created(drawn)
         }
     }
 
@@ -161,10 +155,8 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                 let t = B::float_to_device(t, target);
                 match moves {
                     Some(scope) if device.is_host() => {
-                        let o = Self::offload_into_recycled(t, scope.context);
-                        if let Some(mark) = &scope.mark {
-                            mark.placed(o.host());
-                        }
+                        let o = Self::offload_into_recycled(t, scope.context.clone());
+                        scope.placed(o.host());
                         OffloadTensor::Offloaded(o)
                     }
                     _ => Self::resident(t),
@@ -183,9 +175,7 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
                 // Host memory is readable by any device of the target: the reader changes.
                 Some(scope) => {
                     B::note_host_reader(o.host(), target);
-                    if let Some(mark) = &scope.mark {
-                        mark.placed(o.host());
-                    }
+                    scope.placed(o.host());
                     OffloadTensor::Offloaded(o.retag(target.clone(), scope.context))
                 }
                 None => {

@@ -1,7 +1,6 @@
 //! The float primitive of [`OffloadBackend`](super::OffloadBackend).
 
-use burn_backend::{DType, Distribution, Shape, TensorData, TensorMetadata};
-use burn_std::FloatDType;
+use burn_backend::{DType, Shape, TensorData, TensorMetadata};
 
 use crate::context::OffloadContext;
 use crate::host::HostTensor;
@@ -107,24 +106,6 @@ impl<B: OffloadTarget> TensorMetadata for OffloadTensor<B> {
             Self::Offloaded(o) => o.host.shape(),
         }
     }
-}
-
-/// A random tensor in new host memory for `device` (pinned if `context` says so), drawn by
-/// the wrapped backend on the device and copied out: the values, and the backend's generator
-/// state after them, are those of the same tensor created in device memory, so a seeded model
-/// has the same weights whatever the policy offloads. Device memory holds one such tensor at
-/// a time, for as long as the copy takes.
-pub(crate) fn host_random<B: OffloadTarget>(
-    shape: Shape,
-    distribution: Distribution,
-    dtype: FloatDType,
-    device: &B::Device,
-    context: OffloadContext,
-) -> Offloaded<B> {
-    let drawn = B::float_random(shape, distribution, device, dtype);
-    let host = B::download(drawn, context.pin_memory()).unwrap_or_else(|e| panic!("{e}"));
-    record(|s| s.host_created_bytes += host.size_bytes() as u64);
-    Offloaded::new(host, device.clone(), context)
 }
 
 /// Stores `data` in new host memory for `device` (pinned if `context` says so).

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 pub(crate) use report::human_bytes;
 pub use report::{OffloadReport, ParamReport, Placement};
-pub(crate) use walk::{ParamAction, in_moves, param_paths, walk_params};
+pub(crate) use walk::{ParamAction, in_moves, walk_params};
 
 use crate::auto::Calibration;
 use crate::context::{ContextConfig, OffloadContext};
@@ -348,7 +348,11 @@ impl OffloadPolicy {
         self.validate()?;
         if !self.allow_unmatched {
             // Before anything moves: on an error the caller's model is dropped unchanged.
-            self.check_filters_match(&param_paths(&module))?;
+            let paths: Vec<String> = crate::placements(&module)
+                .into_iter()
+                .map(|(path, _)| path)
+                .collect();
+            self.check_filters_match(&paths)?;
         }
         let context = OffloadContext::new(ContextConfig::new(self.mode, self.pin_memory));
         let config = context.config();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use burn::module::{ModuleMapper, ModuleVisitor, Param};
+use burn::module::{ModuleMapper, Param};
 use burn::tensor::{Tensor, backend::Backend};
 use burn_backend::{DType, DeviceOps, get_device_settings};
 
@@ -62,34 +62,6 @@ where
     };
     let module = module.map(&mut walker);
     (module, walker.reports)
-}
-
-/// The full dotted path of every float parameter of `module`, in module order (initialises
-/// nothing).
-pub(crate) fn param_paths<B: Backend, M: burn::module::Module<B>>(module: &M) -> Vec<String> {
-    struct Paths {
-        path: Vec<String>,
-        out: Vec<String>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Paths {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-
-        fn visit_float<const N: usize>(&mut self, _param: &Param<Tensor<B, N>>) {
-            self.out.push(self.path.join("."));
-        }
-    }
-    let mut paths = Paths {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    module.visit(&mut paths);
-    paths.out
 }
 
 impl<B, D, F> ModuleMapper<B> for Walker<F>
