@@ -131,7 +131,7 @@ if __name__ == '__main__' and len(sys.argv) > 1 and sys.argv[1] == 'dump':
 HANDWRITTEN = {
     "FloatTensorOps": "src/backend/float.rs", "IntTensorOps": "src/backend/delegated.rs",
     "BoolTensorOps": "src/backend/delegated.rs", "ModuleOps": "src/backend/module.rs",
-    "ActivationOps": "src/backend/delegated.rs", "QTensorOps": "src/backend/delegated.rs",
+    "ActivationOps": "src/backend/delegated.rs", "QTensorOps": "src/backend/quantized.rs",
     "TransactionOps": "src/backend/transaction.rs",
 }
 
@@ -155,9 +155,11 @@ def convert_arg(name, ty):
     if ty == 'Option<FloatTensor<B>>': return f'{name}.map(Self::fetch)'
     if ty == '&Device<B>': return f'{name}.compute()'
     if ty == 'TensorPrimitive<B>': return f'Self::fetch_primitive({name})'
+    if ty == 'QuantizedTensor<B>': return f'Self::fetch_q({name})'
+    if ty == 'Vec<QuantizedTensor<B>>': return f'{name}.into_iter().map(Self::fetch_q).collect()'
     if ty == 'QuantizationParametersPrimitive<B>':
         return f'QuantizationParametersPrimitive {{ scales: Self::fetch({name}.scales) }}'
-    if 'FloatTensor' in ty or 'Device<B>' in ty or 'TransactionPrimitive' in ty:
+    if 'FloatTensor' in ty or 'QuantizedTensor' in ty or 'Device<B>' in ty or 'TransactionPrimitive' in ty:
         raise SystemExit(f"no conversion for argument type {ty}: write the method by hand")
     return name
 
@@ -165,6 +167,7 @@ def convert_ret(expr, ty):
     if ty == 'FloatTensor<B>': return f'Self::resident({expr})'
     if ty == 'Device<B>': return f'OffloadDevice::Device({expr})'
     if ty == 'TensorPrimitive<B>': return f'Self::wrap_primitive({expr})'
+    if ty == 'QuantizedTensor<B>': return f'Self::resident_q({expr})'
     m = re.fullmatch(r'(\w+)<B>', ty)
     if m and m.group(1) in STRUCT_RETURNS: return f'FromInner::from_inner({expr})'
     if ty.startswith('('):
@@ -172,7 +175,7 @@ def convert_ret(expr, ty):
         names = [f'r{i}' for i in range(len(parts))]
         conv = ', '.join(convert_ret(n, t) for n, t in zip(names, parts))
         return f'{{ let ({", ".join(names)}) = {expr}; ({conv}) }}'
-    if 'FloatTensor' in ty or 'Device<B>' in ty:
+    if 'FloatTensor' in ty or 'QuantizedTensor' in ty or 'Device<B>' in ty:
         raise SystemExit(f"no conversion for return type {ty}: write the method by hand")
     return expr
 

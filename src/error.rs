@@ -143,6 +143,35 @@ pub enum OffloadError {
         /// What failed.
         reason: String,
     },
+    /// A value given to the library that it cannot use (e.g. an unknown quantization name).
+    #[error("{0}")]
+    Config(String),
+    /// A quantization scheme that a target cannot hold or read (e.g. 4-bit values in
+    /// burn-ndarray's memory, fp8 on the CPU reference target).
+    #[error("{target} cannot hold or read quantization scheme `{scheme}`: {reason}; {instead}")]
+    UnsupportedQuantization {
+        /// The scheme, by its short name (`q4s/b32/f16`).
+        scheme: String,
+        /// The target or the part of it that refuses.
+        target: String,
+        /// What in the scheme it cannot do.
+        reason: String,
+        /// What to use instead.
+        instead: String,
+    },
+    /// A quantization that would quantize a tensor that has to stay float (a norm, a bias, any
+    /// rank-1 tensor), or whose shape does not fit the scheme's blocks or packing.
+    #[error("cannot quantize `{path}` (shape {shape:?}): {reason}; {instead}")]
+    CannotQuantize {
+        /// The parameter's path.
+        path: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Why not.
+        reason: String,
+        /// What to change.
+        instead: String,
+    },
     /// An error of the CUDA layer (feature `cuda`).
     #[cfg(feature = "cuda")]
     #[error(transparent)]

@@ -77,7 +77,8 @@ pub struct FitParam {
     pub path: String,
     /// Shape.
     pub shape: Vec<usize>,
-    /// Bytes in the module's float type.
+    /// Bytes in memory: in the module's float type, or packed for a quantized parameter
+    /// ([`quantize_fit_params`]).
     pub bytes: u64,
     /// How it is read.
     pub usage: ParamUse,
@@ -89,6 +90,22 @@ impl FitParam {
         let rows = self.shape.iter().rev().skip(1).product::<usize>().max(1);
         self.bytes / rows as u64
     }
+}
+
+/// `params` sized as a policy with `quantization` places them: each parameter it quantizes at
+/// its packed size (values and scales), so that the plan, its policy and its estimate count
+/// the bytes that will be in memory and cross the bus. Errors as
+/// [`Quantization::scheme_for`](crate::Quantization::scheme_for) does.
+pub fn quantize_fit_params(
+    params: &mut [FitParam],
+    quantization: &crate::Quantization,
+) -> Result<(), OffloadError> {
+    for p in params.iter_mut() {
+        if let Some(scheme) = quantization.scheme_for(&p.path, &p.shape)? {
+            p.bytes = crate::quant::tensor_bytes(&p.shape, burn_backend::DType::QFloat(scheme));
+        }
+    }
+    Ok(())
 }
 
 /// The float parameters of `module` in module order, sized as [`OffloadPolicy::apply`] sizes
@@ -130,7 +147,7 @@ pub fn fit_params<B: Backend, M: Module<B>>(module: &M, gathered: &[&str]) -> Ve
                 ParamUse::Matmul
             };
             self.out.push(FitParam {
-                bytes: (shape.iter().product::<usize>() * dtype.size()) as u64,
+                bytes: crate::quant::tensor_bytes(&shape, dtype),
                 path,
                 shape,
                 usage,

@@ -24,6 +24,12 @@ static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 static LIVE_ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 static LIVE_PINNED_BYTES: AtomicUsize = AtomicUsize::new(0);
 static TOTAL_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Starts the peak again from the bytes alive now.
+pub(crate) fn reset_peak() {
+    PEAK_BYTES.store(LIVE_BYTES.load(Ordering::Acquire), Ordering::Release);
+}
 
 /// Reads the process-wide host memory counters.
 pub(crate) fn host_memory_counters() -> HostMemoryStats {
@@ -32,6 +38,7 @@ pub(crate) fn host_memory_counters() -> HostMemoryStats {
         live_allocations: LIVE_ALLOCATIONS.load(Ordering::Acquire),
         live_pinned_bytes: LIVE_PINNED_BYTES.load(Ordering::Acquire),
         total_allocations: TOTAL_ALLOCATIONS.load(Ordering::Acquire),
+        peak_bytes: PEAK_BYTES.load(Ordering::Acquire),
     }
 }
 
@@ -175,7 +182,8 @@ impl HostBuffer {
         kind: HostMemoryKind,
         release: HostRelease,
     ) -> Self {
-        LIVE_BYTES.fetch_add(len, Ordering::AcqRel);
+        let live = LIVE_BYTES.fetch_add(len, Ordering::AcqRel) + len;
+        PEAK_BYTES.fetch_max(live, Ordering::AcqRel);
         LIVE_ALLOCATIONS.fetch_add(1, Ordering::AcqRel);
         TOTAL_ALLOCATIONS.fetch_add(1, Ordering::AcqRel);
         if matches!(kind, HostMemoryKind::Pinned { .. }) {
@@ -194,6 +202,12 @@ impl HostBuffer {
     /// Records that this buffer is the value of a marked parameter ([`crate::mark`]).
     pub(crate) fn set_mark(&self, mark: crate::mark::BufferMark) {
         *self.mark.lock().unwrap_or_else(|e| e.into_inner()) = Some(mark);
+    }
+
+    /// Takes this buffer's mark, if it has one: the parameter's value is another buffer now
+    /// (e.g. the quantized copy of this one), so freeing this one is no loss.
+    pub(crate) fn take_mark(&self) -> Option<crate::mark::BufferMark> {
+        self.mark.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Size in bytes (exactly what was asked for).
@@ -362,6 +376,9 @@ pub struct HostTensor {
     /// Strides in elements; 0 for broadcast dims, negative for reversed ones.
     strides: Vec<isize>,
     dtype: DType,
+    /// For a quantized tensor read as float (`dequantize` of an offloaded quantized tensor):
+    /// the float dtype its reads produce. `None`: reads produce `dtype`.
+    read_as: Option<DType>,
 }
 
 /// Row-major strides of `shape` (size-0 dims count as 1). Wrapping arithmetic: a shape whose
@@ -463,6 +480,13 @@ impl HostTensor {
         strides: Vec<isize>,
         dtype: DType,
     ) -> Result<Self, OffloadError> {
+        if let DType::QFloat(scheme) = dtype {
+            return Err(invalid(format!(
+                "a quantized host tensor ({}) has no strided views: its values are packed in \
+                 blocks; dequantize it (or copy it to the device) first",
+                crate::quant::scheme_name(&scheme)
+            )));
+        }
         let offset = check_layout(offset, &shape, &strides, dtype.size(), buffer.len())?;
         Ok(Self {
             buffer,
@@ -470,6 +494,7 @@ impl HostTensor {
             shape,
             strides,
             dtype,
+            read_as: None,
         })
     }
 
@@ -483,8 +508,23 @@ impl HostTensor {
         Self::checked_view(self.buffer.clone(), offset, shape, strides, self.dtype)
     }
 
-    /// A contiguous tensor over a whole buffer.
+    /// A contiguous tensor over a whole buffer. For a quantized dtype the buffer holds the
+    /// bytes Burn's `q_into_data` gives (packed values, then scales: [`crate::quant`]); its
+    /// length is checked against the scheme's layout.
     pub fn new(buffer: HostBuffer, shape: Vec<usize>, dtype: DType) -> Result<Self, OffloadError> {
+        if let DType::QFloat(scheme) = dtype {
+            element_count(&shape, "shape")?;
+            crate::quant::QuantLayout::of_bytes(&shape, &scheme, buffer.len())?;
+            let strides = contiguous_strides(&shape);
+            return Ok(Self {
+                buffer: Arc::new(buffer),
+                offset: 0,
+                shape,
+                strides,
+                dtype,
+                read_as: None,
+            });
+        }
         let expected = element_count(&shape, "shape")?
             .checked_mul(dtype.size())
             .ok_or_else(|| {
@@ -535,9 +575,43 @@ impl HostTensor {
         self.offset
     }
 
-    /// Element type.
+    /// Element type of the memory (`QFloat(scheme)` for a quantized tensor).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype a read produces: [`dtype`](Self::dtype), or the float dtype a quantized
+    /// tensor is dequantized to when it is read as float ([`read_as`](Self::read_as)).
+    pub fn read_dtype(&self) -> DType {
+        self.read_as.unwrap_or(self.dtype)
+    }
+
+    /// The quantization scheme, for a quantized tensor.
+    pub fn quant_scheme(&self) -> Option<&burn_std::quantization::QuantScheme> {
+        match &self.dtype {
+            DType::QFloat(scheme) => Some(scheme),
+            _ => None,
+        }
+    }
+
+    /// Whether the memory holds quantized values.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.dtype, DType::QFloat(_))
+    }
+
+    /// This quantized tensor, read as `dtype` (dequantized by whatever reads it), or, with
+    /// `None`, as the quantized tensor it is. `Err` for a tensor that is not quantized.
+    pub fn read_as(&self, dtype: Option<DType>) -> Result<Self, OffloadError> {
+        if !self.is_quantized() {
+            return Err(invalid(format!(
+                "only a quantized host tensor can be read as another dtype, not {:?}",
+                self.dtype
+            )));
+        }
+        Ok(Self {
+            read_as: dtype,
+            ..self.clone()
+        })
     }
 
     /// The underlying buffer (shared by every view of it).
@@ -550,18 +624,25 @@ impl HostTensor {
         self.shape.iter().product()
     }
 
-    /// Size of the view's elements in bytes (what an upload moves).
+    /// Size of the view's elements in bytes (what an upload moves): for a quantized tensor,
+    /// its packed values and scales.
     pub fn size_bytes(&self) -> usize {
+        if self.is_quantized() {
+            return self.buffer.len();
+        }
         self.num_elements() * self.dtype.size()
     }
 
-    /// Whether the view is the row-major contiguous layout of its shape.
+    /// Whether the view is the row-major contiguous layout of its shape (always, for a
+    /// quantized tensor).
     pub fn is_contiguous(&self) -> bool {
-        self.shape
-            .iter()
-            .zip(&self.strides)
-            .zip(contiguous_strides(&self.shape))
-            .all(|((&d, &s), c)| d <= 1 || s == c)
+        self.is_quantized()
+            || self
+                .shape
+                .iter()
+                .zip(&self.strides)
+                .zip(contiguous_strides(&self.shape))
+                .all(|((&d, &s), c)| d <= 1 || s == c)
     }
 
     /// The view's bytes, if it is contiguous (no copy).
@@ -569,12 +650,16 @@ impl HostTensor {
         if !self.is_contiguous() {
             return None;
         }
+        if self.is_quantized() {
+            return Some(self.buffer.as_slice());
+        }
         let esize = self.dtype.size();
         let start = self.offset * esize;
         Some(&self.buffer.as_slice()[start..start + self.size_bytes()])
     }
 
-    /// Reads the view into row-major [`TensorData`] (one copy from host memory).
+    /// Reads the view into row-major [`TensorData`] (one copy from host memory). A quantized
+    /// tensor gives its quantized data (what `q_from_data` takes), whatever it is read as.
     pub fn to_data(&self) -> TensorData {
         let bytes = match self.contiguous_bytes() {
             Some(b) => b.to_vec(),
@@ -639,6 +724,9 @@ impl HostTensor {
     /// permute it there, instead of gathering element by element on the host. `None` for
     /// broadcast (stride 0), reversed or gapped views.
     pub fn permuted_block(&self) -> Option<(HostTensor, Vec<usize>)> {
+        if self.is_quantized() {
+            return None;
+        }
         let dims: Vec<(usize, isize)> = self
             .shape
             .iter()
@@ -862,6 +950,7 @@ pub(crate) struct WeakHostTensor {
     shape: Vec<usize>,
     strides: Vec<isize>,
     dtype: DType,
+    read_as: Option<DType>,
 }
 
 impl WeakHostTensor {
@@ -873,6 +962,7 @@ impl WeakHostTensor {
             shape: self.shape.clone(),
             strides: self.strides.clone(),
             dtype: self.dtype,
+            read_as: self.read_as,
         })
     }
 
@@ -897,6 +987,7 @@ impl HostTensor {
             shape: self.shape.clone(),
             strides: self.strides.clone(),
             dtype: self.dtype,
+            read_as: self.read_as,
         }
     }
 }

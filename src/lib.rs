@@ -35,6 +35,7 @@ pub mod placement;
 pub mod plan;
 pub mod policy;
 pub mod prefetch;
+pub mod quant;
 mod recycle;
 pub mod stats;
 pub mod train;
@@ -47,7 +48,7 @@ pub use inner::cubecl::wgpu;
 pub use inner::cuda;
 
 pub use auto::Calibration;
-pub use backend::{OffloadBackend, OffloadTensor, Offloaded};
+pub use backend::{OffloadBackend, OffloadQTensor, OffloadTensor, Offloaded};
 pub use context::{ContextConfig, OffloadContext, with_host_placement};
 pub use device::OffloadDevice;
 pub use error::OffloadError;
@@ -55,11 +56,11 @@ pub use host::{HostBuffer, HostMemoryKind, HostTensor};
 pub use mark::LOST_PLACEMENT_LOG_TARGET;
 pub use mode::OffloadMode;
 pub use placement::{placements, tensor_placement, to_device_memory};
-pub use policy::{OffloadPolicy, OffloadReport, ParamReport, Placement};
+pub use policy::{OffloadPolicy, OffloadReport, ParamReport, Placement, Quantization};
 pub use prefetch::set_prefetch_memory_probe;
 pub use stats::{
     HostMemoryStats, OpStats, PrefetchStats, host_memory_stats, op_stats, prefetch_stats,
-    reset_op_stats, reset_prefetch_stats,
+    reset_host_memory_peak, reset_op_stats, reset_prefetch_stats,
 };
 pub use train::{OffloadOptimizer, keep_offloaded};
 

@@ -45,6 +45,8 @@ struct MarkState {
     generation: u64,
     /// Reported once per loss.
     reported: bool,
+    /// The scheme a policy quantizes the parameter into (loads are quantized into it).
+    quantize: Option<burn_std::quantization::QuantScheme>,
 }
 
 /// What a host buffer holds while it is a marked parameter's value.
@@ -63,12 +65,28 @@ impl ParamMark {
                 context: context.downgrade(),
                 generation: 0,
                 reported: false,
+                quantize: None,
             }),
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, MarkState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The parameter's path.
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The scheme loads are quantized into, if any.
+    pub(crate) fn quantize(&self) -> Option<burn_std::quantization::QuantScheme> {
+        self.state().quantize
+    }
+
+    /// Loads are quantized into `scheme` from now on (`None`: kept as loaded).
+    pub(crate) fn set_quantize(&self, scheme: Option<burn_std::quantization::QuantScheme>) {
+        self.state().quantize = scheme;
     }
 
     /// From now on the parameter belongs in host memory of `context`.

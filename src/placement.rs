@@ -13,6 +13,50 @@ use crate::context::{OffloadContext, querying_placement};
 use crate::device::OffloadDevice;
 use crate::policy::{ParamAction, Placement, walk_params};
 
+/// Every float parameter's full dotted path and shape, in module order (lazy parameters: the
+/// shape they will have). Initialises nothing.
+pub(crate) fn param_shapes<B, D, M>(module: &M) -> Vec<(String, Vec<usize>, D)>
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+    M: Module<B>,
+{
+    struct Visitor<D> {
+        path: Vec<String>,
+        out: Vec<(String, Vec<usize>, D)>,
+    }
+    impl<B, D> ModuleVisitor<B> for Visitor<D>
+    where
+        B: Backend<Device = OffloadDevice<D>>,
+        D: DeviceOps,
+    {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+
+        fn visit_float<const N: usize>(&mut self, param: &Param<Tensor<B, N>>) {
+            let (shape, device) = if param.is_initialized() {
+                let value = param.val();
+                (value.shape().to_vec(), value.device())
+            } else {
+                (param.lazy_shape().to_vec(), param.lazy_device())
+            };
+            self.out
+                .push((self.path.join("."), shape, device.compute().clone()));
+        }
+    }
+    let mut visitor = Visitor {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
 /// Every float parameter of `module`, in module order, with its full dotted path and where it
 /// lives (lazy parameters: where they will be created). Initialises nothing.
 pub fn placements<B, D, M>(module: &M) -> Vec<(String, Placement)>
@@ -110,7 +154,8 @@ impl OffloadContext {
         // A leaf with the same gradient flag, as `Module::fork` gives (with autodiff a move
         // is an op, whose result is no leaf: an optimizer could not update it).
         let require_grad = tensor.is_require_grad();
-        let moved = crate::policy::in_moves(self, || tensor.to_device(device)).detach();
+        let moved =
+            crate::policy::detached(crate::policy::in_moves(self, || tensor.to_device(device)));
         if require_grad {
             moved.require_grad()
         } else {

@@ -252,9 +252,17 @@ pub struct HostMemoryStats {
     pub live_pinned_bytes: usize,
     /// Host allocations made since the process started.
     pub total_allocations: u64,
+    /// The most bytes alive at once since the process started or since the last
+    /// [`reset_host_memory_peak`] (e.g. while a checkpoint is loaded and quantized).
+    pub peak_bytes: usize,
 }
 
 /// Reads the process-wide host memory counters.
 pub fn host_memory_stats() -> HostMemoryStats {
     crate::host::host_memory_counters()
+}
+
+/// Starts [`HostMemoryStats::peak_bytes`] again from the bytes alive now.
+pub fn reset_host_memory_peak() {
+    crate::host::reset_peak()
 }

@@ -1,9 +1,8 @@
 //! Op traits with nothing offload-specific: every method delegates to the inner backend.
-//! Int, bool and quantized tensors are always the inner backend's own.
+//! Int and bool tensors are always the inner backend's own.
 
 use super::generated::{
     delegate_activation_ops, delegate_bool_tensor_ops, delegate_int_tensor_ops,
-    delegate_q_tensor_ops,
 };
 use super::prelude::*;
 
@@ -17,8 +16,4 @@ impl<B: OffloadTarget> BoolTensorOps<Self> for OffloadBackend<B> {
 
 impl<B: OffloadTarget> ActivationOps<Self> for OffloadBackend<B> {
     delegate_activation_ops!();
-}
-
-impl<B: OffloadTarget> QTensorOps<Self> for OffloadBackend<B> {
-    delegate_q_tensor_ops!();
 }

@@ -122,7 +122,9 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
     async fn float_into_data(tensor: FloatTensor<Self>) -> Result<TensorData, ExecutionError> {
         match tensor {
             OffloadTensor::Resident(t) => B::float_into_data(t).await,
-            OffloadTensor::Offloaded(o) => Ok(o.host().to_data()),
+            OffloadTensor::Offloaded(o) if !o.host().is_quantized() => Ok(o.host().to_data()),
+            // Dequantized on the device, as any read of it.
+            OffloadTensor::Offloaded(o) => B::float_into_data(Self::upload(&o)).await,
         }
     }
 
@@ -346,6 +348,16 @@ impl<B: OffloadTarget> OffloadBackend<B> {
             },
             ReadPath::Copy | ReadPath::PrefetchedCopy => lhs,
         };
-        B::float_matmul(lhs, Self::upload(rhs))
+        let rhs_copy = Self::upload(rhs);
+        // A quantized weight has no broadcast view (see `linear`): give the copy lhs's rank.
+        let (lhs_rank, rhs_dims) = (lhs.shape().num_dims(), rhs.host().dims());
+        let rhs_copy = if rhs_dims.len() < lhs_rank {
+            let mut dims = vec![1; lhs_rank - rhs_dims.len()];
+            dims.extend_from_slice(rhs_dims);
+            B::float_reshape(rhs_copy, Shape::from(dims))
+        } else {
+            rhs_copy
+        };
+        B::float_matmul(lhs, rhs_copy)
     }
 }

@@ -1887,242 +1887,185 @@ pub(crate) use delegate_activation_ops;
 /// Delegates the `QTensorOps` methods not written by hand to the inner backend.
 macro_rules! delegate_q_tensor_ops {
     () => {
-        fn q_from_data(data: TensorData, device: &Device<Self>) -> QuantizedTensor<Self> {
-            B::q_from_data(data, device.compute())
-        }
-        fn quantize(
-            tensor: FloatTensor<Self>,
-            scheme: &QuantScheme,
-            qparams: QuantizationParametersPrimitive<Self>,
-        ) -> QuantizedTensor<Self> {
-            B::quantize(
-                Self::fetch(tensor),
-                scheme,
-                QuantizationParametersPrimitive {
-                    scales: Self::fetch(qparams.scales),
-                },
-            )
-        }
-        fn quantize_dynamic(
-            tensor: FloatTensor<Self>,
-            scheme: &QuantScheme,
-        ) -> QuantizedTensor<Self> {
-            B::quantize_dynamic(Self::fetch(tensor), scheme)
-        }
-        fn dequantize(tensor: QuantizedTensor<Self>, dtype: FloatDType) -> FloatTensor<Self> {
-            Self::resident(B::dequantize(tensor, dtype))
-        }
-        fn q_device(tensor: &QuantizedTensor<Self>) -> Device<Self> {
-            OffloadDevice::Device(B::q_device(tensor))
-        }
-        fn q_to_device(
-            tensor: QuantizedTensor<Self>,
-            device: &Device<Self>,
-        ) -> QuantizedTensor<Self> {
-            B::q_to_device(tensor, device.compute())
-        }
         fn q_reshape(tensor: QuantizedTensor<Self>, shape: Shape) -> QuantizedTensor<Self> {
-            B::q_reshape(tensor, shape)
-        }
-        fn q_into_data(
-            tensor: QuantizedTensor<Self>,
-        ) -> impl Future<Output = Result<TensorData, ExecutionError>> + Send {
-            B::q_into_data(tensor)
-        }
-        fn q_detach(tensor: QuantizedTensor<Self>) -> QuantizedTensor<Self> {
-            B::q_detach(tensor)
-        }
-        fn q_set_require_grad(
-            tensor: QuantizedTensor<Self>,
-            _require_grad: bool,
-        ) -> QuantizedTensor<Self> {
-            B::q_set_require_grad(tensor, _require_grad)
-        }
-        fn q_is_require_grad(_tensor: &QuantizedTensor<Self>) -> bool {
-            B::q_is_require_grad(_tensor)
+            Self::resident_q(B::q_reshape(Self::fetch_q(tensor), shape))
         }
         fn q_expand(tensor: QuantizedTensor<Self>, shape: Shape) -> QuantizedTensor<Self> {
-            B::q_expand(tensor, shape)
+            Self::resident_q(B::q_expand(Self::fetch_q(tensor), shape))
         }
         fn q_transpose(tensor: QuantizedTensor<Self>) -> QuantizedTensor<Self> {
-            B::q_transpose(tensor)
+            Self::resident_q(B::q_transpose(Self::fetch_q(tensor)))
         }
         fn q_swap_dims(
             tensor: QuantizedTensor<Self>,
             dim1: usize,
             dim2: usize,
         ) -> QuantizedTensor<Self> {
-            B::q_swap_dims(tensor, dim1, dim2)
+            Self::resident_q(B::q_swap_dims(Self::fetch_q(tensor), dim1, dim2))
         }
         fn q_permute(tensor: QuantizedTensor<Self>, axes: &[usize]) -> QuantizedTensor<Self> {
-            B::q_permute(tensor, axes)
+            Self::resident_q(B::q_permute(Self::fetch_q(tensor), axes))
         }
         fn q_flip(tensor: QuantizedTensor<Self>, axes: &[usize]) -> QuantizedTensor<Self> {
-            B::q_flip(tensor, axes)
+            Self::resident_q(B::q_flip(Self::fetch_q(tensor), axes))
         }
         fn q_select(
             tensor: QuantizedTensor<Self>,
             dim: usize,
             indices: IntTensor<Self>,
         ) -> QuantizedTensor<Self> {
-            B::q_select(tensor, dim, indices)
+            Self::resident_q(B::q_select(Self::fetch_q(tensor), dim, indices))
         }
         fn q_slice(tensor: QuantizedTensor<Self>, slices: &[Slice]) -> QuantizedTensor<Self> {
-            B::q_slice(tensor, slices)
+            Self::resident_q(B::q_slice(Self::fetch_q(tensor), slices))
         }
         fn q_gather(
             dim: usize,
             tensor: QuantizedTensor<Self>,
             indices: IntTensor<Self>,
         ) -> QuantizedTensor<Self> {
-            B::q_gather(dim, tensor, indices)
+            Self::resident_q(B::q_gather(dim, Self::fetch_q(tensor), indices))
         }
         fn q_repeat_dim(
             tensor: QuantizedTensor<Self>,
             dim: usize,
             times: usize,
         ) -> QuantizedTensor<Self> {
-            B::q_repeat_dim(tensor, dim, times)
+            Self::resident_q(B::q_repeat_dim(Self::fetch_q(tensor), dim, times))
         }
         fn q_add(lhs: QuantizedTensor<Self>, rhs: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_add(lhs, rhs))
+            Self::wrap_primitive(B::q_add(Self::fetch_q(lhs), Self::fetch_q(rhs)))
         }
         fn q_add_scalar(lhs: QuantizedTensor<Self>, rhs: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_add_scalar(lhs, rhs))
+            Self::wrap_primitive(B::q_add_scalar(Self::fetch_q(lhs), rhs))
         }
         fn q_clamp_min(tensor: QuantizedTensor<Self>, min: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_clamp_min(tensor, min))
+            Self::wrap_primitive(B::q_clamp_min(Self::fetch_q(tensor), min))
         }
         fn q_clamp_max(tensor: QuantizedTensor<Self>, max: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_clamp_max(tensor, max))
+            Self::wrap_primitive(B::q_clamp_max(Self::fetch_q(tensor), max))
         }
         fn q_clamp(
             tensor: QuantizedTensor<Self>,
             min: Scalar,
             max: Scalar,
         ) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_clamp(tensor, min, max))
+            Self::wrap_primitive(B::q_clamp(Self::fetch_q(tensor), min, max))
         }
         fn q_sub(lhs: QuantizedTensor<Self>, rhs: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_sub(lhs, rhs))
+            Self::wrap_primitive(B::q_sub(Self::fetch_q(lhs), Self::fetch_q(rhs)))
         }
         fn q_sub_scalar(lhs: QuantizedTensor<Self>, rhs: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_sub_scalar(lhs, rhs))
+            Self::wrap_primitive(B::q_sub_scalar(Self::fetch_q(lhs), rhs))
         }
         fn q_mul(lhs: QuantizedTensor<Self>, rhs: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_mul(lhs, rhs))
+            Self::wrap_primitive(B::q_mul(Self::fetch_q(lhs), Self::fetch_q(rhs)))
         }
         fn q_mul_scalar(lhs: QuantizedTensor<Self>, rhs: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_mul_scalar(lhs, rhs))
+            Self::wrap_primitive(B::q_mul_scalar(Self::fetch_q(lhs), rhs))
         }
         fn q_div(lhs: QuantizedTensor<Self>, rhs: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_div(lhs, rhs))
+            Self::wrap_primitive(B::q_div(Self::fetch_q(lhs), Self::fetch_q(rhs)))
         }
         fn q_div_scalar(lhs: QuantizedTensor<Self>, rhs: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_div_scalar(lhs, rhs))
-        }
-        fn q_matmul(
-            lhs: TensorPrimitive<Self>,
-            rhs: TensorPrimitive<Self>,
-        ) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_matmul(
-                Self::fetch_primitive(lhs),
-                Self::fetch_primitive(rhs),
-            ))
+            Self::wrap_primitive(B::q_div_scalar(Self::fetch_q(lhs), rhs))
         }
         fn q_neg(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_neg(tensor))
+            Self::wrap_primitive(B::q_neg(Self::fetch_q(tensor)))
         }
         fn q_recip(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_recip(tensor))
+            Self::wrap_primitive(B::q_recip(Self::fetch_q(tensor)))
         }
         fn q_sum(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_sum(tensor))
+            Self::wrap_primitive(B::q_sum(Self::fetch_q(tensor)))
         }
         fn q_sum_dim(tensor: QuantizedTensor<Self>, dim: usize) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_sum_dim(tensor, dim))
+            Self::wrap_primitive(B::q_sum_dim(Self::fetch_q(tensor), dim))
         }
         fn q_prod(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_prod(tensor))
+            Self::wrap_primitive(B::q_prod(Self::fetch_q(tensor)))
         }
         fn q_prod_dim(tensor: QuantizedTensor<Self>, dim: usize) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_prod_dim(tensor, dim))
+            Self::wrap_primitive(B::q_prod_dim(Self::fetch_q(tensor), dim))
         }
         fn q_mean(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_mean(tensor))
+            Self::wrap_primitive(B::q_mean(Self::fetch_q(tensor)))
         }
         fn q_mean_dim(tensor: QuantizedTensor<Self>, dim: usize) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_mean_dim(tensor, dim))
+            Self::wrap_primitive(B::q_mean_dim(Self::fetch_q(tensor), dim))
         }
         fn q_cumsum(tensor: QuantizedTensor<Self>, dim: usize) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_cumsum(tensor, dim))
+            Self::wrap_primitive(B::q_cumsum(Self::fetch_q(tensor), dim))
         }
         fn q_cumprod(tensor: QuantizedTensor<Self>, dim: usize) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_cumprod(tensor, dim))
+            Self::wrap_primitive(B::q_cumprod(Self::fetch_q(tensor), dim))
         }
         fn q_cummin(tensor: QuantizedTensor<Self>, dim: usize) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_cummin(tensor, dim))
+            Self::wrap_primitive(B::q_cummin(Self::fetch_q(tensor), dim))
         }
         fn q_cummax(tensor: QuantizedTensor<Self>, dim: usize) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_cummax(tensor, dim))
+            Self::wrap_primitive(B::q_cummax(Self::fetch_q(tensor), dim))
         }
         fn q_exp(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_exp(tensor))
+            Self::wrap_primitive(B::q_exp(Self::fetch_q(tensor)))
         }
         fn q_log(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_log(tensor))
+            Self::wrap_primitive(B::q_log(Self::fetch_q(tensor)))
         }
         fn q_log1p(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_log1p(tensor))
+            Self::wrap_primitive(B::q_log1p(Self::fetch_q(tensor)))
         }
         fn q_powf(lhs: QuantizedTensor<Self>, rhs: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_powf(lhs, rhs))
+            Self::wrap_primitive(B::q_powf(Self::fetch_q(lhs), Self::fetch_q(rhs)))
         }
         fn q_powi(lhs: QuantizedTensor<Self>, rhs: IntTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_powi(lhs, rhs))
+            Self::wrap_primitive(B::q_powi(Self::fetch_q(lhs), rhs))
         }
         fn q_powi_scalar(lhs: QuantizedTensor<Self>, rhs: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_powi_scalar(lhs, rhs))
+            Self::wrap_primitive(B::q_powi_scalar(Self::fetch_q(lhs), rhs))
         }
         fn q_powf_scalar(tensor: QuantizedTensor<Self>, value: Scalar) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_powf_scalar(tensor, value))
+            Self::wrap_primitive(B::q_powf_scalar(Self::fetch_q(tensor), value))
         }
         fn q_sqrt(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_sqrt(tensor))
+            Self::wrap_primitive(B::q_sqrt(Self::fetch_q(tensor)))
         }
         fn q_abs(tensor: QuantizedTensor<Self>) -> QuantizedTensor<Self> {
-            B::q_abs(tensor)
+            Self::resident_q(B::q_abs(Self::fetch_q(tensor)))
         }
         fn q_cos(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_cos(tensor))
+            Self::wrap_primitive(B::q_cos(Self::fetch_q(tensor)))
         }
         fn q_sin(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_sin(tensor))
+            Self::wrap_primitive(B::q_sin(Self::fetch_q(tensor)))
         }
         fn q_tan(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_tan(tensor))
+            Self::wrap_primitive(B::q_tan(Self::fetch_q(tensor)))
         }
         fn q_cosh(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_cosh(tensor))
+            Self::wrap_primitive(B::q_cosh(Self::fetch_q(tensor)))
         }
         fn q_sinh(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_sinh(tensor))
+            Self::wrap_primitive(B::q_sinh(Self::fetch_q(tensor)))
         }
         fn q_tanh(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_tanh(tensor))
+            Self::wrap_primitive(B::q_tanh(Self::fetch_q(tensor)))
         }
         fn q_erf(tensor: QuantizedTensor<Self>) -> TensorPrimitive<Self> {
-            Self::wrap_primitive(B::q_erf(tensor))
+            Self::wrap_primitive(B::q_erf(Self::fetch_q(tensor)))
         }
         fn q_cat(tensors: Vec<QuantizedTensor<Self>>, dim: usize) -> QuantizedTensor<Self> {
-            B::q_cat(tensors, dim)
+            Self::resident_q(B::q_cat(
+                tensors.into_iter().map(Self::fetch_q).collect(),
+                dim,
+            ))
         }
         fn q_argmax(
             tensor: QuantizedTensor<Self>,
             dim: usize,
             out_dtype: IntDType,
         ) -> IntTensor<Self> {
-            B::q_argmax(tensor, dim, out_dtype)
+            B::q_argmax(Self::fetch_q(tensor), dim, out_dtype)
         }
         fn q_argtopk(
             tensor: QuantizedTensor<Self>,
@@ -2130,23 +2073,23 @@ macro_rules! delegate_q_tensor_ops {
             k: usize,
             out_dtype: IntDType,
         ) -> IntTensor<Self> {
-            B::q_argtopk(tensor, dim, k, out_dtype)
+            B::q_argtopk(Self::fetch_q(tensor), dim, k, out_dtype)
         }
         fn q_topk(tensor: QuantizedTensor<Self>, dim: usize, k: usize) -> QuantizedTensor<Self> {
-            B::q_topk(tensor, dim, k)
+            Self::resident_q(B::q_topk(Self::fetch_q(tensor), dim, k))
         }
         fn q_argmin(
             tensor: QuantizedTensor<Self>,
             dim: usize,
             out_dtype: IntDType,
         ) -> IntTensor<Self> {
-            B::q_argmin(tensor, dim, out_dtype)
+            B::q_argmin(Self::fetch_q(tensor), dim, out_dtype)
         }
         fn q_max(tensor: QuantizedTensor<Self>) -> QuantizedTensor<Self> {
-            B::q_max(tensor)
+            Self::resident_q(B::q_max(Self::fetch_q(tensor)))
         }
         fn q_max_dim(tensor: QuantizedTensor<Self>, dim: usize) -> QuantizedTensor<Self> {
-            B::q_max_dim(tensor, dim)
+            Self::resident_q(B::q_max_dim(Self::fetch_q(tensor), dim))
         }
         fn q_max_dim_with_indices(
             tensor: QuantizedTensor<Self>,
@@ -2154,15 +2097,15 @@ macro_rules! delegate_q_tensor_ops {
             out_dtype: IntDType,
         ) -> (QuantizedTensor<Self>, IntTensor<Self>) {
             {
-                let (r0, r1) = B::q_max_dim_with_indices(tensor, dim, out_dtype);
-                (r0, r1)
+                let (r0, r1) = B::q_max_dim_with_indices(Self::fetch_q(tensor), dim, out_dtype);
+                (Self::resident_q(r0), r1)
             }
         }
         fn q_min(tensor: QuantizedTensor<Self>) -> QuantizedTensor<Self> {
-            B::q_min(tensor)
+            Self::resident_q(B::q_min(Self::fetch_q(tensor)))
         }
         fn q_min_dim(tensor: QuantizedTensor<Self>, dim: usize) -> QuantizedTensor<Self> {
-            B::q_min_dim(tensor, dim)
+            Self::resident_q(B::q_min_dim(Self::fetch_q(tensor), dim))
         }
         fn q_min_dim_with_indices(
             tensor: QuantizedTensor<Self>,
@@ -2170,42 +2113,42 @@ macro_rules! delegate_q_tensor_ops {
             out_dtype: IntDType,
         ) -> (QuantizedTensor<Self>, IntTensor<Self>) {
             {
-                let (r0, r1) = B::q_min_dim_with_indices(tensor, dim, out_dtype);
-                (r0, r1)
+                let (r0, r1) = B::q_min_dim_with_indices(Self::fetch_q(tensor), dim, out_dtype);
+                (Self::resident_q(r0), r1)
             }
         }
         fn q_max_abs(tensor: QuantizedTensor<Self>) -> QuantizedTensor<Self> {
-            B::q_max_abs(tensor)
+            Self::resident_q(B::q_max_abs(Self::fetch_q(tensor)))
         }
         fn q_max_abs_dim(tensor: QuantizedTensor<Self>, dim: usize) -> QuantizedTensor<Self> {
-            B::q_max_abs_dim(tensor, dim)
+            Self::resident_q(B::q_max_abs_dim(Self::fetch_q(tensor), dim))
         }
         fn q_any(tensor: QuantizedTensor<Self>, out_dtype: BoolDType) -> BoolTensor<Self> {
-            B::q_any(tensor, out_dtype)
+            B::q_any(Self::fetch_q(tensor), out_dtype)
         }
         fn q_any_dim(
             tensor: QuantizedTensor<Self>,
             dim: usize,
             out_dtype: BoolDType,
         ) -> BoolTensor<Self> {
-            B::q_any_dim(tensor, dim, out_dtype)
+            B::q_any_dim(Self::fetch_q(tensor), dim, out_dtype)
         }
         fn q_all(tensor: QuantizedTensor<Self>, out_dtype: BoolDType) -> BoolTensor<Self> {
-            B::q_all(tensor, out_dtype)
+            B::q_all(Self::fetch_q(tensor), out_dtype)
         }
         fn q_all_dim(
             tensor: QuantizedTensor<Self>,
             dim: usize,
             out_dtype: BoolDType,
         ) -> BoolTensor<Self> {
-            B::q_all_dim(tensor, dim, out_dtype)
+            B::q_all_dim(Self::fetch_q(tensor), dim, out_dtype)
         }
         fn q_sort(
             tensor: QuantizedTensor<Self>,
             dim: usize,
             descending: bool,
         ) -> QuantizedTensor<Self> {
-            B::q_sort(tensor, dim, descending)
+            Self::resident_q(B::q_sort(Self::fetch_q(tensor), dim, descending))
         }
         fn q_sort_with_indices(
             tensor: QuantizedTensor<Self>,
@@ -2214,8 +2157,9 @@ macro_rules! delegate_q_tensor_ops {
             out_dtype: IntDType,
         ) -> (QuantizedTensor<Self>, IntTensor<Self>) {
             {
-                let (r0, r1) = B::q_sort_with_indices(tensor, dim, descending, out_dtype);
-                (r0, r1)
+                let (r0, r1) =
+                    B::q_sort_with_indices(Self::fetch_q(tensor), dim, descending, out_dtype);
+                (Self::resident_q(r0), r1)
             }
         }
         fn q_argsort(
@@ -2224,7 +2168,7 @@ macro_rules! delegate_q_tensor_ops {
             descending: bool,
             out_dtype: IntDType,
         ) -> IntTensor<Self> {
-            B::q_argsort(tensor, dim, descending, out_dtype)
+            B::q_argsort(Self::fetch_q(tensor), dim, descending, out_dtype)
         }
     };
 }

@@ -11,6 +11,7 @@ mod float;
 mod generated;
 mod module;
 mod prelude;
+mod quantized;
 mod tensor;
 mod transaction;
 
@@ -21,6 +22,7 @@ use burn_backend::{
     tensor::FloatTensor,
 };
 
+pub use quantized::OffloadQTensor;
 pub use tensor::{OffloadTensor, Offloaded};
 
 use crate::device::OffloadDevice;
@@ -51,7 +53,7 @@ impl<B: OffloadTarget> BackendTypes for OffloadBackend<B> {
     type BoolTensorPrimitive = B::BoolTensorPrimitive;
     type BoolElem = B::BoolElem;
 
-    type QuantizedTensorPrimitive = B::QuantizedTensorPrimitive;
+    type QuantizedTensorPrimitive = OffloadQTensor<B>;
 }
 
 impl<B: OffloadTarget> Backend for OffloadBackend<B> {
@@ -157,6 +159,11 @@ impl<B: OffloadTarget> OffloadBackend<B> {
             s.transient_uploads += 1;
             s.transient_upload_bytes += host.size_bytes() as u64;
         });
+        // Packed bytes, dequantized on the device (not through the prefetcher, whose copies
+        // are float tensors).
+        if host.is_quantized() {
+            return B::upload(host, offloaded.device());
+        }
         // A permuted view (a transposed tied head): upload its contiguous block in one copy and
         // permute on the device, instead of gathering it element by element on the host.
         if !host.is_contiguous()
@@ -188,14 +195,14 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     pub(crate) fn fetch_primitive(tensor: TensorPrimitive<Self>) -> TensorPrimitive<B> {
         match tensor {
             TensorPrimitive::Float(t) => TensorPrimitive::Float(Self::fetch(t)),
-            TensorPrimitive::QFloat(q) => TensorPrimitive::QFloat(q),
+            TensorPrimitive::QFloat(q) => TensorPrimitive::QFloat(Self::fetch_q(q)),
         }
     }
 
     pub(crate) fn wrap_primitive(tensor: TensorPrimitive<B>) -> TensorPrimitive<Self> {
         match tensor {
             TensorPrimitive::Float(t) => TensorPrimitive::Float(Self::resident(t)),
-            TensorPrimitive::QFloat(q) => TensorPrimitive::QFloat(q),
+            TensorPrimitive::QFloat(q) => TensorPrimitive::QFloat(Self::resident_q(q)),
         }
     }
 }

@@ -19,7 +19,13 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
                 let indices = match Self::read_path(&w, OpKind::Embedding) {
                     ReadPath::InPlace => {
                         let dims = w.host().dims();
-                        let row_bytes = dims.get(1).copied().unwrap_or(1) * w.host().dtype().size();
+                        let row_bytes = match w.host().quant_scheme() {
+                            // Packed values and scales of a row: the table's bytes / rows.
+                            Some(_) => {
+                                w.host().size_bytes() / dims.first().copied().unwrap_or(1).max(1)
+                            }
+                            None => dims.get(1).copied().unwrap_or(1) * w.host().dtype().size(),
+                        };
                         let bytes = (indices.shape().num_elements() * row_bytes) as u64;
                         match B::host_embedding(w.host(), indices) {
                             Ok(out) => {
@@ -52,12 +58,17 @@ impl<B: OffloadTarget> ModuleOps<Self> for OffloadBackend<B> {
                 let x_rank = x.shape().num_dims();
                 // Give the weight x's rank (leading ones, as Burn's `linear` unsqueezes it): the
                 // copy path's GEMM needs equal ranks.
+                // (A quantized weight has no strided views: the in-place kernels take its rank
+                // as it is, and the copy path reshapes the device copy.)
                 let mut dims = vec![1; x_rank.saturating_sub(w.host().dims().len())];
                 dims.extend_from_slice(w.host().dims());
-                let host = w
-                    .host()
-                    .expand(dims)
-                    .expect("leading unit dims always broadcast");
+                let host = if w.host().is_quantized() {
+                    w.host().clone()
+                } else {
+                    w.host()
+                        .expand(dims)
+                        .expect("leading unit dims always broadcast")
+                };
                 let out = Self::matmul_host_rhs(x, &w.with_host(host));
                 Self::resident(match bias.map(Self::fetch) {
                     Some(bias) => {

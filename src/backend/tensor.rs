@@ -96,7 +96,7 @@ impl<B: OffloadTarget> TensorMetadata for OffloadTensor<B> {
     fn dtype(&self) -> DType {
         match self {
             Self::Resident(t) => t.dtype(),
-            Self::Offloaded(o) => o.host.dtype(),
+            Self::Offloaded(o) => o.host.read_dtype(),
         }
     }
 

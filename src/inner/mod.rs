@@ -19,7 +19,12 @@ pub mod cuda;
 #[cfg(feature = "ndarray")]
 pub mod ndarray;
 
-use burn_backend::{Backend, DeviceOps, read_sync, tensor::FloatTensor, tensor::IntTensor};
+use burn_backend::{
+    Backend, DeviceOps,
+    quantization::QuantScheme,
+    read_sync,
+    tensor::{FloatTensor, IntTensor, QuantizedTensor},
+};
 
 use crate::auto::Calibration;
 use crate::error::OffloadError;
@@ -104,6 +109,24 @@ pub trait TargetDevice: DeviceOps {
     fn fingerprint(&self) -> String {
         String::new()
     }
+
+    /// Why this device's own memory cannot hold quantized tensors of `scheme`, if it cannot
+    /// (the same answer as its target's
+    /// [`cannot_hold_quantized`](OffloadTarget::cannot_hold_quantized)): a policy that
+    /// quantizes then refuses to leave such a tensor in device memory.
+    fn cannot_hold_quantized(&self, scheme: &QuantScheme) -> Option<String> {
+        let _ = scheme;
+        None
+    }
+
+    /// Why this device's target cannot read a quantized tensor of `scheme` and `shape` even
+    /// from host memory (the same answer as
+    /// [`OffloadTarget::cannot_read_quantized`]), if it cannot: a policy refuses to quantize
+    /// into it.
+    fn cannot_read_quantized(&self, scheme: &QuantScheme, shape: &[usize]) -> Option<String> {
+        let _ = shape;
+        self.cannot_hold_quantized(scheme)
+    }
 }
 
 /// What a backend must provide to be wrapped by [`OffloadBackend`](crate::OffloadBackend).
@@ -184,9 +207,83 @@ pub trait OffloadTarget: Backend {
         let _ = (host, device);
     }
 
-    /// A transient device copy of a host view, for one op.
+    /// A transient device copy of a host view, for one op, of the view's
+    /// [`read_dtype`](HostTensor::read_dtype): a quantized tensor read as float is dequantized
+    /// on the device ([`upload_dequantized`](Self::upload_dequantized)). A target that
+    /// overrides this must keep that case.
     fn upload(host: &HostTensor, device: &Self::Device) -> FloatTensor<Self> {
+        if host.is_quantized() {
+            return Self::upload_dequantized(host, device);
+        }
         Self::float_from_data(host.to_data(), device)
+    }
+
+    /// Why this backend cannot hold `scheme` in its own memory (a resident quantized tensor),
+    /// if it cannot. The default holds every scheme (CubeCL's backends).
+    fn cannot_hold_quantized(scheme: &QuantScheme) -> Option<String> {
+        let _ = scheme;
+        None
+    }
+
+    /// Why this target cannot read a quantized host tensor of `scheme` and `shape` at all
+    /// (neither copied and dequantized on the device, nor in place), if it cannot.
+    fn cannot_read_quantized(scheme: &QuantScheme, shape: &[usize]) -> Option<String> {
+        let _ = shape;
+        Self::cannot_hold_quantized(scheme)
+    }
+
+    /// A quantized host tensor as this backend's quantized tensor: its packed bytes and scales
+    /// copied to the device as they are (Burn's `q_from_data`). Only called for schemes the
+    /// backend holds.
+    fn upload_quantized(host: &HostTensor, device: &Self::Device) -> QuantizedTensor<Self> {
+        Self::q_from_data(host.to_data(), device)
+    }
+
+    /// A quantized host tensor, read as its [`read_dtype`](HostTensor::read_dtype): the packed
+    /// bytes and scales cross to the device, which dequantizes them with Burn's kernels (no
+    /// float copy on the host).
+    fn upload_dequantized(host: &HostTensor, device: &Self::Device) -> FloatTensor<Self> {
+        let dtype = host.read_dtype();
+        let dtype = if dtype.is_float() {
+            dtype.into()
+        } else {
+            burn_backend::get_device_settings::<Self>(device).float_dtype
+        };
+        Self::dequantize(Self::upload_quantized(host, device), dtype)
+    }
+
+    /// Moves a resident quantized tensor into new host memory (its `q_into_data` bytes).
+    fn download_quantized(
+        tensor: QuantizedTensor<Self>,
+        pin: bool,
+    ) -> Result<HostTensor, OffloadError> {
+        let device = Self::q_device(&tensor);
+        let data = read_sync(Self::q_into_data(tensor)).map_err(|e| OffloadError::HostAlloc {
+            bytes: 0,
+            reason: format!("reading the quantized tensor from the device failed: {e}"),
+        })?;
+        HostTensor::from_data(&data, |bytes| Self::alloc_host(&device, bytes, pin))
+    }
+
+    /// Quantizes a resident float tensor into new host memory, with `scales` (one per block,
+    /// as Burn's `QuantizationParameters`) or, with `None`, scales computed from its values
+    /// (Burn's `quantize_dynamic`). The default quantizes on the device with Burn's kernels and
+    /// downloads the packed result; a target that cannot hold `scheme` quantizes on the host.
+    fn quantize_to_host(
+        tensor: FloatTensor<Self>,
+        scheme: &QuantScheme,
+        scales: Option<FloatTensor<Self>>,
+        pin: bool,
+    ) -> Result<HostTensor, OffloadError> {
+        let q = match scales {
+            Some(scales) => Self::quantize(
+                tensor,
+                scheme,
+                burn_backend::quantization::QuantizationParametersPrimitive { scales },
+            ),
+            None => Self::quantize_dynamic(tensor, scheme),
+        };
+        Self::download_quantized(q, pin)
     }
 
     /// Lets go of the host memory that uploads made from the calling thread still hold (e.g.

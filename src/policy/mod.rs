@@ -1,15 +1,17 @@
 //! [`OffloadPolicy`]: which parameters go to host memory (vLLM's `cpu_offload_max_bytes` and
 //! `cpu_offload_params`), and [`OffloadPolicy::apply`], which puts them there.
 
+mod quantize;
 mod report;
 mod suggest;
 mod walk;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use quantize::Quantization;
 pub(crate) use report::human_bytes;
 pub use report::{OffloadReport, ParamReport, Placement};
-pub(crate) use walk::{ParamAction, in_moves, walk_params};
+pub(crate) use walk::{ParamAction, detached, in_moves, walk_params, walk_params_quantized};
 
 use crate::auto::Calibration;
 use crate::context::{ContextConfig, OffloadContext};
@@ -70,6 +72,9 @@ pub struct OffloadPolicy {
     /// shared across models): [`apply`](Self::apply) then warns instead of failing with
     /// [`OffloadError::UnmatchedFilters`].
     pub allow_unmatched: bool,
+    /// Quantize weights as they are placed and loaded ([`Quantization`]); `None` keeps them
+    /// as they are.
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for OffloadPolicy {
@@ -82,6 +87,7 @@ impl Default for OffloadPolicy {
             mode: OffloadMode::Auto,
             pin_memory: true,
             allow_unmatched: false,
+            quantize: None,
         }
     }
 }
@@ -103,6 +109,16 @@ struct PolicyFile {
     pin_memory: Option<bool>,
     #[serde(default)]
     allow_unmatched: bool,
+    quantize: Option<QuantizeSpec>,
+}
+
+/// A quantization in a policy file: a preset's name (`"q8"`, `"q4"`) or [`Quantization`]'s
+/// serde form (what serialising an [`OffloadPolicy`] writes).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum QuantizeSpec {
+    Preset(String),
+    Full(Quantization),
 }
 
 /// A mode in a policy file: a string (`"uva"`, `"prefetch:4096"`), parsed by us, or
@@ -208,6 +224,12 @@ impl OffloadPolicy {
         self
     }
 
+    /// Quantizes weights as they are placed and loaded (see [`Quantization`]).
+    pub fn quantize(mut self, quantization: Quantization) -> Self {
+        self.quantize = Some(quantization);
+        self
+    }
+
     /// Pins host memory (default) or not.
     pub fn pin_memory(mut self, pin: bool) -> Self {
         self.pin_memory = pin;
@@ -272,6 +294,11 @@ impl OffloadPolicy {
         if let Some(pin) = file.pin_memory {
             policy.pin_memory = pin;
         }
+        policy.quantize = match file.quantize {
+            Some(QuantizeSpec::Preset(name)) => Some(Quantization::preset(name.parse()?)),
+            Some(QuantizeSpec::Full(q)) => Some(q),
+            None => None,
+        };
         policy.validate()?;
         Ok(policy)
     }
@@ -282,9 +309,14 @@ impl OffloadPolicy {
         if self.mode == (OffloadMode::Prefetch { lookahead_bytes: 0 }) {
             return Err(OffloadError::ZeroPrefetchLookahead);
         }
+        let quantize_filters = self
+            .quantize
+            .iter()
+            .flat_map(|q| q.params.iter().chain(&q.skip));
         self.params
             .iter()
             .chain(&self.paths)
+            .chain(quantize_filters)
             .try_for_each(|f| validate_filter(f))
     }
 
@@ -354,31 +386,89 @@ impl OffloadPolicy {
                 .collect();
             self.check_filters_match(&paths)?;
         }
+        if let Some(q) = &self.quantize {
+            // Before anything moves, as for the filters.
+            for (path, shape, device) in crate::placement::param_shapes(&module) {
+                let Some(scheme) = q.scheme_for(&path, &shape)? else {
+                    continue;
+                };
+                if B::ad_enabled(&crate::OffloadDevice::Device(device.clone())) {
+                    return Err(OffloadError::UnsupportedQuantization {
+                        scheme: crate::quant::scheme_name(&scheme),
+                        target: "Burn's Autodiff backend".into(),
+                        reason: "burn-autodiff 0.21 has no quantized ops (its quantize and \
+                                 dequantize are `todo!()`)"
+                            .into(),
+                        instead: "keep the frozen, quantized part of the model on the inner \
+                                  backend (`model.valid()`), apply the policy there, and call it \
+                                  with `x.inner()` and `Tensor::from_inner` around it; train the \
+                                  float part on Autodiff"
+                            .into(),
+                    });
+                }
+                if let Some(why) = device.cannot_read_quantized(&scheme, &shape) {
+                    return Err(OffloadError::UnsupportedQuantization {
+                        scheme: crate::quant::scheme_name(&scheme),
+                        target: format!("this target (for `{path}`)"),
+                        reason: why,
+                        instead: "quantize with `QuantPreset::Q8` or `Q4` (q8s/b32/f16, \
+                                  q4s/b32/f16), which every target reads"
+                            .into(),
+                    });
+                }
+            }
+        }
         let context = OffloadContext::new(ContextConfig::new(self.mode, self.pin_memory));
         let config = context.config();
         // Per compute device: (device, offloaded bytes, all bytes, largest offloaded tensor).
         let mut devices: Vec<(D, u64, u64, u64)> = Vec::new();
-        let (module, params) = walk_params(module, &context, |info| {
-            let device = info.device.compute();
-            let index = match devices.iter().position(|(d, ..)| d == device) {
-                Some(i) => i,
-                None => {
-                    devices.push((device.clone(), 0, 0, 0));
-                    devices.len() - 1
+        // A quantized parameter left in device memory that the device cannot hold there.
+        let mut unheld: Option<(String, String)> = None;
+        let mut quantized_bytes = 0u64;
+        let (module, params) =
+            walk_params_quantized(module, &context, self.quantize.as_ref(), |info| {
+                let device = info.device.compute();
+                let index = match devices.iter().position(|(d, ..)| d == device) {
+                    Some(i) => i,
+                    None => {
+                        devices.push((device.clone(), 0, 0, 0));
+                        devices.len() - 1
+                    }
+                };
+                devices[index].2 += info.bytes;
+                let eligible = self.matches(&info.path) && info.bytes >= self.min_tensor_bytes;
+                let action = if !eligible {
+                    ParamAction::Device
+                } else if offload_decision(&mut devices[index].1, info.bytes, self.max_bytes) {
+                    devices[index].3 = devices[index].3.max(info.bytes);
+                    ParamAction::Host
+                } else {
+                    ParamAction::Device
+                };
+                if let Some(scheme) = &info.quantize {
+                    quantized_bytes += info.bytes;
+                    if action == ParamAction::Device
+                        && unheld.is_none()
+                        && let Some(why) = device.cannot_hold_quantized(scheme)
+                    {
+                        unheld = Some((info.path.clone(), why));
+                    }
                 }
-            };
-            devices[index].2 += info.bytes;
-            let eligible = self.matches(&info.path) && info.bytes >= self.min_tensor_bytes;
-            if !eligible {
-                return ParamAction::Device;
-            }
-            if offload_decision(&mut devices[index].1, info.bytes, self.max_bytes) {
-                devices[index].3 = devices[index].3.max(info.bytes);
-                ParamAction::Host
-            } else {
-                ParamAction::Device
-            }
-        });
+                action
+            });
+        if let (Some((path, why)), Some(q)) = (unheld, &self.quantize) {
+            return Err(OffloadError::UnsupportedQuantization {
+                scheme: crate::quant::scheme_name(&q.scheme),
+                target: format!("the device memory of this target (`{path}` stays there)"),
+                reason: why,
+                instead: format!(
+                    "offload every quantized parameter (a budget of at least {} holds them all: \
+                     `OffloadPolicy::from_bytes({quantized_bytes})`), or quantize with a scheme \
+                     the device holds",
+                    human_bytes(quantized_bytes)
+                ),
+            });
+        }
         let offloaded: Vec<u64> = devices.iter().map(|d| d.1).collect();
         let mut warnings = selection_warnings(self, &params, &offloaded);
         let mut calibration = None;

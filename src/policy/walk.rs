@@ -6,6 +6,7 @@ use std::sync::Arc;
 use burn::module::{ModuleMapper, Param};
 use burn::tensor::{Tensor, backend::Backend};
 use burn_backend::{DType, DeviceOps, get_device_settings};
+use burn_std::quantization::QuantScheme;
 
 use super::report::{ParamReport, Placement};
 use crate::context::{OffloadContext, Scope, querying_placement, with_scope};
@@ -20,6 +21,8 @@ pub(crate) struct ParamInfo<D> {
     pub dtype: DType,
     pub bytes: u64,
     pub device: OffloadDevice<D>,
+    /// The scheme the walk quantizes it into (`bytes` is then its packed size).
+    pub quantize: Option<QuantScheme>,
 }
 
 /// Where a parameter should be after the walk.
@@ -37,6 +40,7 @@ struct Walker<F> {
     path: Vec<String>,
     decide: F,
     context: OffloadContext,
+    quantization: Option<super::Quantization>,
     reports: Vec<ParamReport>,
 }
 
@@ -54,10 +58,30 @@ where
     M: burn::module::Module<B>,
     F: FnMut(&ParamInfo<D>) -> ParamAction,
 {
+    walk_params_quantized(module, context, None, decide)
+}
+
+/// [`walk_params`] that also quantizes the float parameters `quantization` selects (before
+/// deciding, so that `decide` sees their packed size), now for initialised ones and at
+/// initialisation and load for lazy ones. Errors of the selection (`scheme_for`) must have
+/// been reported before: here a parameter it refuses stays float.
+pub(crate) fn walk_params_quantized<B, D, M, F>(
+    module: M,
+    context: &OffloadContext,
+    quantization: Option<&super::Quantization>,
+    decide: F,
+) -> (M, Vec<ParamReport>)
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+    M: burn::module::Module<B>,
+    F: FnMut(&ParamInfo<D>) -> ParamAction,
+{
     let mut walker = Walker {
         path: Vec::new(),
         decide,
         context: context.clone(),
+        quantization: quantization.cloned(),
         reports: Vec::new(),
     };
     let module = module.map(&mut walker);
@@ -90,12 +114,19 @@ where
             let dtype = get_device_settings::<B>(&device).float_dtype.into();
             (param.lazy_shape().to_vec(), dtype, device)
         };
+        let path = self.path.join(".");
+        let quantize = match (&self.quantization, dtype) {
+            (Some(q), dtype) if dtype.is_float() => q.scheme_for(&path, &shape).ok().flatten(),
+            _ => None,
+        };
+        let dtype = quantize.map_or(dtype, DType::QFloat);
         let info = ParamInfo {
-            path: self.path.join("."),
-            bytes: (shape.iter().product::<usize>() * dtype.size()) as u64,
+            path,
+            bytes: crate::quant::tensor_bytes(&shape, dtype),
             shape,
             dtype,
             device,
+            quantize,
         };
         let action = (self.decide)(&info);
         let to_host = match action {
@@ -105,7 +136,7 @@ where
         };
         let moved = to_host != info.device.is_host();
         // A parameter in host memory is re-tagged with this walk's context even if it stays.
-        let param = if !moved && !to_host {
+        let param = if !moved && !to_host && info.quantize.is_none() {
             param
         } else if initialized {
             place_initialized(
@@ -113,6 +144,7 @@ where
                 placement_of(&info.device, to_host),
                 &self.context,
                 &info.path,
+                info.quantize,
             )
         } else {
             retarget_lazy(
@@ -120,12 +152,13 @@ where
                 placement_of(&info.device, to_host),
                 self.context.clone(),
                 &info.path,
+                info.quantize,
             )
         };
         self.reports.push(ParamReport {
             path: info.path,
             shape: info.shape,
-            dtype: format!("{:?}", info.dtype).to_lowercase(),
+            dtype: crate::quant::dtype_name(info.dtype),
             bytes: info.bytes,
             placement: if to_host {
                 Placement::Host
@@ -153,11 +186,22 @@ fn move_tensor<B: Backend, const N: usize>(
     device: &B::Device,
 ) -> Tensor<B, N> {
     let require_grad = tensor.is_require_grad();
-    let moved = tensor.to_device(device).detach();
+    let moved = detached(tensor.to_device(device));
     if require_grad {
         moved.require_grad()
     } else {
         moved
+    }
+}
+
+/// `tensor` detached from any autodiff graph. A quantized tensor is returned as it is: it is
+/// never in a graph (Burn 0.21's autodiff has no quantized ops), and Burn's `detach`
+/// dequantizes it.
+pub(crate) fn detached<B: Backend, const N: usize>(tensor: Tensor<B, N>) -> Tensor<B, N> {
+    if matches!(tensor.dtype(), DType::QFloat(_)) {
+        tensor
+    } else {
+        tensor.detach()
     }
 }
 
@@ -228,30 +272,88 @@ where
             return tensor;
         }
         let loaded = inner(tensor);
+        let quantize = mark.quantize();
+        if let DType::QFloat(scheme) = loaded.dtype()
+            && quantize.is_none_or(|q| q != scheme)
+        {
+            log::warn!(
+                "`{}`: the checkpoint holds `{}` values, the model's parameter {}; it is loaded \
+                 as the checkpoint has it (dequantize the checkpoint, or quantize the model with \
+                 the same scheme, to match)",
+                mark.path(),
+                crate::quant::scheme_name(&scheme),
+                match quantize {
+                    Some(q) => format!("is quantized to `{}`", crate::quant::scheme_name(&q)),
+                    None => "is float".to_string(),
+                }
+            );
+        }
+        // Quantized as it is loaded, one tensor at a time; straight into host memory for a
+        // parameter that belongs there.
+        let loaded = quantized(loaded, quantize, mark.host_context().as_ref());
         match mark.host_context() {
             // A leaf again (with autodiff, a move is an op): Burn sets the gradient flag next.
             Some(context) => {
                 let host = loaded.device().to_host();
-                in_moves_marked(&context, Some(mark.clone()), || loaded.to_device(&host)).detach()
+                detached(in_moves_marked(&context, Some(mark.clone()), || {
+                    loaded.to_device(&host)
+                }))
             }
             None => loaded,
         }
     }
 }
 
+/// `tensor` quantized into `scheme` if it is float (a loaded float checkpoint, an initial
+/// value); a quantized tensor is kept as it is (`load_into` says when its scheme differs).
+/// Quantized on the device, or, for a tensor that goes to host memory (`to_host`), straight
+/// into host memory of `context`.
+fn quantized<B, D, const N: usize>(
+    tensor: Tensor<B, N>,
+    scheme: Option<QuantScheme>,
+    to_host: Option<&OffloadContext>,
+) -> Tensor<B, N>
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+{
+    let Some(scheme) = scheme else {
+        return tensor;
+    };
+    if !tensor.dtype().is_float() {
+        return tensor;
+    }
+    match to_host {
+        Some(context) => with_scope(
+            Scope {
+                context: context.clone(),
+                redirect_creations: true,
+                moves: false,
+                mark: None,
+            },
+            || tensor.quantize_dynamic(&scheme),
+        ),
+        None => tensor.quantize_dynamic(&scheme),
+    }
+}
+
 /// Moves an initialised parameter to `target`, marked ([`crate::mark`]) if it goes to host
 /// memory: its load mapper (the parameter's own, then burn-offload's) keeps loads there.
+/// With `quantize`, the value is quantized first, and so is every float value loaded later.
 fn place_initialized<B, D, const N: usize>(
     param: Param<Tensor<B, N>>,
     target: OffloadDevice<D>,
     context: &OffloadContext,
     path: &str,
+    quantize: Option<QuantScheme>,
 ) -> Param<Tensor<B, N>>
 where
     B: Backend<Device = OffloadDevice<D>>,
     D: DeviceOps,
 {
     let (id, tensor, mapper) = param.consume();
+    let host_context = target.is_host().then_some(context);
+    let tensor = quantized(tensor, quantize, host_context);
     // Only a parameter with a load mapper can hold a mark; most have none, and theirs is then
     // not run on a probe. (`ParamMapper` keeps its mappers private; its `Debug` says whether
     // there is one.)
@@ -260,12 +362,22 @@ where
     } else {
         None
     };
+    if let Some(found) = &found {
+        found.set_quantize(quantize);
+    }
     let (mark, new) = mark_for(found, target.is_host(), context, path);
     let moved = in_moves_marked(context, mark.clone(), || move_tensor(tensor, &target));
     let param = Param::from_mapped_value(id, moved, mapper.clone());
     match mark {
-        Some(mark) if new => param.load_mapper(load_into(mark, move |t| mapper.on_load(t))),
-        _ => param,
+        Some(mark) if new => {
+            mark.set_quantize(quantize);
+            param.load_mapper(load_into(mark, move |t| mapper.on_load(t)))
+        }
+        Some(_) => param,
+        None if quantize.is_some() => {
+            param.load_mapper(move |t| quantized(mapper.on_load(t), quantize, None))
+        }
+        None => param,
     }
 }
 
@@ -285,6 +397,7 @@ fn retarget_lazy<B, D, const N: usize>(
     target: OffloadDevice<D>,
     context: OffloadContext,
     path: &str,
+    quantize: Option<QuantScheme>,
 ) -> Param<Tensor<B, N>>
 where
     B: Backend<Device = OffloadDevice<D>>,
@@ -294,7 +407,13 @@ where
     let shape = param.lazy_shape();
     let probe = probe::<B, D, N>(&param.lazy_device());
     let (carrier, found) = find_mark(|| param.clone().transform_for_load(probe, id));
+    if let Some(found) = &found {
+        found.set_quantize(quantize);
+    }
     let (mark, _) = mark_for(found, target.is_host(), &context, path);
+    if let Some(mark) = &mark {
+        mark.set_quantize(quantize);
+    }
     let require_grad = carrier.val().is_require_grad();
     let original = Arc::new(param);
     let (on_load, on_save) = (carrier.clone(), carrier);
@@ -302,7 +421,9 @@ where
     let param = Param::uninitialized(
         id,
         move |device: &OffloadDevice<D>, require_grad| {
-            let value = if device.is_host() {
+            // A parameter to quantize is drawn on the device and quantized there, straight into
+            // host memory if it belongs there: no float copy in host memory, none uploaded.
+            let value = if device.is_host() && quantize.is_none() {
                 let redirect = Scope {
                     context: context.clone(),
                     redirect_creations: true,
@@ -313,9 +434,10 @@ where
             } else {
                 original.val()
             };
+            let value = quantized(value, quantize, device.is_host().then_some(&context));
             let mark = init_mark.clone().filter(|_| device.is_host());
             let value = in_moves_marked(&context, mark, || value.to_device(device));
-            value.detach().set_require_grad(require_grad)
+            detached(value).set_require_grad(require_grad)
         },
         target,
         require_grad,
@@ -326,8 +448,9 @@ where
     // the mark then puts what a store loaded (in host or in device memory) in host memory of
     // the model's context while the parameter belongs there.
     let load = move |tensor| on_load.clone().transform_for_load(tensor, id).val();
-    match mark {
-        Some(mark) => param.load_mapper(load_into(mark, load)),
-        None => param.load_mapper(load),
+    match (mark, quantize) {
+        (Some(mark), _) => param.load_mapper(load_into(mark, load)),
+        (None, Some(_)) => param.load_mapper(move |t| quantized(load(t), quantize, None)),
+        (None, None) => param.load_mapper(load),
     }
 }

@@ -36,6 +36,7 @@ mod nvrtc;
 mod ops;
 mod policy;
 mod prefetch;
+mod quant;
 mod training;
 mod views;
 #[cfg(feature = "wgpu")]

@@ -773,3 +773,67 @@ fn same_seed_same_weights_unfused() {
     common::own_process!(SEEDED);
     same_seed_same_weights::<Unfused>("OffloadBackend<CubeBackend<WgpuRuntime>>");
 }
+
+/// Quantized weights on wgpu, Burn's own quantization kernels: a model quantized by a policy
+/// into q8 and q4 (blocks of 32, f16 scales) gives bit for bit the resident quantized model's
+/// logits whatever the mode (wgpu reads nothing in place, so every mode copies the packed
+/// bytes, which the device dequantizes); the report's dtype and placement columns are the
+/// truth; only packed bytes cross.
+fn quantized_in_every_mode<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
+    use burn_offload::Quantization;
+    use burn_offload::quant::QuantPreset;
+    let device = OffloadDevice::Device(wgpu());
+    let ids = || {
+        Tensor::<OffloadBackend<Bk>, 2, burn::tensor::Int>::from_data(
+            TensorData::new(vec![3i64, 17, 42, 63, 0, 8], [2, 3]),
+            &device,
+        )
+    };
+    let seeded = || crate::quant::fixed::<OffloadBackend<Bk>>(&device);
+    for preset in [QuantPreset::Q8, QuantPreset::Q4] {
+        let quantize = Quantization::preset(preset);
+        let (resident, report) = OffloadPolicy::from_bytes(0)
+            .quantize(quantize.clone())
+            .apply(seeded())
+            .unwrap();
+        assert_eq!(report.offloaded_tensors(), 0);
+        let expected = resident.forward(ids()).into_data();
+        for mode in common::MODES {
+            let (net, report) = OffloadPolicy::from_bytes(u64::MAX)
+                .mode(mode)
+                .quantize(quantize.clone())
+                .apply(seeded())
+                .unwrap();
+            let placed = burn_offload::placements(&net);
+            for (row, (path, placement)) in report.params.iter().zip(&placed) {
+                assert_eq!(&row.path, path);
+                assert_eq!(row.placement, *placement, "{name} {preset} {mode}: {path}");
+                if row.shape.len() == 2 {
+                    let name = burn_offload::quant::scheme_name(&preset.scheme());
+                    assert_eq!(row.dtype, name, "{path}");
+                } else {
+                    assert_eq!(row.dtype, "f32", "{path}");
+                }
+            }
+            reset_op_stats();
+            let got = net.forward(ids()).into_data();
+            let stats = op_stats();
+            let packed: u64 = report.offloaded().map(|p| p.bytes).sum();
+            assert_eq!(got, expected, "{name} {preset} {mode}: bit for bit");
+            assert_eq!(
+                stats.zero_copy_ops, 0,
+                "{name}: wgpu reads nothing in place"
+            );
+            assert_eq!(
+                stats.transient_upload_bytes, packed,
+                "{name} {preset} {mode}: each weight crosses once, packed"
+            );
+        }
+    }
+}
+
+on_both!(
+    quantized_in_every_mode_fused,
+    quantized_in_every_mode_unfused,
+    quantized_in_every_mode
+);

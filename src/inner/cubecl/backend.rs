@@ -56,6 +56,9 @@ impl<R: OffloadRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Offload
     }
 
     fn upload(host: &HostTensor, device: &R::Device) -> FloatTensor<Self> {
+        if host.is_quantized() {
+            return Self::upload_dequantized(host, device);
+        }
         if host.is_contiguous() {
             match upload_tensor::<R>(device, host) {
                 Ok(tensor) => return tensor,

@@ -295,7 +295,7 @@ where
             "burn_offload_gather_host",
             vec![(indices, InputKind::Int)],
             Shape::from(dims),
-            weights.dtype(),
+            weights.read_dtype(),
             weights,
             run_host_embedding::<R, F, I, BT>,
         ))
