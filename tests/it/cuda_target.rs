@@ -10,7 +10,10 @@
 //!   stays within the lookahead plus the copy in use, and nothing is left once the model drops;
 //! - threads (each with its own CubeCL stream) reading the same offloaded weights;
 //! - pageable host memory (`pin_memory(false)`): correct results through the copy path;
-//! - the LLaMA example model generates the same tokens with and without offload.
+//! - the LLaMA example model generates the same tokens with and without offload;
+//! - quantized weights read in place (`qmatmul_host.cu`, `qgather_host.cu`): the kernels
+//!   against an exact product and the codec's rows, their rate against the kernel-read bound,
+//!   and a quantized model in `uva` and `copy` mode against Burn's own results, fused and not.
 //!
 //! Every test skips with a printed reason when there is no CUDA driver or device, unless
 //! `BURN_OFFLOAD_REQUIRE_GPU=1` (see `common::gpu`). The offload mode is global per device, so
@@ -20,22 +23,24 @@ use crate::llama::model;
 
 use crate::common;
 
-use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{embedding, linear};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::quantization::{QuantLevel, QuantParam, QuantScheme, QuantStore, QuantValue};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use burn_offload::auto::clear_calibration;
-use burn_offload::cuda::{self, driver, ops::MAX_ROWS};
+use burn_offload::cuda::{self, driver, ops::MAX_ROWS, quant_ops};
 use burn_offload::inner::{OffloadTarget, TargetDevice};
 use burn_offload::mode::{
     ENV_DISABLE_PIN_MEMORY, ENV_DISABLE_UVA, effective_mode, effective_pin_memory,
 };
+use burn_offload::quant::{self, QuantPreset};
 use burn_offload::{
-    CudaBackend, HostMemoryKind, OffloadBackend, OffloadContext, OffloadDevice, OffloadMode,
-    OffloadPolicy, OffloadReport, OpStats, host_memory_stats, op_stats, prefetch_stats,
-    reset_op_stats, reset_prefetch_stats, set_prefetch_memory_probe,
+    CudaBackend, HostMemoryKind, HostTensor, OffloadBackend, OffloadContext, OffloadDevice,
+    OffloadMode, OffloadPolicy, OffloadReport, OpStats, Quantization, host_memory_stats, op_stats,
+    prefetch_stats, reset_op_stats, reset_prefetch_stats, set_prefetch_memory_probe,
 };
 use cubecl::cuda::CudaDevice;
 
@@ -1058,4 +1063,352 @@ fn same_seed_same_weights() {
     }
     check::<R>(&cuda, "CudaBackend");
     check::<burn_cuda::Cuda>(&cuda, "burn::backend::Cuda");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantized weights read in place: `qmatmul_host.cu` and `qgather_host.cu`
+// ---------------------------------------------------------------------------------------------
+
+/// Every scheme the in-place kernels take, by value, level, scales and store: the presets,
+/// burn-ndarray's native q8, tensor-level scales, 2-bit values (blocks of 32 and of 16).
+fn quantized_schemes() -> Vec<QuantScheme> {
+    let packed = |value, level, param| {
+        QuantScheme::default()
+            .with_value(value)
+            .with_level(level)
+            .with_param(param)
+            .with_store(QuantStore::PackedU32(0))
+    };
+    vec![
+        QuantPreset::Q8.scheme(),
+        QuantPreset::Q4.scheme(),
+        QuantScheme::default()
+            .with_value(QuantValue::Q8S)
+            .with_level(QuantLevel::block([32]))
+            .with_param(QuantParam::F32)
+            .with_store(QuantStore::Native),
+        packed(QuantValue::Q8F, QuantLevel::Tensor, QuantParam::F32),
+        packed(QuantValue::Q4F, QuantLevel::Tensor, QuantParam::F32),
+        packed(QuantValue::Q4S, QuantLevel::block([64]), QuantParam::BF16),
+        packed(QuantValue::Q2S, QuantLevel::block([32]), QuantParam::BF16),
+        packed(QuantValue::Q2F, QuantLevel::block([16]), QuantParam::F16),
+    ]
+}
+
+/// A quantized `dims` weight in pinned host memory (Burn's packed bytes, encoded on the CPU
+/// with the library's codec), read as `dtype`, and its dequantized values (row-major, f32).
+fn quantized_host(
+    cuda: &CudaDevice,
+    dims: [usize; 2],
+    scheme: QuantScheme,
+    dtype: DType,
+    seed: u64,
+) -> (HostTensor, Vec<f32>) {
+    let weights = values(dims[0] * dims[1], seed);
+    let bytes = quant::encode(&weights, &dims, &scheme, None).expect("encodable scheme");
+    let mut buffer = cuda::alloc_pinned(cuda.index, bytes.len()).expect("pinned allocation");
+    buffer.as_mut_slice().copy_from_slice(&bytes);
+    let host = HostTensor::new(buffer, dims.to_vec(), DType::QFloat(scheme))
+        .and_then(|h| h.read_as(Some(dtype)))
+        .expect("a quantized host tensor");
+    let dequantized = quant::decode(&bytes, &dims, &scheme).expect("decodable");
+    (host, dequantized)
+}
+
+/// Rows of `x`: one decode token, below and at the 8-row pass, past it, the most there is.
+const QUANTIZED_ROWS: [usize; 5] = [1, 7, 8, 9, MAX_ROWS];
+
+/// `[K, N]`: odd K with tiles that do not fill N (split-K), a square 4096 one (16M values),
+/// a tiny one (one tile, no split). N is a multiple of every block size above.
+const QUANTIZED_SHAPES: [[usize; 2]; 3] = [[1000, 1088], [4096, 4096], [64, 128]];
+
+/// The kernels alone, through their launchers, against an exact (f64) product of `x` and the
+/// dequantized weight: every scheme, `f32`/`f16`/`bf16` activations, 1 to 16 rows (2-bit
+/// values: up to 8, more are refused: the copy path), split-K and not; then a plan that does
+/// not fit its operands is refused before anything is launched.
+#[test]
+fn quantized_matmul_matches_the_exact_product() {
+    let Some((cuda, _gpu)) = gpu("quantized_matmul_matches_the_exact_product") else {
+        return;
+    };
+    for (s, scheme) in quantized_schemes().into_iter().enumerate() {
+        let name = quant::scheme_name(&scheme);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for (c, [k, n]) in QUANTIZED_SHAPES.into_iter().enumerate() {
+                let started = std::time::Instant::now();
+                let seed = 1000 + 10 * s as u64 + c as u64;
+                let (host, w) = quantized_host(&cuda, [k, n], scheme, dtype, seed);
+                let bits = quant_ops::quant_read(&host).expect("supported scheme").bits;
+                let (_, x) = rounded(values(MAX_ROWS * k, seed + 1), [MAX_ROWS, k], dtype);
+                let exact = Exact::new(&x, &w, [MAX_ROWS, k, n]);
+                for m in QUANTIZED_ROWS {
+                    let ctx = format!("{name} {dtype:?} [{m}, {k}] x [{k}, {n}]");
+                    let lhs = TensorData::new(x[..m * k].to_vec(), [m, k]).convert_dtype(dtype);
+                    let lhs = Tensor::<R, 2>::from_data(lhs, (&cuda, dtype))
+                        .into_primitive()
+                        .tensor();
+                    let Some(plan) = quant_ops::qmatmul_plan(&[m, k], dtype, &host) else {
+                        assert!(bits == 2 && m > 8, "{ctx}: no in-place plan");
+                        continue;
+                    };
+                    let out = quant_ops::qmatmul_host(lhs, &host, plan).expect(&ctx);
+                    let got = read(
+                        Tensor::<R, 2>::from_primitive(TensorPrimitive::Float(out)),
+                        dtype,
+                    );
+                    let e = exact.error(&got, m);
+                    assert!(
+                        e <= tol(dtype, false),
+                        "{ctx}: off by {e:.2e} of Σ|x·w| from the exact product (> {:.1e})",
+                        tol(dtype, false)
+                    );
+                }
+                // Another dtype or more rows than the plan was made for: refused, not launched.
+                let plan = quant_ops::qmatmul_plan(&[1, k], dtype, &host).expect("one row");
+                let lhs = Tensor::<R, 2>::from_data(
+                    TensorData::new(x[..2 * k].to_vec(), [2, k]).convert_dtype(dtype),
+                    (&cuda, dtype),
+                );
+                let refused = quant_ops::qmatmul_host(lhs.into_primitive().tensor(), &host, plan);
+                assert!(
+                    matches!(refused, Err(cuda::CudaError::InvalidArgument { .. })),
+                    "{name}: a plan for another shape must be refused: {refused:?}"
+                );
+                eprintln!(
+                    "{name} {dtype:?} [{k}, {n}] checked in {:.2?}",
+                    started.elapsed()
+                );
+            }
+        }
+    }
+}
+
+/// The gather alone, through its launcher: only the requested rows, dequantized exactly as the
+/// library's codec does (`q · scale` in f32, rounded once to the read dtype), for every scheme,
+/// read dtype and id dtype (the plain backend's i32, and i64).
+#[test]
+fn quantized_gather_matches_the_dequantized_rows() {
+    let Some((cuda, _gpu)) = gpu("quantized_gather_matches_the_dequantized_rows") else {
+        return;
+    };
+    let dims = [1003, 1088];
+    // First and last rows, repeats.
+    let ids: Vec<i64> = vec![0, 1002, 5, 5, 999, 17, 400, 0, 1, 1002, 123, 64];
+    for (s, scheme) in quantized_schemes().into_iter().enumerate() {
+        let name = quant::scheme_name(&scheme);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (host, _) = quantized_host(&cuda, dims, scheme, dtype, 2000 + s as u64);
+            let bytes = host
+                .contiguous_bytes()
+                .expect("quantized memory is contiguous");
+            let rows = ids.iter().map(|&id| id as usize);
+            let expected = quant::decode_rows(bytes, &dims, &scheme, rows).expect("decodable");
+            let expected: Vec<f32> = TensorData::new(expected, [ids.len(), dims[1]])
+                .convert_dtype(dtype)
+                .iter::<f32>()
+                .collect();
+            for id_dtype in [DType::I32, DType::I64] {
+                let ctx = format!("{name} read as {dtype:?}, {id_dtype:?} ids");
+                let data = TensorData::new(ids.clone(), [ids.len()]).convert_dtype(id_dtype);
+                let ids = Tensor::<R, 1, Int>::from_data(data, &cuda).into_primitive();
+                if ids.dtype != id_dtype {
+                    continue; // the plain backend keeps its own int dtype
+                }
+                assert!(quant_ops::qgather_supported(&host, ids.dtype), "{ctx}");
+                let out = quant_ops::qgather_host(&host, ids).expect(&ctx);
+                let got = read(
+                    Tensor::<R, 2>::from_primitive(TensorPrimitive::Float(out)),
+                    dtype,
+                );
+                assert!(
+                    got == expected,
+                    "{ctx}: rows differ from the dequantized table"
+                );
+            }
+        }
+    }
+}
+
+/// Median seconds of `runs` timed calls of `f` (after one untimed one), each synchronised.
+fn median_seconds(cuda: &CudaDevice, runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    cuda::sync(cuda).unwrap();
+    let mut samples: Vec<f64> = (0..runs)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            f();
+            cuda::sync(cuda).unwrap();
+            started.elapsed().as_secs_f64()
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[runs / 2]
+}
+
+/// The in-place quantized matmul (1 and 16 rows, f32 and bf16 activations) against the
+/// kernel-read bound: the packed bytes over the rate at which the SM copy kernel
+/// (`cuda::upload_sm_copy`, what every in-place kernel's reads are measured against) reads the
+/// same pinned buffer. Prints the fraction (the goal is >= 0.91) and fails only below 0.5.
+#[test]
+fn quantized_matmul_rate_against_the_kernel_read_bound() {
+    let Some((cuda, _gpu)) = gpu("quantized_matmul_rate_against_the_kernel_read_bound") else {
+        return;
+    };
+    let [k, n] = [8192, 4096];
+    for preset in [QuantPreset::Q4, QuantPreset::Q8] {
+        for dtype in [DType::F32, DType::BF16] {
+            let (host, _) = quantized_host(&cuda, [k, n], preset.scheme(), dtype, 77);
+            let bytes = host.size_bytes();
+            let read_s = median_seconds(&cuda, 5, || {
+                drop(cuda::upload_sm_copy(&cuda, host.buffer(), 0..bytes).unwrap())
+            });
+            for m in [1, MAX_ROWS] {
+                let x = TensorData::new(values(m * k, 5), [m, k]).convert_dtype(dtype);
+                let x = Tensor::<R, 2>::from_data(x, (&cuda, dtype));
+                let plan = quant_ops::qmatmul_plan(&[m, k], dtype, &host).expect("a plan");
+                let matmul_s = median_seconds(&cuda, 5, || {
+                    let lhs = x.clone().into_primitive().tensor();
+                    drop(quant_ops::qmatmul_host(lhs, &host, plan.clone()).unwrap())
+                });
+                let fraction = read_s / matmul_s;
+                eprintln!(
+                    "{preset} {dtype:?} [{m}, {k}] x [{k}, {n}]: {bytes} packed bytes, kernel \
+                     read {:.1} GB/s, in-place matmul {:.1} GB/s: {fraction:.3} of the \
+                     kernel-read bound (goal >= 0.91)",
+                    bytes as f64 / read_s / 1e9,
+                    bytes as f64 / matmul_s / 1e9
+                );
+                assert!(
+                    fraction >= 0.5,
+                    "{preset} {dtype:?} {m} rows: {fraction:.3} of the kernel-read bound"
+                );
+            }
+        }
+    }
+}
+
+/// An embedding and two linear layers whose weights blocks of 32 tile.
+#[derive(Module, Debug)]
+struct QStack<B: Backend> {
+    embed: Embedding<B>,
+    up: Linear<B>,
+    down: Linear<B>,
+}
+
+impl<B: Backend> QStack<B> {
+    fn seeded(device: &B::Device, seed: u64) -> Self {
+        B::seed(device, seed);
+        Self {
+            embed: EmbeddingConfig::new(1000, 512).init(device),
+            up: LinearConfig::new(512, 1024).init(device),
+            down: LinearConfig::new(1024, 512).init(device),
+        }
+    }
+
+    fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let x = self.embed.forward(ids);
+        self.down.forward(relu(self.up.forward(x)))
+    }
+}
+
+/// A float model holding the dequantized weights of the resident quantized `model` (Burn's
+/// `dequantize`).
+fn dequantized<Bk: Backend>(model: QStack<Bk>) -> QStack<Bk> {
+    struct Dequantize;
+    impl<Bk: Backend> burn::module::ModuleMapper<Bk> for Dequantize {
+        fn map_float<const N: usize>(
+            &mut self,
+            param: Param<Tensor<Bk, N>>,
+        ) -> Param<Tensor<Bk, N>> {
+            let (id, tensor, mapper) = param.consume();
+            Param::from_mapped_value(id, tensor.dequantize(), mapper)
+        }
+    }
+    // Nothing of `model` is offloaded (a budget of 0): the dequantized weights are resident.
+    model.map(&mut Dequantize)
+}
+
+/// A quantized model on Burn's CUDA backends (`T`: fused `burn::backend::Cuda` or the unfused
+/// `CudaBackend`): offloaded in `uva`, its embedding and both linears read the packed weights
+/// in place and agree with Burn's own resident quantized model and with the dequantized float
+/// model within 1e-2 of the largest output (Burn's GEMM may run f32 as TF32); in `copy` the
+/// packed bytes are uploaded and dequantized by Burn: bit for bit the dequantized model's result
+/// on the unfused backend (the same kernels), within 1e-5 on the fused one (fusion may fuse the
+/// dequantization into the matmul).
+fn quantized_model<T: OffloadTarget<Device = CudaDevice>>(test: &str, fused: bool) {
+    let Some((cuda, _gpu)) = gpu(test) else {
+        return;
+    };
+    let device = resident(&cuda);
+    let ids = TensorData::new(vec![3i64, 999, 42, 0, 512], [1, 5]);
+    let run = |model: &QStack<OffloadBackend<T>>| -> Vec<f32> {
+        read(
+            model.forward(Tensor::from_data(ids.clone(), &device)),
+            DType::F32,
+        )
+    };
+    let native_q8 = QuantScheme::default()
+        .with_value(QuantValue::Q8S)
+        .with_level(QuantLevel::block([32]))
+        .with_param(QuantParam::F32)
+        .with_store(QuantStore::Native);
+    for scheme in [
+        QuantPreset::Q8.scheme(),
+        QuantPreset::Q4.scheme(),
+        native_q8,
+    ] {
+        let name = quant::scheme_name(&scheme);
+        let seeded = || QStack::<OffloadBackend<T>>::seeded(&device, 11);
+        let (burn_quantized, _) = OffloadPolicy::from_bytes(0)
+            .quantize(Quantization::new(scheme))
+            .apply(seeded())
+            .expect("valid policy");
+        let burn_out = run(&burn_quantized);
+        let reference = run(&dequantized(burn_quantized));
+        for mode in MODES {
+            let ctx = format!("{name} in {mode} mode (fused: {fused})");
+            let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
+                .min_tensor_bytes(16 << 10)
+                .mode(mode)
+                .quantize(Quantization::new(scheme))
+                .apply(seeded())
+                .expect("valid policy");
+            assert_eq!(report.offloaded_tensors(), 3, "{ctx}: the three weights");
+            reset_op_stats();
+            let got = run(&model);
+            let stats = op_stats();
+            match mode {
+                OffloadMode::Uva => {
+                    assert_eq!(
+                        (stats.zero_copy_ops, stats.transient_uploads),
+                        (3, 0),
+                        "{ctx}: every weight read in place: {stats:?}"
+                    );
+                    assert_near(&format!("{ctx} vs dequantized"), &got, &reference, 1e-2);
+                    assert_near(&format!("{ctx} vs Burn's quantized"), &got, &burn_out, 2e-2);
+                }
+                _ => {
+                    assert_eq!(stats.zero_copy_ops, 0, "{ctx}: {stats:?}");
+                    if fused {
+                        assert_near(&ctx, &got, &reference, 1e-5);
+                    } else {
+                        assert!(
+                            got == reference,
+                            "{ctx}: not bit for bit the dequantized model"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_model_matches_burn() {
+    quantized_model::<CudaBackend>("quantized_model_matches_burn", false);
+}
+
+#[test]
+fn quantized_model_matches_burn_fused() {
+    quantized_model::<burn_cuda::Cuda>("quantized_model_matches_burn_fused", true);
 }

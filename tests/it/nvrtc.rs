@@ -56,6 +56,43 @@ const REQUIRED_ENTRY_POINTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("gather_host.cu", &["gather_host_i32", "gather_host_i64"]),
+    (
+        "qmatmul_host.cu",
+        &[
+            "qscales_f32_from_f32",
+            "qscales_f32_from_f16",
+            "qscales_f32_from_bf16",
+            "qmatmul_host_q8_f32",
+            "qmatmul_host_q8_f16",
+            "qmatmul_host_q8_bf16",
+            "qmatmul_host_q4_f32",
+            "qmatmul_host_q4_f16",
+            "qmatmul_host_q4_bf16",
+            "qmatmul_host_q2_f32",
+            "qmatmul_host_q2_f16",
+            "qmatmul_host_q2_bf16",
+            "qmatmul_host_q8_f32_m16",
+            "qmatmul_host_q8_f16_m16",
+            "qmatmul_host_q8_bf16_m16",
+            "qmatmul_host_q4_f32_m16",
+            "qmatmul_host_q4_f16_m16",
+            "qmatmul_host_q4_bf16_m16",
+            "qmatmul_host_reduce_f32",
+            "qmatmul_host_reduce_f16",
+            "qmatmul_host_reduce_bf16",
+        ],
+    ),
+    (
+        "qgather_host.cu",
+        &[
+            "qgather_host_f32_i32",
+            "qgather_host_f32_i64",
+            "qgather_host_f16_i32",
+            "qgather_host_f16_i64",
+            "qgather_host_bf16_i32",
+            "qgather_host_bf16_i64",
+        ],
+    ),
 ];
 
 /// Parameters of each launched entry point as its launcher in `src/inner/cuda/ops.rs` passes them:
@@ -72,11 +109,25 @@ const ENTRY_PARAMS: &[(&str, usize)] = &[
     // (out, ids, p): no status buffer, out-of-range ids are a device-side assertion.
     ("gather_host_i32", 3),
     ("gather_host_i64", 3),
+    // `src/inner/cuda/quant_ops.rs`: (out, p)
+    ("qscales_f32_from_f16", 2),
+    // (out, x, bias, partial, scales, p)
+    ("qmatmul_host_q4_f32", 6),
+    ("qmatmul_host_q8_bf16_m16", 6),
+    ("qmatmul_host_q2_f16", 6),
+    // (out, partial, bias, p)
+    ("qmatmul_host_reduce_f32", 4),
+    // (out, ids, p): out-of-range ids are a device-side assertion, as in gather_host.
+    ("qgather_host_f32_i32", 3),
+    ("qgather_host_bf16_i64", 3),
 ];
 
 /// Device functions each file's PTX must call: the contracts that make a launch fail rather
 /// than read out of bounds (`gather_host.cu`: out-of-range ids fail a device-side assertion).
-const REQUIRED_CALLS: &[(&str, &[&str])] = &[("gather_host.cu", &["__assertfail"])];
+const REQUIRED_CALLS: &[(&str, &[&str])] = &[
+    ("gather_host.cu", &["__assertfail"]),
+    ("qgather_host.cu", &["__assertfail"]),
+];
 
 /// Per-entry selection (`#if !defined(BURN_OFFLOAD_SELECT_ENTRY) ||
 /// defined(BURN_OFFLOAD_ONLY_<name>)`): a launcher prepends both defines to compile one entry.

@@ -12,6 +12,8 @@
 //! - [`transfer`]: [`upload_dma`] (copy engine, no bounce copy), [`upload_sm_copy`] and
 //!   [`upload_tensor`], which gives a burn-cubecl tensor;
 //! - [`ops`]: launchers of the zero-copy `matmul_host` and `gather_host` kernels;
+//! - [`quant_ops`]: launchers of `qmatmul_host` and `qgather_host`, which read quantized
+//!   weights in place and dequantize them as they read;
 //! - [`copy_streams`]: [`CudaCopyStreams`](copy_streams::CudaCopyStreams), the copy engine's
 //!   ([`crate::copy`]) own stream, ring and flags, with the flag kernels of
 //!   `kernels/flags.cu`;
@@ -35,6 +37,7 @@ pub mod error;
 pub mod kernel;
 pub mod ops;
 pub mod pinned;
+pub mod quant_ops;
 mod runtime;
 pub mod transfer;
 

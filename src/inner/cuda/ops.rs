@@ -46,7 +46,7 @@ fn entry_kernel(source: &'static str, entry: &'static str) -> RawKernel {
 }
 
 /// The kernels' name for a dtype, if they have one.
-fn dtype_suffix(dtype: DType) -> Option<&'static str> {
+pub(super) fn dtype_suffix(dtype: DType) -> Option<&'static str> {
     match dtype {
         DType::F32 => Some("f32"),
         DType::F16 => Some("f16"),
@@ -56,19 +56,19 @@ fn dtype_suffix(dtype: DType) -> Option<&'static str> {
 }
 
 /// The device address of a pinned host view's buffer, or why there is none.
-fn host_address(host: &HostTensor) -> Result<u64, CudaError> {
+pub(super) fn host_address(host: &HostTensor) -> Result<u64, CudaError> {
     pinned::device_ptr(host.buffer()).ok_or_else(|| CudaError::InvalidArgument {
         reason: "the host tensor is not in pinned, device-mapped memory".into(),
     })
 }
 
-fn invalid(reason: String) -> CudaError {
+pub(super) fn invalid(reason: String) -> CudaError {
     CudaError::InvalidArgument { reason }
 }
 
 /// Checks that every byte a kernel can read of `host`'s buffer lies inside it (see
 /// [`StridedRead`]), before anything is launched.
-fn check_host_read(host: &HostTensor, read: &StridedRead) -> Result<(), CudaError> {
+pub(super) fn check_host_read(host: &HostTensor, read: &StridedRead) -> Result<(), CudaError> {
     read.check(host.buffer().len())
         .map_err(|reason| invalid(format!("{reason}; the kernel is not launched")))
 }
@@ -376,7 +376,7 @@ pub fn gather_host(
 /// # Safety
 /// As [`launch_raw`]: the kernel must stay within `buffers` and only read host memory that
 /// outlives it, and `params` must match its parameter struct.
-unsafe fn launch(
+pub(super) unsafe fn launch(
     device: &cubecl::cuda::CudaDevice,
     source: &'static str,
     entry: String,

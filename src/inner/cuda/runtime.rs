@@ -6,7 +6,10 @@
 //!   is disabled or fails, pageable memory with a logged warning (UVA ops then take the copy
 //!   path: nothing fails);
 //! - zero-copy: `matmul_host.cu` (rows ≤ [`ops::MAX_ROWS`]) and `gather_host.cu` read pinned
-//!   memory in place, queued on CubeCL's stream like Burn's own kernels (no host sync);
+//!   memory in place, queued on CubeCL's stream like Burn's own kernels (no host sync); for
+//!   quantized weights read as float, `qmatmul_host.cu` and `qgather_host.cu` read the packed
+//!   values and dequantize them as they read ([`quant_ops`]); a scheme they do not take is
+//!   copied and dequantized by Burn;
 //! - pinned memory is freed, and rewritten by an optimizer step, only once every device that
 //!   may read it has finished its work ([`pinned`]).
 //!
@@ -18,6 +21,7 @@ use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::ComputeClient;
 
 use super::ops::{self, matmul_plan};
+use super::quant_ops::{self, can_read_quantized, qgather_supported, qmatmul_plan};
 use super::{alloc_pinned, pinned};
 use crate::auto::Calibration;
 use crate::error::OffloadError;
@@ -84,9 +88,13 @@ impl TargetDevice for CudaDevice {
     }
 }
 
-/// Whether `gather_host` can read this table: contiguous rows that do not overlap (a flipped
-/// or broadcast table is copied instead), i32 or i64 ids.
+/// Whether `gather_host` (or, for a quantized table, `qgather_host`) can read this table:
+/// contiguous rows that do not overlap (a flipped or broadcast table is copied instead), i32 or
+/// i64 ids; a quantized table of a scheme the kernels take ([`quant_ops::quant_read`]).
 fn gather_supported(weights: &HostTensor, indices_dtype: DType) -> bool {
+    if weights.is_quantized() {
+        return qgather_supported(weights, indices_dtype);
+    }
     weights.dims().len() == 2
         && weights.strides()[1] == 1
         && weights.strides()[0] >= weights.dims()[1] as isize
@@ -142,7 +150,12 @@ impl OffloadRuntime for CudaRuntime {
         }
     }
 
+    /// Pinned memory of a float dtype the kernels take, or of a quantized scheme they take,
+    /// read as such a float dtype.
     fn can_read_in_place(host: &HostTensor, _device: &CudaDevice) -> bool {
+        if host.is_quantized() {
+            return can_read_quantized(host);
+        }
         matches!(host.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && pinned::device_ptr(host.buffer()).is_some()
     }
@@ -152,6 +165,9 @@ impl OffloadRuntime for CudaRuntime {
     }
 
     fn host_matmul_supported(lhs_shape: &[usize], lhs_dtype: DType, rhs: &HostTensor) -> bool {
+        if rhs.is_quantized() {
+            return qmatmul_plan(lhs_shape, lhs_dtype, rhs).is_some();
+        }
         matmul_plan(lhs_shape, lhs_dtype, rhs).is_some()
     }
 
@@ -159,6 +175,13 @@ impl OffloadRuntime for CudaRuntime {
         lhs: CubeTensor<CudaRuntime>,
         rhs: &HostTensor,
     ) -> Result<CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>> {
+        if rhs.is_quantized() {
+            let Some(plan) = qmatmul_plan(&lhs.meta.shape().to_vec(), lhs.dtype, rhs) else {
+                return Err(lhs);
+            };
+            return Ok(quant_ops::qmatmul_host(lhs, rhs, plan)
+                .unwrap_or_else(|e| panic!("in-place quantized matmul: {e}")));
+        }
         let Some(plan) = matmul_plan(&lhs.meta.shape().to_vec(), lhs.dtype, rhs) else {
             return Err(lhs);
         };
@@ -177,6 +200,10 @@ impl OffloadRuntime for CudaRuntime {
     ) -> Result<CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>> {
         if !gather_supported(weights, indices.dtype) {
             return Err(indices);
+        }
+        if weights.is_quantized() {
+            return Ok(quant_ops::qgather_host(weights, indices)
+                .unwrap_or_else(|e| panic!("in-place quantized embedding: {e}")));
         }
         Ok(ops::gather_host(weights, indices)
             .unwrap_or_else(|e| panic!("zero-copy embedding: {e}")))
