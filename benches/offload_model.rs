@@ -16,6 +16,12 @@
 //!   offloaded weights with `OffloadContext::adopt_module`; the policy is applied once per
 //!   fraction;
 //!
+//! - `q8 resident`, `q4 resident`, `q8 100% <mode>`, `q4 100% <mode>` (`MODEL_BENCH_QUANT`,
+//!   default `q8,q4`; `none` for none): the same weights quantized (`Quantization::preset`,
+//!   `q8s/b32/f16` and `q4s/b32/f16`; norms stay bf16) by Burn's kernels on the device, once
+//!   resident and once with every parameter offloaded (packed values and scales in pinned
+//!   memory), read in `copy`, `uva` and `prefetch` mode;
+//!
 //! each for three workloads: one decode step at batch 1 and at batch 8 (after a KV cache of 32
 //! positions of random keys and values; every sample decodes the same position from a clone of
 //! that cache), and a
@@ -28,7 +34,11 @@
 //!   zero-copy reads), and the DMA rate measured in this run at exactly the sizes this
 //!   variant offloads (one upload of each of the model's tensor sizes, timed: the bytes over
 //!   the sum of the offloaded tensors' times);
-//! - for `uva` at batch 1 also `uva bound = max(plain, offloaded bytes / kernel-read GB/s)`.
+//! - for `uva` at batch 1 also `uva bound = max(plain, offloaded bytes / kernel-read GB/s)`;
+//! - for quantized rows the bytes are the packed ones the op stats count (bytes/step: the
+//!   `moved GB` column, and `moved / bf16` against the bf16 row offloaded as far in the same
+//!   mode), the DMA rate is measured at the packed sizes, and `plain` in the bounds is the
+//!   same quantized weights resident (`qN resident`: the dequantization's cost included).
 //!
 //! Same weights, checked: the offloaded models are `policy.apply` of clones of one
 //! materialised, resident `OffloadBackend` model (the policy moves the selected parameters to
@@ -36,7 +46,8 @@
 //! workload) are compared with the resident model's (= `offload 0%`): max |difference| within
 //! 5 % of the largest |logit| (bf16). `prefetch` must then equal `copy` **bit for bit** (the
 //! same kernels on the same bytes), and `uva` (other kernels) must match `copy` within the
-//! tolerance; argmax agreement reported. A failed check exits 1 after the table and the JSON
+//! tolerance; argmax agreement reported. Quantized: `copy` against the resident quantized
+//! model's logits, `uva` and `prefetch` against `copy` as above. A failed check exits 1 after the table and the JSON
 //! are written. (The `plain` model has its own random weights.)
 //!
 //! Timing: every sample runs from an idle stream to the end of a stream sync (`cuda::sync`);
@@ -86,9 +97,11 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, bf16};
 use burn_offload::cuda::{self, CudaError, driver};
+use burn_offload::quant::{QuantPreset, scheme_name};
 use burn_offload::{
     CudaBackend, OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, OffloadPolicy,
-    OpStats, PrefetchStats, op_stats, prefetch_stats, reset_op_stats, reset_prefetch_stats,
+    OpStats, PrefetchStats, Quantization, op_stats, prefetch_stats, reset_op_stats,
+    reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
 use cuda_common::{MIB, WARMUP, env_usize, limits, median, median_timed, timed, timed_queued};
@@ -376,6 +389,8 @@ struct Row {
     dma_gbps: Option<f64>,
     /// Device memory in use (driver's view) after the measurement.
     device_used_bytes: Option<u64>,
+    /// The weights' quantization (`None`: the model's float type, bf16).
+    quant: Option<QuantPreset>,
 }
 
 /// What the table's columns are computed from.
@@ -431,19 +446,57 @@ fn dma_by_size(cuda: &CudaDevice, sizes: &[u64]) -> Result<Vec<(u64, f64)>, Cuda
 }
 
 impl Row {
+    /// The `plain` row's median (float weights, nothing offloaded, no decorator).
     fn plain_s(&self, rows: &[Row]) -> Option<f64> {
         rows.iter()
             .find(|r| {
-                r.preset == self.preset && r.workload == self.workload && r.fraction.is_none()
+                r.preset == self.preset
+                    && r.workload == self.workload
+                    && r.fraction.is_none()
+                    && r.quant.is_none()
             })
             .and_then(|r| r.measured.as_ref())
             .map(|m| m.median_s)
     }
 
-    /// `max(plain, uploaded bytes / DMA at these sizes + bytes read in place / kernel
-    /// read)`, the bytes being those the last sample moved.
+    /// What the step costs without the bus: `plain` for float rows; for quantized rows the
+    /// same quantized weights resident (its `qN resident` row: dequantization included).
+    fn base_s(&self, rows: &[Row]) -> Option<f64> {
+        if self.quant.is_none() {
+            return self.plain_s(rows);
+        }
+        rows.iter()
+            .find(|r| {
+                r.preset == self.preset
+                    && r.workload == self.workload
+                    && r.fraction.is_none()
+                    && r.quant == self.quant
+            })
+            .and_then(|r| r.measured.as_ref())
+            .map(|m| m.median_s)
+    }
+
+    /// Bytes the last sample moved over the bus against those of the float row offloaded as
+    /// far in the same mode (quantized rows only: packed bytes against bf16 ones).
+    fn moved_vs_float(&self, rows: &[Row]) -> Option<f64> {
+        self.quant?;
+        let float = rows.iter().find(|r| {
+            r.preset == self.preset
+                && r.workload == self.workload
+                && r.quant.is_none()
+                && r.fraction == self.fraction
+                && r.mode == self.mode
+        })?;
+        let (up, in_place) = moved_bytes(self.measured.as_ref()?);
+        let (fup, fin) = moved_bytes(float.measured.as_ref()?);
+        (fup + fin > 0).then(|| (up + in_place) as f64 / (fup + fin) as f64)
+    }
+
+    /// `max(base, uploaded bytes / DMA at these sizes + bytes read in place / kernel
+    /// read)`, the bytes being those the last sample moved (a quantized row's are its packed
+    /// bytes, at the DMA rate measured at the packed sizes); base = [`base_s`](Self::base_s).
     fn bound_s(&self, rows: &[Row], limits: &Limits) -> Option<f64> {
-        let plain = self.plain_s(rows)?;
+        let plain = self.base_s(rows)?;
         let (uploaded, in_place) = moved_bytes(self.measured.as_ref()?);
         let dma = self.dma_gbps.unwrap_or(limits.dma_gbps);
         let bus = uploaded as f64 / (dma * 1e9) + in_place as f64 / (limits.kernel_read_gbps * 1e9);
@@ -458,12 +511,12 @@ impl Row {
         (m.samples_s.len() > 1).then(|| (max - min) / m.median_s)
     }
 
-    /// `max(plain, offloaded bytes / kernel read)`, for uva at batch 1.
+    /// `max(base, offloaded bytes / kernel read)`, for uva at batch 1.
     fn uva_bound_s(&self, rows: &[Row], limits: &Limits) -> Option<f64> {
         if self.mode != Some(OffloadMode::Uva) || self.workload != Workload::Decode1 {
             return None;
         }
-        let plain = self.plain_s(rows)?;
+        let plain = self.base_s(rows)?;
         Some(plain.max(self.offloaded_bytes as f64 / (limits.kernel_read_gbps * 1e9)))
     }
 
@@ -477,6 +530,7 @@ impl Row {
             "batch": self.workload.batch(),
             "tokens_per_step": self.workload.tokens(),
             "variant": self.variant,
+            "quantization": self.quant.map(|q| scheme_name(&q.scheme())),
             "fraction": self.fraction,
             "mode": self.mode.map(|m| m.to_string()),
             "offloaded_bytes": self.offloaded_bytes,
@@ -492,6 +546,7 @@ impl Row {
             "bound_s": bound,
             "efficiency": median.zip(bound).map(|(s, b)| b / s),
             "spread": self.spread(),
+            "moved_vs_float": self.moved_vs_float(rows),
             "uploaded_bytes_last_sample": m.map(|m| moved_bytes(m).0),
             "read_in_place_bytes_last_sample": m.map(|m| moved_bytes(m).1),
             "dma_gbps_at_these_sizes": self.dma_gbps,
@@ -522,6 +577,8 @@ struct Bench {
     preset_deadline: Instant,
     limits: Limits,
     rows: Vec<Row>,
+    /// Quantizations measured after the float fractions (`MODEL_BENCH_QUANT`).
+    quant: Vec<QuantPreset>,
     /// Wall-clock seconds of set-up sections (init, policy application), by name.
     sections: Vec<(String, f64)>,
     presets: Vec<Value>,
@@ -575,6 +632,7 @@ impl Bench {
             check,
             dma_gbps,
             device_used_bytes: device_used(&self.cuda),
+            quant: None,
         };
         match &row.measured {
             Some(m) => println!(
@@ -717,7 +775,7 @@ impl Bench {
             };
             if self.out_of_time() {
                 for &mode in modes {
-                    let (variant, mode) = variant_name(fraction, mode);
+                    let (variant, mode) = variant_name(fraction, mode, None);
                     for w in Workload::ALL {
                         self.skip(name, &variant, (Some(fraction), mode), w);
                     }
@@ -733,8 +791,6 @@ impl Bench {
             let offloaded = (report.offloaded_bytes(), report.offloaded_tensors());
             let offloaded_sizes: Vec<u64> = report.offloaded().map(|p| p.bytes).collect();
             let dma_gbps = self.limits.dma_gbps_for(&offloaded_sizes);
-            // The `copy` run's logits, once it has run.
-            let mut copy_logits: Option<[Vec<f32>; 3]> = None;
             println!(
                 "  {}: {:.3} GB in {} of {} tensors offloaded ({:.1} s to move them)",
                 pct(fraction),
@@ -743,52 +799,105 @@ impl Bench {
                 report.params.len(),
                 start.elapsed().as_secs_f64()
             );
-            for &mode in modes {
-                // The same offloaded weights, read in `mode` (`auto` with the card's cached
-                // calibration, where one was measured).
-                let context = OffloadContext::with_mode(mode);
-                if let Some(c) = burn_offload::auto::calibration(&cuda) {
-                    context.set_calibration(&cuda, c);
-                }
-                let model = context.adopt_module(model.clone());
-                let is_copy = mode == OffloadMode::Copy;
-                let reference = match (&copy_logits, mode) {
-                    (Some(logits), OffloadMode::Prefetch { .. } | OffloadMode::Uva) => Reference {
-                        against: "copy",
-                        exact: matches!(mode, OffloadMode::Prefetch { .. }),
-                        logits,
-                    },
-                    _ => Reference {
-                        against: "resident",
-                        exact: false,
-                        logits: &resident_logits,
-                    },
-                };
-                let (variant, mode) = variant_name(fraction, mode);
-                let first = self.rows.len();
-                for w in Workload::ALL {
-                    self.add(
-                        name,
-                        &variant,
-                        (Some(fraction), mode),
-                        offloaded,
-                        w,
-                        || inputs.run(&model, w),
-                        (Some(&reference), dma_gbps),
-                    )?;
-                }
-                if is_copy {
-                    let rows = &self.rows[first..];
-                    if rows.iter().all(|r| r.measured.is_some()) {
-                        copy_logits =
-                            Some([0, 1, 2].map(|i| {
-                                rows[i].measured.as_ref().expect("checked").logits.clone()
-                            }));
-                    }
-                }
-            }
+            self.read_modes::<Plain>(
+                name,
+                (fraction, None),
+                (&model, &inputs),
+                modes,
+                (offloaded, dma_gbps),
+                &resident_logits,
+            )?;
             // The last mode's context (its prefetcher and copies) went with its model above.
             drop(model);
+            cuda::free_upload_sources(&cuda)?;
+            std::thread::sleep(burn_offload::prefetch::LIVENESS_CHECK);
+        }
+
+        // Quantized weights (issue #23): the same bf16 weights quantized by Burn's kernels on
+        // the device, once resident (the base of the bound) and once with every parameter
+        // offloaded (packed, in pinned memory), read in each mode.
+        for quant in self.quant.clone() {
+            let modes = [OffloadMode::Copy, OffloadMode::Uva, prefetch];
+            if self.out_of_time() {
+                let resident_variant = format!("{quant} resident");
+                for w in Workload::ALL {
+                    self.skip(name, &resident_variant, (None, None), w);
+                    self.rows.last_mut().expect("added").quant = Some(quant);
+                }
+                for mode in modes {
+                    let (variant, mode) = variant_name(1.0, mode, Some(quant));
+                    for w in Workload::ALL {
+                        self.skip(name, &variant, (Some(1.0), mode), w);
+                        self.rows.last_mut().expect("added").quant = Some(quant);
+                    }
+                }
+                continue;
+            }
+            let start = Instant::now();
+            let quantization = Quantization::preset(quant);
+            let (q_resident, _) = OffloadPolicy::from_bytes(0)
+                .quantize(quantization.clone())
+                .apply(resident.clone())?;
+            let q_logits: [Vec<f32>; 3] = Workload::ALL.map(|w| {
+                inputs
+                    .run(&q_resident, w)
+                    .into_data()
+                    .iter::<f32>()
+                    .collect()
+            });
+            let (q_offloaded, report) = OffloadPolicy::from_bytes(u64::MAX)
+                .mode(OffloadMode::Uva)
+                .quantize(quantization)
+                .apply(resident.clone())?;
+            cuda::sync(&cuda)?;
+            self.lap(format!("{name}/quantize_{quant}"), start);
+            // The DMA time of the packed sizes, for the bound.
+            let start = Instant::now();
+            let mut sizes: Vec<u64> = report
+                .params
+                .iter()
+                .map(|p| p.bytes)
+                .filter(|b| !self.limits.dma_s_by_size.iter().any(|(s, _)| s == b))
+                .collect();
+            sizes.sort_unstable();
+            sizes.dedup();
+            let measured = dma_by_size(&cuda, &sizes)?;
+            self.limits.dma_s_by_size.extend(measured);
+            self.lap(format!("{name}/dma_by_size_{quant}"), start);
+            let offloaded = (report.offloaded_bytes(), report.offloaded_tensors());
+            let offloaded_sizes: Vec<u64> = report.offloaded().map(|p| p.bytes).collect();
+            let dma_gbps = self.limits.dma_gbps_for(&offloaded_sizes);
+            println!(
+                "  {quant} ({}): {:.3} GB packed in {} of {} tensors, all offloaded",
+                scheme_name(&quant.scheme()),
+                offloaded.0 as f64 / 1e9,
+                offloaded.1,
+                report.params.len(),
+            );
+            let resident_variant = format!("{quant} resident");
+            for w in Workload::ALL {
+                self.add(
+                    name,
+                    &resident_variant,
+                    (None, None),
+                    (0, 0),
+                    w,
+                    || inputs.run(&q_resident, w),
+                    (None, None),
+                )?;
+                self.rows.last_mut().expect("added").quant = Some(quant);
+            }
+            drop(q_resident);
+            self.read_modes::<Plain>(
+                name,
+                (1.0, Some(quant)),
+                (&q_offloaded, &inputs),
+                &modes,
+                (offloaded, dma_gbps),
+                &q_logits,
+            )?;
+            drop(q_offloaded);
+            <Off<Plain> as Backend>::memory_cleanup(&device);
             cuda::free_upload_sources(&cuda)?;
             std::thread::sleep(burn_offload::prefetch::LIVENESS_CHECK);
         }
@@ -796,6 +905,76 @@ impl Bench {
         drop(resident);
         <Off<Plain> as Backend>::memory_cleanup(&device);
         cuda::free_upload_sources(&cuda)?;
+        Ok(())
+    }
+
+    /// Measures `model` (its offloaded weights) read in each of `modes`, every workload: `copy`
+    /// first, checked against `resident_logits`; then `uva` against `copy` within the
+    /// tolerance and `prefetch` against `copy` bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn read_modes<Plain>(
+        &mut self,
+        name: &str,
+        (fraction, quant): (f64, Option<QuantPreset>),
+        (model, inputs): (
+            &Llama<OffloadBackend<Plain>>,
+            &Inputs<OffloadBackend<Plain>>,
+        ),
+        modes: &[OffloadMode],
+        (offloaded, dma_gbps): ((u64, usize), Option<f64>),
+        resident_logits: &[Vec<f32>; 3],
+    ) -> BenchResult<()>
+    where
+        Plain: burn_offload::inner::OffloadTarget<Device = cubecl::cuda::CudaDevice>,
+    {
+        let cuda = self.cuda.clone();
+        // The `copy` run's logits, once it has run.
+        let mut copy_logits: Option<[Vec<f32>; 3]> = None;
+        for &mode in modes {
+            // The same offloaded weights, read in `mode` (`auto` with the card's cached
+            // calibration, where one was measured).
+            let context = OffloadContext::with_mode(mode);
+            if let Some(c) = burn_offload::auto::calibration(&cuda) {
+                context.set_calibration(&cuda, c);
+            }
+            let model = context.adopt_module(model.clone());
+            let is_copy = mode == OffloadMode::Copy;
+            let reference = match (&copy_logits, mode) {
+                (Some(logits), OffloadMode::Prefetch { .. } | OffloadMode::Uva) => Reference {
+                    against: "copy",
+                    exact: matches!(mode, OffloadMode::Prefetch { .. }),
+                    logits,
+                },
+                _ => Reference {
+                    against: "resident",
+                    exact: false,
+                    logits: resident_logits,
+                },
+            };
+            let (variant, mode) = variant_name(fraction, mode, quant);
+            let first = self.rows.len();
+            for w in Workload::ALL {
+                self.add(
+                    name,
+                    &variant,
+                    (Some(fraction), mode),
+                    offloaded,
+                    w,
+                    || inputs.run(&model, w),
+                    (Some(&reference), dma_gbps),
+                )?;
+                self.rows.last_mut().expect("added").quant = quant;
+            }
+            if is_copy {
+                let rows = &self.rows[first..];
+                if rows.iter().all(|r| r.measured.is_some()) {
+                    copy_logits = Some(
+                        [0, 1, 2]
+                            .map(|i| rows[i].measured.as_ref().expect("checked").logits.clone()),
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -822,6 +1001,7 @@ impl Bench {
             check: None,
             dma_gbps: None,
             device_used_bytes: None,
+            quant: None,
         });
     }
 
@@ -835,9 +1015,9 @@ impl Bench {
             None => "–".to_string(),
         };
         let mut out = String::from(
-            "| model | workload | variant | offloaded GB | moved GB | ms/step | spread | queued \
-             ms | tokens/s | ratio to plain | bound ms | efficiency | uva bound ms |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| model | workload | variant | offloaded GB | moved GB | moved / bf16 | ms/step | \
+             spread | queued ms | tokens/s | ratio to plain | bound ms | efficiency | uva bound \
+             ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         // Grouped by model and workload; variants in the order they ran.
         let mut order: Vec<&Row> = self.rows.iter().collect();
@@ -853,7 +1033,7 @@ impl Bench {
                 (up + in_place) as f64 / 1e9
             });
             out += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.preset,
                 r.workload.name(),
                 r.variant,
@@ -862,7 +1042,8 @@ impl Bench {
                 } else {
                     "–".into()
                 },
-                fmt(moved, 2),
+                fmt(moved, 3),
+                fmt(r.moved_vs_float(&self.rows), 3),
                 match median_s {
                     Some(s) => format!("{:.2}", s * 1e3),
                     None => "skipped".into(),
@@ -901,6 +1082,7 @@ impl Bench {
             "prefill_tokens": PREFILL,
             "fractions": self.fractions,
             "check_tolerance_rel": CHECK_TOLERANCE,
+            "quantizations": self.quant.iter().map(|q| scheme_name(&q.scheme())).collect::<Vec<_>>(),
             "limits": {
                 "dma_pinned_gbps": self.limits.dma_gbps,
                 "kernel_read_mapped_gbps": self.limits.kernel_read_gbps,
@@ -916,15 +1098,22 @@ impl Bench {
 }
 
 /// The table's label and the row's mode (`None` for the 0 % variant, whose mode is moot).
-fn variant_name(fraction: f64, mode: OffloadMode) -> (String, Option<OffloadMode>) {
+/// The table's label and the row's mode (`None` for the 0 % variant, whose mode is moot):
+/// `offload 50% copy`, or for quantized weights `q4 100% copy`.
+fn variant_name(
+    fraction: f64,
+    mode: OffloadMode,
+    quant: Option<QuantPreset>,
+) -> (String, Option<OffloadMode>) {
+    let prefix = quant.map_or("offload".to_string(), |q| q.to_string());
     if fraction == 0.0 {
-        ("offload 0%".into(), None)
+        (format!("{prefix} 0%"), None)
     } else {
         let label = match mode {
             OffloadMode::Prefetch { .. } => "prefetch".to_string(),
             other => other.to_string(),
         };
-        (format!("offload {} {label}", pct(fraction)), Some(mode))
+        (format!("{prefix} {} {label}", pct(fraction)), Some(mode))
     }
 }
 
@@ -964,6 +1153,14 @@ fn run() -> BenchResult<bool> {
         .filter(|v| v.is_finite() && *v > 0.0)
         .unwrap_or(195.0);
     let json_path = std::env::var("MODEL_BENCH_JSON").ok();
+    let quant = env_list("MODEL_BENCH_QUANT", "q8,q4")
+        .iter()
+        .filter(|q| !q.eq_ignore_ascii_case("none"))
+        .map(|q| {
+            q.parse::<QuantPreset>()
+                .map_err(|e| format!("MODEL_BENCH_QUANT: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let info = cuda::probe()?;
 
     let cuda = CudaDevice::new(0);
@@ -995,6 +1192,7 @@ fn run() -> BenchResult<bool> {
             dma_s_by_size: Vec::new(),
         },
         rows: Vec::new(),
+        quant,
         sections: Vec::new(),
         presets: Vec::new(),
     };
@@ -1029,9 +1227,12 @@ fn run() -> BenchResult<bool> {
     println!(
         "bf16 weights; GB = 1e9 bytes; ms/step: one decode step (one token per sequence) or the \
          whole prefill; spread = (max - min) / median of the samples; moved = bytes the last \
-         sample uploaded or read in place; bound = max(plain, uploaded / DMA GB/s at the \
-         variant's tensor sizes + read in place / kernel-read GB/s); efficiency = bound / \
-         measured; uva bound = max(plain, offloaded bytes / kernel-read GB/s)\n"
+         sample uploaded or read in place (packed bytes for q8/q4 rows); moved / bf16 = a q8/q4 \
+         row's moved bytes over those of the bf16 row offloaded as far in the same mode; \
+         bound = max(base, uploaded / DMA GB/s at the variant's tensor sizes + read in place / \
+         kernel-read GB/s), base = plain (q8/q4 rows: the same quantized weights resident); \
+         efficiency = bound / measured; uva bound = max(base, offloaded bytes / kernel-read \
+         GB/s)\n"
     );
     print!("{}", bench.table());
     let skipped = bench.rows.iter().filter(|r| r.measured.is_none()).count();

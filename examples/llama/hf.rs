@@ -192,8 +192,11 @@ const REMAP: &[(&str, &str)] = &[
 ];
 
 impl HfModel {
-    /// Reads `dir`'s config and checkpoint headers and checks them against each other.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self, HfError> {
+    /// Reads `dir`'s config.json only (and finds its tokenizer.json), not the checkpoint: for
+    /// a model whose weights come from elsewhere (a quantized burnpack the example wrote).
+    /// [`files`](Self::files) and [`tensors`](Self::tensors) are empty; [`load`](Self::load)
+    /// would load nothing.
+    pub fn open_config(dir: impl AsRef<Path>) -> Result<Self, HfError> {
         let dir = dir.as_ref().to_path_buf();
         let config_path = dir.join("config.json");
         let raw: Value =
@@ -206,6 +209,28 @@ impl HfModel {
                 path: config_path.clone(),
                 message,
             })?;
+        let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+        Ok(Self {
+            dir,
+            architecture,
+            config,
+            max_position_embeddings,
+            files: Vec::new(),
+            tensors: BTreeMap::new(),
+            tokenizer,
+        })
+    }
+
+    /// Reads `dir`'s config and checkpoint headers and checks them against each other.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, HfError> {
+        let Self {
+            dir,
+            architecture,
+            config,
+            max_position_embeddings,
+            tokenizer,
+            ..
+        } = Self::open_config(dir)?;
 
         // Which file holds which tensor.
         let index_path = dir.join("model.safetensors.index.json");
@@ -257,7 +282,6 @@ impl HfModel {
             }
             tensors.insert(name, entry.clone());
         }
-        let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
         Ok(Self {
             dir,
             architecture,

@@ -584,11 +584,21 @@ impl<B: Backend> Llama<B> {
         self.norm.forward(x)
     }
 
-    /// The LM head: `h @ lm_head.weight`, or `h @ embed.weight^T` when tied.
+    /// The LM head: `h @ lm_head.weight`, or `h @ embed.weight^T` when tied. A quantized
+    /// table is dequantized first, as Burn's `Linear` and `Embedding` do with their weights
+    /// (a no-op for a float one; with burn-offload a view that the matmul dequantizes as it
+    /// reads).
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
+            None => hidden.matmul(
+                self.embed
+                    .weight
+                    .val()
+                    .dequantize()
+                    .transpose()
+                    .unsqueeze::<3>(),
+            ),
         }
     }
 }

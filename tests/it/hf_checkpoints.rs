@@ -2,7 +2,8 @@
 //! against transformers: `tests/fixtures/hf/*` were made by `scripts/hf-fixtures.py` (tiny
 //! random models saved with `save_pretrained`, and transformers' greedy tokens and logits for
 //! two prompts, in `reference.json`). Each is run with every parameter resident and with every
-//! parameter offloaded in each mode, on the CPU target.
+//! parameter offloaded in each mode, on the CPU target; and quantized (q8, q4) against
+//! transformers' f32 logits, reported without a gate.
 
 use crate::common::MODES;
 use crate::llama::hf;
@@ -14,13 +15,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayDevice;
-use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_offload::inner::{OffloadTarget, TargetDevice};
-use burn_offload::{OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, op_stats};
+use burn_offload::quant::{QuantPreset, scheme_name};
+use burn_offload::{
+    OffloadBackend, OffloadDevice, OffloadMode, OffloadPolicy, Quantization, op_stats,
+};
 use serde::Deserialize;
 
 use hf::{HfError, HfModel};
-use model::{Llama, greedy};
+use model::{Cache, Llama, greedy};
 
 /// transformers' f32 logits against ours.
 const TOLERANCE: f32 = 1e-4;
@@ -380,4 +385,129 @@ fn broken_directories_get_errors_naming_the_tensor_and_the_file() {
         c.as_object_mut().unwrap().remove("hidden_size");
     });
     assert!(open_err(tmp.path()).contains("config.json: hidden_size is missing"));
+}
+
+/// The logits `model` gives at each position transformers generated from, teacher-forced: the
+/// prompt and transformers' greedy tokens (all but the last) in one forward, so that every
+/// position sees the prefix transformers saw; `[sequence][step][vocab]` as in
+/// `reference.json`.
+fn teacher_forced<B: Backend>(
+    model: &Llama<B>,
+    reference: &Reference,
+    device: &B::Device,
+) -> Vec<Vec<Vec<f32>>> {
+    let batch = reference.prompts.len();
+    let (len, steps) = (reference.prompts[0].len(), reference.tokens[0].len());
+    let seq = len + steps - 1;
+    let ids: Vec<i64> = reference
+        .prompts
+        .iter()
+        .zip(&reference.tokens)
+        .flat_map(|(p, t)| p.iter().chain(&t[..steps - 1]).copied())
+        .collect();
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), device);
+    let logits = model.forward(input, &mut Cache::for_model(model));
+    let vocab = logits.dims()[2];
+    let values: Vec<f32> = logits
+        .slice([0..batch, len - 1..seq, 0..vocab])
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    values
+        .chunks(steps * vocab)
+        .map(|sequence| sequence.chunks(vocab).map(<[f32]>::to_vec).collect())
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 { (i, v) } else { best }
+        })
+        .0
+}
+
+/// Accuracy of q8 and q4 weights against transformers' f32 logits, on every fixture (issue
+/// #23: measured and printed, no gate). Each fixture is loaded through the example's loader
+/// with every parameter offloaded in `copy` mode (the CPU target cannot hold these schemes in
+/// its own memory) and quantized as it loads, then run teacher-forced ([`teacher_forced`]).
+/// Per fixture and scheme: the largest |logit - transformers'| over every position, and the
+/// greedy agreement: the share of positions whose argmax is transformers' greedy token. The
+/// unquantized f32 model is the first row of each fixture, for scale. Asserted: only that the
+/// numbers exist (finite logits, at least one position, something quantized).
+#[test]
+fn quantized_fixtures_against_transformers_reported() {
+    let device = OffloadDevice::device(NdArrayDevice::Cpu);
+    let mut table = String::from(
+        "| fixture | weights | quantized tensors | max abs logit diff | max abs logit | greedy \
+         agreement |\n|---|---|---|---|---|---|\n",
+    );
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let reference = reference(&dir);
+        let hf = HfModel::open(&dir).unwrap();
+        let mut config = hf.config.clone();
+        config.max_seq_len = reference.prompts[0].len() + reference.tokens[0].len();
+        for preset in [None, Some(QuantPreset::Q8), Some(QuantPreset::Q4)] {
+            let mut policy = OffloadPolicy::from_bytes(u64::MAX).mode(OffloadMode::Copy);
+            if let Some(preset) = preset {
+                policy = policy.quantize(Quantization::preset(preset));
+            }
+            let model: Llama<OffloadBackend<NdArray>> = config.init(&device);
+            let (model, report) = policy.apply(model).unwrap();
+            let model = hf
+                .load(model, DType::F32, |_| {})
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let quantized = match preset {
+                Some(p) => {
+                    let scheme = scheme_name(&p.scheme());
+                    report.params.iter().filter(|r| r.dtype == scheme).count()
+                }
+                None => 0,
+            };
+            let logits = teacher_forced(&model, &reference, &device);
+            let mut positions = 0;
+            let mut agree = 0;
+            let mut max_logit = 0.0f32;
+            for (ours, (theirs, tokens)) in logits
+                .iter()
+                .zip(reference.logits.iter().zip(&reference.tokens))
+            {
+                for ((row, their_row), &token) in ours.iter().zip(theirs).zip(tokens) {
+                    assert!(
+                        row.iter().all(|v| v.is_finite()),
+                        "{name} {preset:?}: non-finite logits"
+                    );
+                    assert_eq!(
+                        row.len(),
+                        their_row.len(),
+                        "{name}: vocabulary sizes differ"
+                    );
+                    positions += 1;
+                    agree += usize::from(argmax(row) as i64 == token);
+                    max_logit = their_row.iter().fold(max_logit, |m, v| m.max(v.abs()));
+                }
+            }
+            assert!(positions > 0, "{name}: no positions compared");
+            if preset.is_some() {
+                assert!(
+                    quantized > 0,
+                    "{name} {preset:?}: nothing was quantized\n{report}"
+                );
+            }
+            let diff = max_diff(&logits, &reference.logits);
+            table += &format!(
+                "| {name} | {} | {quantized} of {} | {diff:.3e} | {max_logit:.3e} | {agree}/{positions} \
+                 ({:.3}) |\n",
+                match preset {
+                    Some(p) => format!("{p} ({})", scheme_name(&p.scheme())),
+                    None => "f32".to_string(),
+                },
+                report.params.len(),
+                agree as f64 / positions as f64
+            );
+        }
+    }
+    println!("{table}");
 }
