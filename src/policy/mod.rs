@@ -424,7 +424,6 @@ impl OffloadPolicy {
         let mut devices: Vec<(D, u64, u64, u64)> = Vec::new();
         // A quantized parameter left in device memory that the device cannot hold there.
         let mut unheld: Option<(String, String)> = None;
-        let mut quantized_bytes = 0u64;
         let (module, params) =
             walk_params_quantized(module, &context, self.quantize.as_ref(), |info| {
                 let device = info.device.compute();
@@ -446,7 +445,6 @@ impl OffloadPolicy {
                     ParamAction::Device
                 };
                 if let Some(scheme) = &info.quantize {
-                    quantized_bytes += info.bytes;
                     if action == ParamAction::Device
                         && unheld.is_none()
                         && let Some(why) = device.cannot_hold_quantized(scheme)
@@ -456,16 +454,18 @@ impl OffloadPolicy {
                 }
                 action
             });
+        let all_bytes = devices.iter().map(|d| d.2).max().unwrap_or(0);
         if let (Some((path, why)), Some(q)) = (unheld, &self.quantize) {
             return Err(OffloadError::UnsupportedQuantization {
                 scheme: crate::quant::scheme_name(&q.scheme),
                 target: format!("the device memory of this target (`{path}` stays there)"),
                 reason: why,
                 instead: format!(
-                    "offload every quantized parameter (a budget of at least {} holds them all: \
-                     `OffloadPolicy::from_bytes({quantized_bytes})`), or quantize with a scheme \
-                     the device holds",
-                    human_bytes(quantized_bytes)
+                    "offload every quantized parameter (parameters are offloaded in module order, \
+                     so a budget of the whole model's {} does it: \
+                     `OffloadPolicy::from_bytes({all_bytes})`), or quantize with a scheme the \
+                     device holds",
+                    human_bytes(all_bytes)
                 ),
             });
         }

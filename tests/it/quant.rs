@@ -485,7 +485,7 @@ fn what_a_target_cannot_do_is_an_error_that_says_what_to_use() {
         "{msg}"
     );
     assert!(
-        msg.contains("q4s/b32/f16") && msg.contains("budget of at least"),
+        msg.contains("q4s/b32/f16") && msg.contains("from_bytes("),
         "{msg}"
     );
     // A scheme the CPU target cannot read at all (fp8 values).
