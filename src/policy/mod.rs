@@ -444,13 +444,12 @@ impl OffloadPolicy {
                 } else {
                     ParamAction::Device
                 };
-                if let Some(scheme) = &info.quantize {
-                    if action == ParamAction::Device
-                        && unheld.is_none()
-                        && let Some(why) = device.cannot_hold_quantized(scheme)
-                    {
-                        unheld = Some((info.path.clone(), why));
-                    }
+                if let Some(scheme) = &info.quantize
+                    && action == ParamAction::Device
+                    && unheld.is_none()
+                    && let Some(why) = device.cannot_hold_quantized(scheme)
+                {
+                    unheld = Some((info.path.clone(), why));
                 }
                 action
             });
