@@ -15,7 +15,7 @@ for line in sys.stdin:
         name = m["target"]["name"]
         kind = m["target"]["kind"][0]
         # The integration tests (one binary; device-check.sh runs its GPU modules) and the
-        # library's unit tests.
+        # unit tests of the library.
         if kind in ("test", "lib") and name in ("it", "burn_offload"):
             shutil.copy(m["executable"], os.path.join(".gpu/tests", name))
 '
