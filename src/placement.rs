@@ -13,9 +13,9 @@ use crate::context::{OffloadContext, querying_placement};
 use crate::device::OffloadDevice;
 use crate::policy::{ParamAction, Placement, walk_params};
 
-/// Every float parameter's full dotted path and shape, in module order (lazy parameters: the
-/// shape they will have). Initialises nothing.
-pub(crate) fn param_shapes<B, D, M>(module: &M) -> Vec<(String, Vec<usize>, D)>
+/// Every float parameter's full dotted path, shape and placement, in module order (lazy
+/// parameters: the shape and placement they will have). Initialises nothing.
+pub(crate) fn param_shapes<B, D, M>(module: &M) -> Vec<(String, Vec<usize>, OffloadDevice<D>)>
 where
     B: Backend<Device = OffloadDevice<D>>,
     D: DeviceOps,
@@ -23,7 +23,7 @@ where
 {
     struct Visitor<D> {
         path: Vec<String>,
-        out: Vec<(String, Vec<usize>, D)>,
+        out: Vec<(String, Vec<usize>, OffloadDevice<D>)>,
     }
     impl<B, D> ModuleVisitor<B> for Visitor<D>
     where
@@ -41,12 +41,14 @@ where
         fn visit_float<const N: usize>(&mut self, param: &Param<Tensor<B, N>>) {
             let (shape, device) = if param.is_initialized() {
                 let value = param.val();
-                (value.shape().to_vec(), value.device())
+                (
+                    value.shape().to_vec(),
+                    querying_placement(|| value.device()),
+                )
             } else {
                 (param.lazy_shape().to_vec(), param.lazy_device())
             };
-            self.out
-                .push((self.path.join("."), shape, device.compute().clone()));
+            self.out.push((self.path.join("."), shape, device));
         }
     }
     let mut visitor = Visitor {
@@ -65,43 +67,17 @@ where
     D: DeviceOps,
     M: Module<B>,
 {
-    struct Visitor {
-        path: Vec<String>,
-        out: Vec<(String, Placement)>,
-    }
-    impl<B, D> ModuleVisitor<B> for Visitor
-    where
-        B: Backend<Device = OffloadDevice<D>>,
-        D: DeviceOps,
-    {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-
-        fn visit_float<const N: usize>(&mut self, param: &Param<Tensor<B, N>>) {
-            let device = if param.is_initialized() {
-                querying_placement(|| param.val().device())
-            } else {
-                param.lazy_device()
-            };
+    param_shapes(module)
+        .into_iter()
+        .map(|(path, _, device)| {
             let placement = if device.is_host() {
                 Placement::Host
             } else {
                 Placement::Device
             };
-            self.out.push((self.path.join("."), placement));
-        }
-    }
-    let mut visitor = Visitor {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    module.visit(&mut visitor);
-    visitor.out
+            (path, placement)
+        })
+        .collect()
 }
 
 /// Where `tensor` lives: [`Placement::Host`] for a tensor in host memory (`tensor.device()`

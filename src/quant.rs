@@ -244,6 +244,13 @@ pub fn codec_unsupported(shape: &[usize], scheme: &QuantScheme) -> Option<String
         QuantStore::PackedNative(_) => return Some("the packed-native store".into()),
         _ => {}
     }
+    tiling_unsupported(shape, scheme)
+}
+
+/// Why `scheme` cannot lay out a tensor of `shape`, if it cannot: a last dim that its words of
+/// packed values or its blocks do not tile (whatever the values or the store otherwise are).
+pub fn tiling_unsupported(shape: &[usize], scheme: &QuantScheme) -> Option<String> {
+    let bits = value_bits(scheme.value);
     let last = shape.last().copied().unwrap_or(1);
     if let QuantStore::PackedU32(_) = scheme.store
         && last % (32 / bits) != 0

@@ -184,12 +184,7 @@ impl<B: OffloadTarget> OffloadBackend<B> {
             }
         };
         match into {
-            None => Self::resident_q(match scales {
-                Some(scales) => {
-                    B::quantize(resident, scheme, QuantizationParametersPrimitive { scales })
-                }
-                None => B::quantize_dynamic(resident, scheme),
-            }),
+            None => Self::resident_q(crate::inner::quantize_with::<B>(resident, scheme, scales)),
             Some((context, mark)) => {
                 let device = B::float_device(&resident);
                 let host = B::quantize_to_host(resident, scheme, scales, context.pin_memory())

@@ -129,6 +129,23 @@ pub trait TargetDevice: DeviceOps {
     }
 }
 
+/// `tensor` quantized by `B` into `scheme`, with `scales` (one per block) or, with `None`,
+/// scales computed from its values (Burn's `quantize_dynamic`).
+pub(crate) fn quantize_with<B: Backend>(
+    tensor: FloatTensor<B>,
+    scheme: &QuantScheme,
+    scales: Option<FloatTensor<B>>,
+) -> QuantizedTensor<B> {
+    match scales {
+        Some(scales) => B::quantize(
+            tensor,
+            scheme,
+            burn_backend::quantization::QuantizationParametersPrimitive { scales },
+        ),
+        None => B::quantize_dynamic(tensor, scheme),
+    }
+}
+
 /// What a backend must provide to be wrapped by [`OffloadBackend`](crate::OffloadBackend).
 ///
 /// Only [`alloc_host`](Self::alloc_host) has no default worth keeping on a GPU; the defaults
@@ -275,15 +292,7 @@ pub trait OffloadTarget: Backend {
         scales: Option<FloatTensor<Self>>,
         pin: bool,
     ) -> Result<HostTensor, OffloadError> {
-        let q = match scales {
-            Some(scales) => Self::quantize(
-                tensor,
-                scheme,
-                burn_backend::quantization::QuantizationParametersPrimitive { scales },
-            ),
-            None => Self::quantize_dynamic(tensor, scheme),
-        };
-        Self::download_quantized(q, pin)
+        Self::download_quantized(quantize_with::<Self>(tensor, scheme, scales), pin)
     }
 
     /// Lets go of the host memory that uploads made from the calling thread still hold (e.g.

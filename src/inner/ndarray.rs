@@ -18,7 +18,7 @@ use burn_ndarray::{
 use burn_backend::ops::QTensorOps;
 use burn_std::quantization::{QuantParam, QuantScheme, QuantStore, QuantValue};
 
-use super::{HostMatmulShape, OffloadTarget, TargetDevice};
+use super::{HostMatmulShape, OffloadTarget, TargetDevice, quantize_with};
 use crate::auto::{Calibration, measure};
 use crate::error::OffloadError;
 use crate::host::HostTensor;
@@ -133,15 +133,7 @@ where
         pin: bool,
     ) -> Result<HostTensor, OffloadError> {
         if Self::cannot_hold_quantized(scheme).is_none() {
-            let q = match scales {
-                Some(scales) => Self::quantize(
-                    tensor,
-                    scheme,
-                    burn_backend::quantization::QuantizationParametersPrimitive { scales },
-                ),
-                None => Self::quantize_dynamic(tensor, scheme),
-            };
-            return Self::download_quantized(q, pin);
+            return Self::download_quantized(quantize_with::<Self>(tensor, scheme, scales), pin);
         }
         let device = Self::float_device(&tensor);
         let shape = tensor.shape().to_vec();

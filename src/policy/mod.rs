@@ -392,6 +392,7 @@ impl OffloadPolicy {
                 let Some(scheme) = q.scheme_for(&path, &shape)? else {
                     continue;
                 };
+                let device = device.compute();
                 if B::ad_enabled(&crate::OffloadDevice::Device(device.clone())) {
                     return Err(OffloadError::UnsupportedQuantization {
                         scheme: crate::quant::scheme_name(&scheme),

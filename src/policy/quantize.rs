@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::filter_matches;
 use crate::error::OffloadError;
-use crate::quant::{QuantPreset, codec_unsupported, scheme_name};
+use crate::quant::{QuantPreset, scheme_name, tiling_unsupported};
 
 /// Quantize a model's weights as [`OffloadPolicy::apply`](crate::OffloadPolicy::apply) places
 /// them, and as a checkpoint is loaded into the placed model (one tensor at a time: the whole
@@ -96,17 +96,11 @@ impl Quantization {
 /// Why `scheme` cannot lay out a tensor of `shape`, if it cannot (a last dim that its blocks
 /// or its packing do not divide).
 fn tiling_problem(shape: &[usize], scheme: &QuantScheme) -> Option<String> {
-    let reason = codec_unsupported(shape, scheme)?;
-    // Integer schemes: what the layout needs is what the codec checks. Floating-point values
-    // and other stores are the backend's business; only their tiling is checked.
-    if reason.contains("last dim") {
-        Some(format!(
-            "{} cannot lay it out: {reason}",
-            scheme_name(scheme)
-        ))
-    } else {
-        None
-    }
+    let reason = tiling_unsupported(shape, scheme)?;
+    Some(format!(
+        "{} cannot lay it out: {reason}",
+        scheme_name(scheme)
+    ))
 }
 
 #[cfg(test)]

@@ -237,13 +237,15 @@ fn probe<B: Backend<Device = OffloadDevice<D>>, D: DeviceOps, const N: usize>(
 
 /// The mark of the parameter at `path` (the one its load mapper carries, else a new one), and
 /// whether it is new. A parameter that goes to the device keeps its mark, set to the device.
+/// Either way the mark quantizes loads into `quantize` from now on.
 fn mark_for(
     found: Option<Arc<ParamMark>>,
     to_host: bool,
     context: &OffloadContext,
     path: &str,
+    quantize: Option<QuantScheme>,
 ) -> (Option<Arc<ParamMark>>, bool) {
-    match (found, to_host) {
+    let (mark, new) = match (found, to_host) {
         (Some(mark), true) => {
             mark.to_host(context);
             (Some(mark), false)
@@ -251,10 +253,15 @@ fn mark_for(
         (None, true) => (Some(ParamMark::new(path.to_string(), context)), true),
         (Some(mark), false) => {
             mark.to_device();
+            mark.set_quantize(quantize);
             (None, false)
         }
         (None, false) => (None, false),
+    };
+    if let Some(mark) = &mark {
+        mark.set_quantize(quantize);
     }
+    (mark, new)
 }
 
 /// A load mapper that runs `inner` (the parameter's own) and then puts the loaded tensor in
@@ -362,17 +369,11 @@ where
     } else {
         None
     };
-    if let Some(found) = &found {
-        found.set_quantize(quantize);
-    }
-    let (mark, new) = mark_for(found, target.is_host(), context, path);
+    let (mark, new) = mark_for(found, target.is_host(), context, path, quantize);
     let moved = in_moves_marked(context, mark.clone(), || move_tensor(tensor, &target));
     let param = Param::from_mapped_value(id, moved, mapper.clone());
     match mark {
-        Some(mark) if new => {
-            mark.set_quantize(quantize);
-            param.load_mapper(load_into(mark, move |t| mapper.on_load(t)))
-        }
+        Some(mark) if new => param.load_mapper(load_into(mark, move |t| mapper.on_load(t))),
         Some(_) => param,
         None if quantize.is_some() => {
             param.load_mapper(move |t| quantized(mapper.on_load(t), quantize, None))
@@ -407,13 +408,7 @@ where
     let shape = param.lazy_shape();
     let probe = probe::<B, D, N>(&param.lazy_device());
     let (carrier, found) = find_mark(|| param.clone().transform_for_load(probe, id));
-    if let Some(found) = &found {
-        found.set_quantize(quantize);
-    }
-    let (mark, _) = mark_for(found, target.is_host(), &context, path);
-    if let Some(mark) = &mark {
-        mark.set_quantize(quantize);
-    }
+    let (mark, _) = mark_for(found, target.is_host(), &context, path, quantize);
     let require_grad = carrier.val().is_require_grad();
     let original = Arc::new(param);
     let (on_load, on_save) = (carrier.clone(), carrier);
