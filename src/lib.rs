@@ -62,7 +62,9 @@ pub use stats::{
     HostMemoryStats, OpStats, PrefetchStats, host_memory_stats, op_stats, prefetch_stats,
     reset_host_memory_peak, reset_op_stats, reset_prefetch_stats,
 };
-pub use train::{OffloadOptimizer, keep_offloaded};
+pub use train::{
+    OffloadOptimizer, OptimizerState, StatePlacement, StateTraffic, TrainingMemory, keep_offloaded,
+};
 
 /// burn-cuda's unfused backend, the type the CUDA target wraps: `burn::backend::Cuda` without
 /// the `fusion` feature (`CubeBackend<CudaRuntime, f32, i32, u8>`).

@@ -150,6 +150,10 @@ impl<B: OffloadTarget> FloatTensorOps<Self> for OffloadBackend<B> {
     /// `Host(d)` offloads (or gives an offloaded tensor the scope's context) and `Device(d)`
     /// brings into device memory.
     fn float_to_device(tensor: FloatTensor<Self>, device: &Device<Self>) -> FloatTensor<Self> {
+        let bytes = (tensor.shape().num_elements() * tensor.dtype().size()) as u64;
+        if crate::train::census::count(bytes, matches!(tensor, OffloadTensor::Offloaded(_))) {
+            return tensor;
+        }
         let target = device.compute();
         let moves = current_scope().filter(|s| s.moves);
         match tensor {

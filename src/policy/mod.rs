@@ -75,6 +75,11 @@ pub struct OffloadPolicy {
     /// Quantize weights as they are placed and loaded ([`Quantization`]); `None` keeps them
     /// as they are.
     pub quantize: Option<Quantization>,
+    /// The optimizer state of a training run: where it lives, and how much there is (counted
+    /// with each offloaded parameter against the budget when it lives with them,
+    /// [`StatePlacement::WithOffloaded`](crate::train::StatePlacement::WithOffloaded)). `None`:
+    /// inference, or state in device memory not counted.
+    pub optimizer_state: Option<crate::train::OptimizerState>,
 }
 
 impl Default for OffloadPolicy {
@@ -88,6 +93,7 @@ impl Default for OffloadPolicy {
             pin_memory: true,
             allow_unmatched: false,
             quantize: None,
+            optimizer_state: None,
         }
     }
 }
@@ -110,6 +116,7 @@ struct PolicyFile {
     #[serde(default)]
     allow_unmatched: bool,
     quantize: Option<QuantizeSpec>,
+    optimizer_state: Option<crate::train::OptimizerState>,
 }
 
 /// A quantization in a policy file: a preset's name (`"q8"`, `"q4"`) or [`Quantization`]'s
@@ -230,6 +237,16 @@ impl OffloadPolicy {
         self
     }
 
+    /// Says where a training run's optimizer state lives and how much there is: the budget
+    /// counts each offloaded parameter with its state under
+    /// [`StatePlacement::WithOffloaded`](crate::train::StatePlacement::WithOffloaded), the
+    /// report and the fit planner count it, and
+    /// [`OffloadOptimizer::with_state`](crate::OffloadOptimizer::with_state) places it so.
+    pub fn optimizer_state(mut self, state: crate::train::OptimizerState) -> Self {
+        self.optimizer_state = Some(state);
+        self
+    }
+
     /// Pins host memory (default) or not.
     pub fn pin_memory(mut self, pin: bool) -> Self {
         self.pin_memory = pin;
@@ -299,6 +316,7 @@ impl OffloadPolicy {
             Some(QuantizeSpec::Full(q)) => Some(q),
             None => None,
         };
+        policy.optimizer_state = file.optimizer_state;
         policy.validate()?;
         Ok(policy)
     }
@@ -421,6 +439,14 @@ impl OffloadPolicy {
         }
         let context = OffloadContext::new(ContextConfig::new(self.mode, self.pin_memory));
         let config = context.config();
+        // What an offloaded parameter of `bytes` takes of the budget: with its state when the
+        // state lives with it.
+        let cost = |bytes: u64| match self.optimizer_state {
+            Some(s) if s.placement == crate::train::StatePlacement::WithOffloaded => {
+                bytes.saturating_add(s.bytes_for(bytes))
+            }
+            _ => bytes,
+        };
         // Per compute device: (device, offloaded bytes, all bytes, largest offloaded tensor).
         let mut devices: Vec<(D, u64, u64, u64)> = Vec::new();
         // A quantized parameter left in device memory that the device cannot hold there.
@@ -439,7 +465,8 @@ impl OffloadPolicy {
                 let eligible = self.matches(&info.path) && info.bytes >= self.min_tensor_bytes;
                 let action = if !eligible {
                     ParamAction::Device
-                } else if offload_decision(&mut devices[index].1, info.bytes, self.max_bytes) {
+                } else if offload_decision(&mut devices[index].1, cost(info.bytes), self.max_bytes)
+                {
                     devices[index].3 = devices[index].3.max(info.bytes);
                     ParamAction::Host
                 } else {
@@ -519,6 +546,7 @@ impl OffloadPolicy {
             calibration: calibration.map(|c| (*c).clone()),
             device_memory,
             prefetch_lookahead_bytes: prefetch_lookahead,
+            optimizer_state: self.optimizer_state,
             context: report::ReportContext(Some(context)),
         };
         for w in &report.warnings {
@@ -812,6 +840,7 @@ mod tests {
             bytes,
             placement,
             moved: true,
+            device: String::new(),
         }
     }
 

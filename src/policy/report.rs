@@ -30,6 +30,9 @@ pub struct ParamReport {
     pub placement: Placement,
     /// Whether applying the policy moved (or retargeted) it.
     pub moved: bool,
+    /// Its compute device (`Debug` form), the device that reads it where it is offloaded.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// What [`OffloadPolicy::apply`](crate::OffloadPolicy::apply) did: one row per float
@@ -55,6 +58,9 @@ pub struct OffloadReport {
     /// default or twice the largest offloaded tensor, whichever is larger) where the
     /// calibration found that copies overlap compute. Device memory to plan for.
     pub prefetch_lookahead_bytes: Option<u64>,
+    /// The policy's optimizer state (where it lives, how much), if it said.
+    #[serde(default)]
+    pub optimizer_state: Option<crate::train::OptimizerState>,
     /// The model's context (not serialised; a report read back has none).
     #[serde(skip)]
     pub(crate) context: ReportContext,
@@ -104,6 +110,20 @@ impl OffloadReport {
         self.params
             .iter()
             .filter(|p| p.placement == Placement::Host)
+    }
+
+    /// The policy's optimizer state, if it said ([`OffloadPolicy::optimizer_state`](crate::OffloadPolicy::optimizer_state)).
+    pub fn optimizer_state(&self) -> Option<crate::train::OptimizerState> {
+        self.optimizer_state
+    }
+
+    /// Where a training run keeps weights, gradients and optimizer state (`state`, or the
+    /// policy's), per device, estimated from this report (see [`TrainingMemory`](crate::train::TrainingMemory)).
+    pub fn training_memory(
+        &self,
+        state: Option<crate::train::OptimizerState>,
+    ) -> crate::train::TrainingMemory {
+        crate::train::TrainingMemory::of(self, state.or(self.optimizer_state))
     }
 
     /// Number of parameters in host memory.
@@ -249,6 +269,7 @@ mod tests {
             bytes,
             placement,
             moved: false,
+            device: String::new(),
         };
         let report = OffloadReport {
             params: vec![row(12, Placement::Host), row(3 << 29, Placement::Device)],
@@ -258,6 +279,7 @@ mod tests {
             calibration: None,
             device_memory: None,
             prefetch_lookahead_bytes: None,
+            optimizer_state: None,
             context: ReportContext::default(),
         };
         assert_eq!(

@@ -166,6 +166,7 @@ where
                 Placement::Device
             },
             moved,
+            device: format!("{:?}", info.device.compute()),
         });
         param
     }

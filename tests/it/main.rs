@@ -34,6 +34,7 @@ mod memory;
 #[cfg(feature = "cuda")]
 mod nvrtc;
 mod ops;
+mod optimizer_state;
 mod policy;
 mod prefetch;
 mod quant;

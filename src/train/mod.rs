@@ -6,11 +6,25 @@
 //! the new values into the host buffers the parameters had before the step (no new allocation,
 //! no re-pinning, no freeing) wherever nothing else still refers to them.
 //!
-//! Optimizer state (Adam's moments, momentum) is computed from resident gradients and stays in
-//! device memory, as the wrapped optimizer keeps it.
+//! Optimizer state (Adam's moments, momentum) stays where the wrapped optimizer keeps it, in
+//! device memory, unless the optimizer is built with
+//! [`OffloadOptimizer::with_state`]: then [`StatePlacement`] says which parameters' state lives
+//! in host memory between steps ([`state`]). [`TrainingMemory`] says where weights, gradients
+//! and state are, per device.
+
+pub(crate) mod census;
+pub mod memory;
+pub mod state;
+
+pub use census::Bytes;
+pub use memory::TrainingMemory;
+pub use state::{OptimizerState, StateOffload, StatePlacement, StateTraffic};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::{GradientsParams, LearningRate, MultiGradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{
+    GradientsParams, LearningRate, MultiGradientsParams, Optimizer, SimpleOptimizer,
+};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn_backend::DeviceOps;
@@ -52,12 +66,74 @@ pub struct OffloadOptimizer<O> {
 
 impl<O> OffloadOptimizer<O> {
     /// Wraps `inner`; `report` is what [`OffloadPolicy::apply`](crate::OffloadPolicy::apply)
-    /// returned for the model.
+    /// returned for the model. The optimizer's state stays where `inner` keeps it (device
+    /// memory for Burn's optimizers); [`with_state`](OffloadOptimizer::with_state) places it.
     pub fn new(inner: O, report: &OffloadReport) -> Self {
+        if let Some(state) = report.optimizer_state()
+            && state.placement != StatePlacement::Device
+        {
+            log::warn!(
+                target: crate::policy::WARNINGS_LOG_TARGET,
+                "the policy places optimizer state in host memory ({}), but \
+                 `OffloadOptimizer::new` leaves it where the wrapped optimizer keeps it: build \
+                 the optimizer with `OffloadOptimizer::with_state(config.init(), &report)`",
+                state.placement
+            );
+        }
         Self {
             inner,
             report: report.clone(),
         }
+    }
+
+    /// The wrapped optimizer.
+    pub fn inner(&self) -> &O {
+        &self.inner
+    }
+}
+
+impl<S, M, B, D> OffloadOptimizer<StateOffload<S, M, B>>
+where
+    S: SimpleOptimizer<B::InnerBackend>,
+    M: AutodiffModule<B>,
+    B: AutodiffBackend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+{
+    /// Wraps one of Burn's optimizers (`AdamConfig::new().init()`, `SgdConfig`, `AdamWConfig`,
+    /// … : an [`OptimizerAdaptor`]) and keeps its state where the policy of `report` said
+    /// ([`OffloadPolicy::optimizer_state`](crate::OffloadPolicy::optimizer_state); in host
+    /// memory for every parameter, [`StatePlacement::Host`], if the policy did not say), in
+    /// host memory of the model's context. The gradient clipping and any state `inner` already
+    /// holds are kept. See [`state`] for what a step moves.
+    pub fn with_state(inner: OptimizerAdaptor<S, M, B>, report: &OffloadReport) -> Self {
+        let placement = report
+            .optimizer_state()
+            .map_or(StatePlacement::Host, |s| s.placement);
+        let context = report
+            .context()
+            .cloned()
+            .unwrap_or_else(OffloadContext::default_context);
+        Self {
+            inner: StateOffload::new(inner, placement, context),
+            report: report.clone(),
+        }
+    }
+
+    /// Places the state as `placement` says instead (state already kept moves at each
+    /// parameter's next step).
+    pub fn state_placement(mut self, placement: StatePlacement) -> Self {
+        self.inner.set_placement(placement);
+        self
+    }
+
+    /// Bytes of optimizer state in device and in host memory, as of the last step.
+    pub fn state_memory(&self) -> Bytes {
+        self.inner.memory()
+    }
+
+    /// What the steps so far moved between host and device memory for the state.
+    pub fn state_traffic(&self) -> StateTraffic {
+        self.inner.traffic()
     }
 }
 
