@@ -54,8 +54,54 @@ use crate::auto::Calibration;
 use crate::error::OffloadError;
 use crate::mode::{DEFAULT_PREFETCH_LOOKAHEAD_BYTES, OffloadMode};
 use crate::policy::{OffloadPolicy, filter_matches, human_bytes};
+use crate::train::{OptimizerState, StatePlacement};
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// Device bytes of a parameter's gradient and state in training (`None`: inference).
+#[derive(Clone, Copy, Default)]
+struct TrainingCost {
+    gradient: u64,
+    state: u64,
+}
+
+impl TrainingCost {
+    fn device(self) -> u64 {
+        self.gradient.saturating_add(self.state)
+    }
+}
+
+fn training_cost(training: Option<OptimizerState>, p: &FitParam, offloaded: bool) -> TrainingCost {
+    match training {
+        Some(s) => TrainingCost {
+            gradient: p.bytes,
+            state: if s.placement.in_host(offloaded) {
+                0
+            } else {
+                s.bytes_for(p.bytes)
+            },
+        },
+        None => TrainingCost::default(),
+    }
+}
+
+/// Device bytes of resident weights, gradients and optimizer state for a placement.
+fn training_parts(
+    training: Option<OptimizerState>,
+    params: &[FitParam],
+    offload: &[bool],
+) -> crate::train::memory::TrainingBytes {
+    let mut parts = crate::train::memory::TrainingBytes::default();
+    for (p, &off) in params.iter().zip(offload) {
+        if !off {
+            parts.weights += p.bytes;
+        }
+        let c = training_cost(training, p, off);
+        parts.gradients += c.gradient;
+        parts.state += c.state;
+    }
+    parts
+}
 
 /// How a forward pass reads a parameter, which decides what offloading it costs per step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +313,9 @@ pub struct FitPlanner {
     /// counted as prefetch's, with `auto`'s lookahead (the default lookahead or twice the
     /// largest offloaded tensor, whichever is larger).
     pub auto_prefetches: bool,
+    /// Training: every parameter has a gradient of its size in device memory, and optimizer
+    /// state where this says; `None` plans for inference.
+    pub training: Option<OptimizerState>,
 }
 
 /// One candidate placement while planning.
@@ -281,6 +330,8 @@ struct Walk {
     largest: u64,
     /// Bytes a decode step moves over the bus.
     bus: u64,
+    /// Training: device bytes of optimizer state in flight during a step.
+    state_staging: u64,
 }
 
 impl FitPlanner {
@@ -296,7 +347,38 @@ impl FitPlanner {
             prefill_rows: 1,
             in_place_max_rows: usize::MAX,
             auto_prefetches: false,
+            training: None,
         }
+    }
+
+    /// Plans for training with `state` (see [`training`](Self::training)): weights, gradients
+    /// and optimizer state against the budget, whose activations are the training step's
+    /// (forward activations kept for the backward pass).
+    pub fn training(mut self, state: OptimizerState) -> Self {
+        self.training = Some(state);
+        self
+    }
+
+    /// Device bytes `p` takes besides copies in flight: resident (`offloaded` false) its
+    /// weight, and in training its gradient and state where they live on the device.
+    fn device_cost(&self, p: &FitParam, offloaded: bool) -> u64 {
+        let weight = if offloaded { 0 } else { p.bytes };
+        weight.saturating_add(training_cost(self.training, p, offloaded).device())
+    }
+
+    /// Device bytes of the optimizer state in flight during a step where it lives in host
+    /// memory: the old (uploaded) and new state of the largest parameter whose state is there.
+    fn state_staging(&self, params: &[FitParam], offload: &[bool]) -> u64 {
+        let Some(state) = self.training else {
+            return 0;
+        };
+        params
+            .iter()
+            .zip(offload)
+            .filter(|(_, off)| state.placement.in_host(**off))
+            .map(|(p, _)| state.bytes_for(p.bytes).saturating_mul(2))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Sets whether `auto` prefetches its copies (see
@@ -368,6 +450,7 @@ impl FitPlanner {
     fn needs(&self, w: &Walk) -> u64 {
         w.resident
             .saturating_add(self.staging(w))
+            .saturating_add(w.state_staging)
             .saturating_add(self.budget.fixed())
     }
 
@@ -413,9 +496,11 @@ impl FitPlanner {
         if caps.is_empty() {
             caps.push(u64::MAX);
         }
+        let none = vec![false; params.len()];
         let start = Walk {
-            offload: vec![false; params.len()],
-            resident: params.iter().map(|p| p.bytes).sum(),
+            resident: params.iter().map(|p| self.device_cost(p, false)).sum(),
+            state_staging: self.state_staging(params, &none),
+            offload: none,
             copied: 0,
             largest_copied: 0,
             largest: 0,
@@ -436,7 +521,8 @@ impl FitPlanner {
                     continue;
                 }
                 w.offload[i] = true;
-                w.resident -= p.bytes;
+                w.resident -= self.device_cost(p, false) - self.device_cost(p, true);
+                w.state_staging = self.state_staging(params, &w.offload);
                 w.largest = w.largest.max(p.bytes);
                 w.bus = w.bus.saturating_add(self.step_cost(p));
                 if copied {
@@ -461,21 +547,38 @@ impl FitPlanner {
             return Ok(FitPlan {
                 params: params.to_vec(),
                 staging_bytes: self.staging(&w),
+                state_staging_bytes: w.state_staging,
                 offload: w.offload,
                 budget,
                 mode: self.mode,
                 gathers_in_place: self.gathers_in_place(),
+                training: self.training,
             });
         }
         let w = least;
         let staging = self.staging(&w);
+        let resident = if self.training.is_some() {
+            let parts = training_parts(self.training, params, &w.offload);
+            format!(
+                "the {} of resident weights (norms, biases, …), gradients ({}), optimizer state \
+                 on the device ({}) and in flight during a step ({})",
+                human_bytes(parts.weights),
+                human_bytes(parts.gradients),
+                human_bytes(parts.state),
+                human_bytes(w.state_staging)
+            )
+        } else {
+            format!(
+                "the {} of norms, biases and other resident parameters",
+                human_bytes(w.resident)
+            )
+        };
         Err(OffloadError::DoesNotFit {
             budget_bytes: budget.device_bytes,
             minimum_bytes: budget.minimum_for(self.needs(&w)),
             breakdown: format!(
-                "the {} of norms, biases and other resident parameters, the KV cache ({}), \
-                 activations ({}), copies in flight ({}{}) and the reserve ({})",
-                human_bytes(w.resident),
+                "{resident}, the KV cache ({}), activations ({}), copies in flight ({}{}) and \
+                 the reserve ({})",
                 human_bytes(budget.kv_cache_bytes),
                 human_bytes(budget.activation_bytes),
                 human_bytes(staging),
@@ -507,6 +610,11 @@ pub struct FitPlan {
     pub gathers_in_place: bool,
     /// Device bytes set aside for copies in flight.
     pub staging_bytes: u64,
+    /// Training: device bytes of optimizer state in flight during a step (state kept in host
+    /// memory, streamed through one parameter at a time).
+    pub state_staging_bytes: u64,
+    /// The optimizer state it planned a training run for (`None`: inference).
+    pub training: Option<OptimizerState>,
 }
 
 impl FitPlan {
@@ -539,18 +647,44 @@ impl FitPlan {
     }
 
     /// Device bytes the plan expects to use: resident parameters, copies in flight, KV cache,
-    /// activations and reserve.
+    /// activations and reserve; in training also gradients, optimizer state on the device and
+    /// in flight.
     pub fn device_bytes(&self) -> u64 {
+        let training = training_parts(self.training, &self.params, &self.offload);
         self.resident_bytes()
+            .saturating_add(training.gradients)
+            .saturating_add(training.state)
             .saturating_add(self.staging_bytes)
+            .saturating_add(self.state_staging_bytes)
             .saturating_add(self.budget.fixed())
     }
 
-    /// The policy that offloads exactly this plan's parameters, in its mode.
+    /// In training, the device bytes of gradients and optimizer state (`weights`: resident
+    /// weights); zero gradients and state for inference.
+    pub fn training_bytes(&self) -> crate::train::memory::TrainingBytes {
+        training_parts(self.training, &self.params, &self.offload)
+    }
+
+    /// The policy that offloads exactly this plan's parameters, in its mode (and, for
+    /// training, with its optimizer state).
     pub fn policy(&self) -> OffloadPolicy {
-        OffloadPolicy::from_bytes(self.offloaded_bytes())
+        let budget: u64 = self
+            .offloaded()
+            .map(|p| {
+                let with_state = self
+                    .training
+                    .filter(|s| s.placement == StatePlacement::WithOffloaded);
+                p.bytes
+                    .saturating_add(with_state.map_or(0, |s| s.bytes_for(p.bytes)))
+            })
+            .sum();
+        let policy = OffloadPolicy::from_bytes(budget)
             .paths(self.offloaded().map(|p| p.path.clone()))
-            .mode(self.mode)
+            .mode(self.mode);
+        match self.training {
+            Some(state) => policy.optimizer_state(state),
+            None => policy,
+        }
     }
 
     /// The predicted time of one forward step over `rows` token rows (a decode step: the
@@ -694,7 +828,7 @@ impl std::fmt::Display for FitPlan {
             human_bytes(b.device_bytes),
             self.mode
         )?;
-        let rows = [
+        let mut rows = vec![
             (
                 "parameters resident",
                 self.resident_bytes(),
@@ -705,11 +839,30 @@ impl std::fmt::Display for FitPlan {
                 self.offloaded_bytes(),
                 format!("{} tensors, in host memory", count(true)),
             ),
+        ];
+        if let Some(state) = self.training {
+            let parts = self.training_bytes();
+            rows.push(("gradients", parts.gradients, "every parameter's".into()));
+            rows.push((
+                "optimizer state",
+                parts.state,
+                format!(
+                    "on the device ({} value(s) per parameter value, placement {})",
+                    state.values_per_param, state.placement
+                ),
+            ));
+            rows.push((
+                "state in flight",
+                self.state_staging_bytes,
+                "during a step".into(),
+            ));
+        }
+        rows.extend([
             ("KV cache", b.kv_cache_bytes, String::new()),
             ("activations", b.activation_bytes, "estimate".into()),
             ("copies in flight", self.staging_bytes, String::new()),
             ("reserve", b.reserve_bytes, "runtime, memory pools".into()),
-        ];
+        ]);
         for (what, bytes, note) in rows {
             writeln!(f, "  {what:<21} {:>10}  {note}", human_bytes(bytes))?;
         }

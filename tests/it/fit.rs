@@ -280,3 +280,77 @@ fn the_predicted_decode_step_is_near_the_measured_one_on_the_cpu() {
         );
     }
 }
+
+/// Training mode: gradients and Adam's state count against the budget where they live.
+#[test]
+fn training_plans_count_gradients_and_optimizer_state() {
+    use burn_offload::{OptimizerState, StatePlacement};
+    let (config, model) = llama_7b();
+    let params = fit_params(&model, &["embed"]);
+    let weights: u64 = params.iter().map(|p| p.bytes).sum();
+    let plan_for = |gib: f64, placement| {
+        FitPlanner::new(budget_7b(&config, gib))
+            .training(OptimizerState::adam(placement))
+            .plan(&params)
+    };
+
+    // State on the device: gradients and state (3 × 25.1 GiB) stay whatever is offloaded, so
+    // an 80 GiB card cannot train it; the error names the least budget, and that budget plans.
+    let Err(OffloadError::DoesNotFit {
+        minimum_bytes,
+        breakdown,
+        ..
+    }) = plan_for(80.0, StatePlacement::Device)
+    else {
+        panic!("a 7B model with Adam's state on the device fits 80 GiB");
+    };
+    assert!(minimum_bytes > 3 * weights, "{minimum_bytes} {breakdown}");
+    assert!(
+        breakdown.contains("gradients") && breakdown.contains("optimizer state"),
+        "{breakdown}"
+    );
+    let least = plan_for(minimum_bytes as f64 / GIB as f64, StatePlacement::Device).unwrap();
+    assert!(least.device_bytes() <= least.budget.device_bytes, "{least}");
+
+    // State with the offloaded weights: offloading a matrix frees its weight and state.
+    let with = plan_for(80.0, StatePlacement::WithOffloaded).unwrap();
+    // All state in host memory: only weights and gradients on the device.
+    let host = plan_for(80.0, StatePlacement::Host).unwrap();
+    for plan in [&with, &host] {
+        let parts = plan.training_bytes();
+        assert_eq!(parts.gradients, weights, "{plan}");
+        assert_eq!(parts.weights, plan.resident_bytes());
+        assert_eq!(
+            plan.device_bytes(),
+            parts.weights
+                + parts.gradients
+                + parts.state
+                + plan.staging_bytes
+                + plan.state_staging_bytes
+                + plan.budget.kv_cache_bytes
+                + plan.budget.activation_bytes
+                + plan.budget.reserve_bytes,
+            "{plan}"
+        );
+        assert!(plan.device_bytes() <= plan.budget.device_bytes, "{plan}");
+        assert!(plan.to_string().contains("optimizer state"), "{plan}");
+    }
+    assert_eq!(host.training_bytes().state, 0);
+    assert_eq!(with.training_bytes().state, 2 * with.resident_bytes());
+    assert!(host.state_staging_bytes > 0 && with.state_staging_bytes > 0);
+    // Host state leaves more of the card to weights: fewer offloaded.
+    assert!(
+        host.offloaded_bytes() < with.offloaded_bytes(),
+        "{host}\n{with}"
+    );
+    // The plan's policy says the same state, and its budget covers the weights with their
+    // state (so the policy offloads exactly the plan's tensors).
+    let policy = with.policy();
+    assert_eq!(policy.optimizer_state, with.training);
+    assert_eq!(policy.max_bytes, 3 * with.offloaded_bytes());
+    let (_, report) = policy.apply(model).unwrap();
+    assert_eq!(report.offloaded_bytes(), with.offloaded_bytes());
+    let memory = report.training_memory(None);
+    assert_eq!(memory.device_total().state, with.training_bytes().state);
+    assert_eq!(memory.host_total().state, 2 * with.offloaded_bytes());
+}
