@@ -456,15 +456,15 @@ fn report_placements(report: &burn_offload::OffloadReport) -> Vec<(String, Place
 type Train = Autodiff<Off>;
 
 /// One training step of a zoo-style loop with `optim`.
-fn train_step<O: Optimizer<TinyLlama<Train>, Train>>(
-    model: TinyLlama<Train>,
+fn train_step<T: burn::tensor::backend::AutodiffBackend, O: Optimizer<TinyLlama<T>, T>>(
+    model: TinyLlama<T>,
     optim: &mut O,
-) -> TinyLlama<Train> {
+) -> TinyLlama<T> {
     let device = model.devices()[0].clone();
-    let tokens = Tensor::<Train, 1, Int>::from_ints([4, 8, 15, 16], &device).unsqueeze::<2>();
+    let tokens = Tensor::<T, 1, Int>::from_ints([4, 8, 15, 16], &device).unsqueeze::<2>();
     let mut cache = model.new_cache();
     let logits = model.forward(tokens, &mut cache);
-    let target = Tensor::<Train, 1, Int>::from_ints([23], &device);
+    let target = Tensor::<T, 1, Int>::from_ints([23], &device);
     let loss = burn::nn::loss::CrossEntropyLossConfig::new()
         .init(&device)
         .forward(logits, target);
@@ -543,4 +543,50 @@ fn a_dropped_model_is_not_a_lost_placement() {
     let other = TinyLlama::<Off>::new(&off_device());
     other.generate(&[1], 1);
     assert!(context.lost_placements().is_empty());
+}
+
+/// A zoo-style training loop (devices from the parameters, Burn's cross-entropy, AdamW from
+/// its config) with the weights half offloaded and all of AdamW's state in host memory gives
+/// the weights plain `Autodiff<NdArray>` training gives.
+#[test]
+fn zoo_training_with_optimizer_state_in_host_memory_matches_plain_burn() {
+    use burn_offload::{OptimizerState, StatePlacement};
+    let (bytes, _) = checkpoint();
+    let config = AdamWConfig::new().with_weight_decay(0.1);
+    let mut plain = load(TinyLlama::<Autodiff<Plain>>::new(&CPU), &bytes, &CPU);
+    let mut plain_optim = config.init();
+    let (model, report) = half(OffloadMode::Uva)
+        .optimizer_state(OptimizerState::adam(StatePlacement::Host))
+        .apply(TinyLlama::<Train>::new(&off_device()))
+        .unwrap();
+    let mut model = load(model, &bytes, &off_device());
+    let offloaded = host_paths(&report_placements(&report))
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(!offloaded.is_empty());
+    let mut optim = OffloadOptimizer::with_state(config.init(), &report);
+    for _ in 0..3 {
+        plain = train_step(plain, &mut plain_optim);
+        model = train_step(model, &mut optim);
+        assert_eq!(host_paths(&placements(&model)), offloaded);
+        assert_eq!(optim.state_memory().device, 0);
+    }
+    assert_eq!(
+        optim.state_memory().host,
+        2 * report.total_bytes(),
+        "AdamW's two moments of every parameter"
+    );
+    for (i, (o, p)) in weights(&model).iter().zip(weights(&plain)).enumerate() {
+        let (o, p) = (o.to_vec::<f32>().unwrap(), p.to_vec::<f32>().unwrap());
+        let scale = p.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let diff = o
+            .iter()
+            .zip(&p)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-5 * scale,
+            "parameter {i}: max diff {diff} (scale {scale})"
+        );
+    }
 }
