@@ -220,6 +220,9 @@ impl std::fmt::Display for OffloadReport {
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;
         }
+        if self.optimizer_state.is_some() {
+            write!(f, "{}", self.training_memory(None))?;
+        }
         write!(f, "{}", self.summary())
     }
 }

@@ -280,6 +280,13 @@ fn a_budget_with_state_counts_each_offloaded_parameter_with_its_state() {
     assert!(host(&b).weights + host(&b).state >= budget, "{b}");
     assert!(host(&b).weights + host(&b).state - 3 * 512 < budget, "{b}");
     assert_eq!(host(&b).state, 2 * b.offloaded_bytes());
+    // The report prints where weights, gradients and state are.
+    let text = b.to_string();
+    assert!(
+        text.contains("Training memory") && text.contains("gradients"),
+        "{text}"
+    );
+    assert!(!a.to_string().contains("Training memory"), "{a}");
     // A policy written as a file says the same.
     let file = OffloadPolicy::from_toml(
         "max_bytes = 1300\n[optimizer_state]\nplacement = \"with_offloaded\"\nvalues_per_param = 2\n",
