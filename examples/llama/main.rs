@@ -16,6 +16,8 @@
 //!     --save-quantized small-q4.bpk
 //! cargo run --release --example llama -- --preset small --load-quantized small-q4.bpk \
 //!     --offload-gb 1
+//! # fine-tuning on the example's text, every weight and Adam's state in host memory:
+//! cargo run --release --example llama -- train --preset tiny --offload-gb 1 --state host
 //! ```
 //!
 //! Flow: the model is created lazily on `OffloadDevice::Device`, the policy retargets the
@@ -30,14 +32,18 @@
 //! mode. The summary prints the bytes that crossed the bus per decode step (uploads and
 //! in-place reads, from the op thread's `OpStats` over the timed decode steps).
 //!
+//! `train` (`train.rs`) fine-tunes the model instead, with `Autodiff<OffloadBackend<…>>` and
+//! Adam's state placed by `--state`, and fails if the loss does not go down.
+//!
 //! On CUDA the example first estimates whether the part left on the device fits the card's free
 //! memory (else it says which `--offload-gb` would), runs the resident reference only when the
 //! whole model would fit too, and samples the device memory in use every 10 ms from before the
 //! model is created to the end of generation, to print its peak.
 
-// `pub(crate)`: the integration tests include this file as their module `llama` and use both.
+// `pub(crate)`: the integration tests include this file as their module `llama` and use them.
 pub(crate) mod hf;
 pub(crate) mod model;
+pub(crate) mod train;
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
@@ -64,7 +70,7 @@ use burn_offload::{
     reset_host_memory_peak, reset_op_stats,
 };
 use burn_store::{BurnpackStore, ModuleSnapshot, ModuleStore, SafetensorsStore};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use hf::HfModel;
@@ -128,17 +134,31 @@ type MemoryInfo = fn() -> Result<(u64, u64), String>;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// LLaMA-style greedy generation with parameters offloaded to host memory.
+/// LLaMA-style greedy generation with parameters offloaded to host memory; `train` fine-tunes
+/// the model instead.
+///
+/// The options that say which model, where it runs and what is offloaded apply to both and
+/// follow `train` when it is given (`llama train --preset tiny --offload-gb 1`); the others are
+/// generation's.
+// Options before `train` are refused (`args_conflicts_with_subcommands`), so that a generation
+// option cannot be given to `train` and silently ignored; the shared ones are `global`.
 #[derive(Debug, Clone, Parser)]
-#[command(version)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    next_display_order = 100
+)]
 struct Args {
+    /// What to run: greedy generation (no subcommand) or `train`.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Model shape: tiny, small, 1b, 7b or 50b (100.7 GB in bf16), with random weights.
-    #[arg(long, default_value = "tiny")]
+    #[arg(long, default_value = "tiny", global = true)]
     preset: String,
     /// A Hugging Face model directory instead of a preset: config.json, model.safetensors or
     /// shards with model.safetensors.index.json, and optionally tokenizer.json (LLaMA 2/3,
     /// Mistral, Qwen2).
-    #[arg(long, conflicts_with_all = ["preset", "weights"])]
+    #[arg(long, conflicts_with_all = ["preset", "weights"], global = true)]
     model: Option<PathBuf>,
     /// Fit the model into this much device memory (GiB): keep resident what fits, offload
     /// the rest, cheapest first. Without a value: the memory the device reports free. Replaces
@@ -148,29 +168,38 @@ struct Args {
         long,
         num_args = 0..=1,
         allow_negative_numbers = true,
-        conflicts_with_all = ["offload_gb", "offload_params"]
+        conflicts_with_all = ["offload_gb", "offload_params"],
+        global = true
     )]
     gpu_budget_gb: Option<Option<f64>>,
     /// Device memory (GiB) the fit plan leaves for the runtime and the memory pools; default:
     /// 1/16 of the budget (of the card, when planning for its free memory) plus 0.5 GiB.
-    #[arg(long, requires = "gpu_budget_gb")]
+    #[arg(long, requires = "gpu_budget_gb", global = true)]
     reserve_gb: Option<f64>,
     /// A text prompt, encoded with the model directory's tokenizer.json (and the output
     /// decoded); without it, --prompt-len random token ids.
     #[arg(long, requires = "model")]
     prompt: Option<String>,
-    /// Float type of weights and activations; bf16 and f16 need `--device cuda`.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    /// Float type of weights and activations (and, in `train`, of gradients and Adam's state:
+    /// Burn's optimizers keep their state in the parameter's dtype); bf16 and f16 need
+    /// `--device cuda`.
+    #[arg(long, value_enum, default_value_t = Dtype::F32, global = true)]
     dtype: Dtype,
-    /// GiB of parameters to keep in host memory (vLLM's --cpu-offload-gb).
+    /// GiB of parameters to keep in host memory (vLLM's --cpu-offload-gb); in `train` with
+    /// `--state with-offloaded`, GiB of parameters and their optimizer state.
     // Negative numbers are taken as values, so that the policy says what is wrong with them.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        allow_negative_numbers = true,
+        global = true
+    )]
     offload_gb: f64,
     /// Only offload parameters matching these dotted segments (comma list, e.g. `mlp,attn.wq`).
-    #[arg(long)]
+    #[arg(long, global = true)]
     offload_params: Option<String>,
     /// How ops read offloaded parameters: uva, copy, auto, prefetch or prefetch:<lookahead bytes>.
-    #[arg(long, default_value = "auto", value_parser = parse_mode)]
+    #[arg(long, default_value = "auto", value_parser = parse_mode, global = true)]
     mode: OffloadMode,
     /// Sequences generated together.
     #[arg(long, default_value_t = 1)]
@@ -182,17 +211,18 @@ struct Args {
     #[arg(long, default_value_t = 16)]
     gen_tokens: usize,
     /// Compute device.
-    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu, global = true)]
     device: DeviceKind,
     /// Operation fusion on `--device wgpu|cuda` (on, as Burn's default; the CPU target has
     /// none).
-    #[arg(long, value_enum, default_value_t = Fusion::On)]
+    #[arg(long, value_enum, default_value_t = Fusion::On, global = true)]
     fusion: Fusion,
     /// Load weights from a .safetensors or .bpk (burnpack) file instead of random ones.
-    #[arg(long)]
+    #[arg(long, global = true)]
     weights: Option<String>,
-    /// Save the initialised weights to this .safetensors (or .bpk) file.
-    #[arg(long)]
+    /// Save the initialised weights (in `train`, the trained ones) to this .safetensors (or
+    /// .bpk) file.
+    #[arg(long, global = true)]
     save_weights: Option<String>,
     /// Quantize the weights as they are created or loaded, one tensor at a time: q8 or q4
     /// (8- or 4-bit values in blocks of 32 along the last dim, f16 scales). Norms, biases and
@@ -211,10 +241,11 @@ struct Args {
     load_quantized: Option<String>,
     /// Decoder layers of the preset's shapes (default: the preset's), e.g. `--preset 7b
     /// --layers 1` for one layer of 7B with its embedding and head.
-    #[arg(long, conflicts_with = "model")]
+    #[arg(long, conflicts_with = "model", global = true)]
     layers: Option<usize>,
-    /// Seed of the random weights and of the prompt.
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the random weights and of the prompt (in `train`, of the batches' positions in
+    /// the text).
+    #[arg(long, default_value_t = 0, global = true)]
     seed: u64,
     /// Untimed generations before the timed one (each identical to it): the first compiles
     /// the kernels, autotunes Burn's matmuls for these shapes and lets prefetch mode learn the
@@ -225,6 +256,17 @@ struct Args {
     /// device memory; on CUDA it is skipped anyway when the model would not fit).
     #[arg(long)]
     no_check: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Clone, Subcommand)]
+enum Command {
+    /// Fine-tune the model on a text (next-token cross-entropy, Adam) with its weights
+    /// offloaded by --offload-gb or a training fit plan (--gpu-budget-gb) and Adam's state placed
+    /// by --state; prints the loss every --log-every steps, then the step time, where weights,
+    /// gradients and state live and the bytes a step moves. Exits with an error if the last
+    /// step's loss is not below the first's.
+    Train(train::TrainArgs),
 }
 
 fn parse_mode(s: &str) -> Result<OffloadMode, String> {
@@ -266,8 +308,8 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
             burn_offload::wgpu::probe().map_err(|e| format!("--device wgpu: {e}"))?;
             let device = WgpuDevice::default();
             match args.fusion {
-                Fusion::On => run_on::<burn_wgpu::Wgpu>(args, device, None),
-                Fusion::Off => run_on::<burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>>(
+                Fusion::On => run_target::<burn_wgpu::Wgpu>(args, device, None),
+                Fusion::Off => run_target::<burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>>(
                     args, device, None,
                 ),
             }
@@ -282,14 +324,16 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
             let memory: MemoryInfo =
                 || burn_offload::cuda::memory_info(0).map_err(|e| e.to_string());
             match (args.fusion, args.dtype) {
-                (Fusion::On, Dtype::F32) => run_on::<Fused<f32>>(args, device, Some(memory)),
-                (Fusion::On, Dtype::Bf16) => run_on::<Fused<bf16>>(args, device, Some(memory)),
-                (Fusion::On, Dtype::F16) => run_on::<Fused<f16>>(args, device, Some(memory)),
-                (Fusion::Off, Dtype::F32) => run_on::<CudaBackend>(args, device, Some(memory)),
+                (Fusion::On, Dtype::F32) => run_target::<Fused<f32>>(args, device, Some(memory)),
+                (Fusion::On, Dtype::Bf16) => run_target::<Fused<bf16>>(args, device, Some(memory)),
+                (Fusion::On, Dtype::F16) => run_target::<Fused<f16>>(args, device, Some(memory)),
+                (Fusion::Off, Dtype::F32) => run_target::<CudaBackend>(args, device, Some(memory)),
                 (Fusion::Off, Dtype::Bf16) => {
-                    run_on::<CudaBackend<bf16>>(args, device, Some(memory))
+                    run_target::<CudaBackend<bf16>>(args, device, Some(memory))
                 }
-                (Fusion::Off, Dtype::F16) => run_on::<CudaBackend<f16>>(args, device, Some(memory)),
+                (Fusion::Off, Dtype::F16) => {
+                    run_target::<CudaBackend<f16>>(args, device, Some(memory))
+                }
             }
         }
         #[allow(unreachable_patterns)]
@@ -308,9 +352,9 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
     }
 }
 
-/// `--device cpu`: the run on the CPU reference target (burn-ndarray, f32). The tests (which
-/// run on the CPU) call this, not [`run`], so that the test crate does not build the runs on
-/// the GPU targets that [`run`] can pick.
+/// `--device cpu`: the run (generation or `train`) on the CPU reference target (burn-ndarray,
+/// f32). The tests (which run on the CPU) call this, not [`run`], so that the test crate does
+/// not build the runs on the GPU targets that [`run`] can pick.
 fn run_cpu(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
     if args.dtype != Dtype::F32 {
         return Err(format!(
@@ -319,7 +363,24 @@ fn run_cpu(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
         )
         .into());
     }
-    run_on::<NdArray>(args, NdArrayDevice::Cpu, None)
+    run_target::<NdArray>(args, NdArrayDevice::Cpu, None)
+}
+
+/// Generation ([`run_on`]) or, with `train`, training ([`train::train_on`]) on the target `T`.
+fn run_target<T: OffloadTarget>(
+    args: &Args,
+    compute: T::Device,
+    memory: Option<MemoryInfo>,
+) -> Result<ExitCode, Box<dyn Error>>
+where
+    T::Device: burn_offload::inner::TargetDevice,
+{
+    match &args.command {
+        Some(Command::Train(train)) => {
+            Ok(train::train_on::<T>(args, train, compute, memory)?.exit_code())
+        }
+        None => run_on::<T>(args, compute, memory),
+    }
 }
 
 /// The whole run on the target `T` (`OffloadBackend<T>` on compute device `compute`);
@@ -429,41 +490,8 @@ where
 
     let device = OffloadDevice::device(compute.clone());
     B::<T>::seed(&device, args.seed);
-    let name = match &hf {
-        Some(hf) if hf.files.is_empty() => format!(
-            "model {} ({}, config only)",
-            hf.dir.display(),
-            hf.architecture,
-        ),
-        Some(hf) => format!(
-            "model {} ({}, stored {})",
-            hf.dir.display(),
-            hf.architecture,
-            stored_dtypes(hf)
-        ),
-        None => match args.layers {
-            Some(layers) => format!("preset {} with {layers} layer(s)", args.preset),
-            None => format!("preset {}", args.preset),
-        },
-    };
-    println!(
-        "{name} as {}: dim {}, {} layers, {} heads ({} kv, head_dim {}), ffn {}, vocab {}, {} \
-         head, {:.1} M params",
-        args.dtype,
-        config.dim,
-        config.n_layers,
-        config.n_heads,
-        config.n_kv_heads,
-        config.head_dim(),
-        config.ffn_dim,
-        config.vocab_size,
-        if config.tie_embeddings {
-            "tied"
-        } else {
-            "untied"
-        },
-        config.num_params() as f64 / 1e6,
-    );
+    let name = model_name(args, hf.as_ref());
+    print_model(&name, args, &config);
     let quantize = quantization.map(Quantization::preset);
     // Why the compute device cannot hold the quantized weights in its own memory, if it cannot.
     let unheld = quantization.and_then(|p| compute.cannot_hold_quantized(&p.scheme()));
@@ -498,14 +526,7 @@ where
             // The device's rates: for the plan (does auto prefetch?) and its predictions.
             // Installed in the process's cache, so that applying the policy in auto mode does
             // not measure again.
-            let calibration = match burn_offload::auto::calibration(&compute) {
-                Some(c) => (*c).clone(),
-                None => {
-                    let c = compute.calibrate(true)?;
-                    burn_offload::auto::set_calibration(&compute, c.clone());
-                    c
-                }
-            };
+            let calibration = device_calibration(&compute)?;
             println!("calibration: {calibration}");
             let in_place = (
                 compute.reads_host_in_place(),
@@ -746,6 +767,64 @@ where
     Ok(match matched {
         Some(false) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
+    })
+}
+
+/// What the run is on: the model directory (and its architecture and stored dtypes) or the
+/// preset (and its layers).
+fn model_name(args: &Args, hf: Option<&HfModel>) -> String {
+    match hf {
+        Some(hf) if hf.files.is_empty() => format!(
+            "model {} ({}, config only)",
+            hf.dir.display(),
+            hf.architecture,
+        ),
+        Some(hf) => format!(
+            "model {} ({}, stored {})",
+            hf.dir.display(),
+            hf.architecture,
+            stored_dtypes(hf)
+        ),
+        None => match args.layers {
+            Some(layers) => format!("preset {} with {layers} layer(s)", args.preset),
+            None => format!("preset {}", args.preset),
+        },
+    }
+}
+
+/// Prints the model's name, dtype and shapes.
+fn print_model(name: &str, args: &Args, config: &LlamaConfig) {
+    println!(
+        "{name} as {}: dim {}, {} layers, {} heads ({} kv, head_dim {}), ffn {}, vocab {}, {} \
+         head, {:.1} M params",
+        args.dtype,
+        config.dim,
+        config.n_layers,
+        config.n_heads,
+        config.n_kv_heads,
+        config.head_dim(),
+        config.ffn_dim,
+        config.vocab_size,
+        if config.tie_embeddings {
+            "tied"
+        } else {
+            "untied"
+        },
+        config.num_params() as f64 / 1e6,
+    );
+}
+
+/// The device's measured rates (for a fit plan and its predictions): from the process's cache,
+/// or measured now and installed there, so that applying a policy in auto mode does not
+/// measure again.
+fn device_calibration<D: TargetDevice>(compute: &D) -> Result<Calibration, OffloadError> {
+    Ok(match burn_offload::auto::calibration(compute) {
+        Some(c) => (*c).clone(),
+        None => {
+            let c = compute.calibrate(true)?;
+            burn_offload::auto::set_calibration(compute, c.clone());
+            c
+        }
     })
 }
 
@@ -2054,5 +2133,232 @@ mod tests {
         assert!(
             Args::try_parse_from(["llama", "--gpu-budget-gb", "1", "--offload-gb", "1"]).is_err()
         );
+    }
+
+    /// `llama train ARGS` on the CPU target: the arguments and what the run measured.
+    fn train_cpu(extra: &[&str]) -> Result<(Args, train::Training), Box<dyn Error>> {
+        let args = Args::try_parse_from(["llama", "train"].iter().chain(extra).copied())?;
+        let Some(Command::Train(options)) = &args.command else {
+            unreachable!("a train command line")
+        };
+        let run = train::train_on::<NdArray>(&args, options, NdArrayDevice::Cpu, None)?;
+        Ok((args, run))
+    }
+
+    /// The tiny preset, every parameter offloaded, short steps in copy mode.
+    const TINY_TRAIN: &[&str] = &[
+        "--preset",
+        "tiny",
+        "--offload-gb",
+        "1",
+        "--mode",
+        "copy",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--log-every",
+        "4",
+    ];
+
+    /// `train` with Adam's state in host memory lowers the loss (and so exits with success),
+    /// keeps no state in device memory (measured tensor by tensor: two values per parameter
+    /// value, all in host memory, as the report estimates) and streams it through the device
+    /// at each step; with `--state device` the state is on the device and nothing of it moves.
+    #[test]
+    fn train_lowers_the_loss_with_adam_state_in_host_memory_or_on_the_device() {
+        let with = |state: &str| {
+            let extra: Vec<&str> = TINY_TRAIN
+                .iter()
+                .copied()
+                .chain(["--steps", "8", "--state", state])
+                .collect();
+            train_cpu(&extra)
+                .unwrap_or_else(|e| panic!("--state {state}: {e}"))
+                .1
+        };
+        let host = with("host");
+        let report = &host.report;
+        assert_eq!(report.offloaded_tensors(), report.params.len(), "{report}");
+        assert!(host.loss_went_down(), "{:?}", host.losses);
+        assert!(
+            host.last_loss() < host.first_loss() - 0.3,
+            "{:?}",
+            host.losses
+        );
+        assert_eq!(
+            format!("{:?}", host.exit_code()),
+            format!("{:?}", ExitCode::SUCCESS)
+        );
+        let adam = 2 * report.total_bytes();
+        assert_eq!(host.state_memory.device, 0);
+        assert_eq!(host.state_memory.host, adam);
+        let estimate = report.training_memory(None);
+        assert_eq!(estimate.device_total().state, 0, "{estimate}");
+        assert_eq!(estimate.host_total().state, adam, "{estimate}");
+        assert_eq!(estimate.device_total().gradients, report.total_bytes());
+        // The state goes down at every step and up from the second on; the weights are copied
+        // to the device to be read (copy mode), never read in place.
+        let traffic = host.state_traffic;
+        assert_eq!(traffic.steps, 8);
+        assert_eq!(traffic.downloaded_bytes, 8 * adam, "{traffic:?}");
+        assert_eq!(traffic.uploaded_bytes, 7 * adam, "{traffic:?}");
+        assert!(
+            host.bus.uploaded >= 8 * report.total_bytes(),
+            "{:?}",
+            host.bus
+        );
+        assert_eq!(host.bus.in_place, 0);
+        assert_eq!(host.step_times.len(), 8);
+
+        let device = with("device");
+        assert_eq!(device.state_memory.host, 0);
+        assert_eq!(device.state_memory.device, adam);
+        assert_eq!(device.state_traffic.bytes_per_step(), 0);
+        assert_eq!(
+            device.report.training_memory(None).device_total().state,
+            adam
+        );
+    }
+
+    /// A loss that does not go down fails the run: with a learning rate of 0 and a text that
+    /// holds exactly one window, every step computes the same loss.
+    #[test]
+    fn train_fails_when_the_loss_does_not_go_down() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("one-window.txt");
+        std::fs::write(&data, "abcdefghijklmnopq").unwrap(); // --seq-len 16, plus its target
+        let data = data.to_str().unwrap();
+        let extra: Vec<&str> = TINY_TRAIN
+            .iter()
+            .copied()
+            .chain(["--lr", "0", "--steps", "3", "--data", data])
+            .collect();
+        let (args, run) = train_cpu(&extra).unwrap();
+        assert_eq!(run.losses.len(), 3);
+        assert_eq!(run.first_loss(), run.last_loss(), "{:?}", run.losses);
+        assert!(!run.loss_went_down());
+        let code = run_cpu(&args).unwrap();
+        assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::FAILURE));
+        // The same text with a learning rate: the loss goes down.
+        let extra: Vec<&str> = TINY_TRAIN
+            .iter()
+            .copied()
+            .chain(["--steps", "3", "--data", data])
+            .collect();
+        let (args, run) = train_cpu(&extra).unwrap();
+        assert!(run.loss_went_down(), "{:?}", run.losses);
+        let code = run_cpu(&args).unwrap();
+        assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::SUCCESS));
+    }
+
+    /// A model directory trains on its tokenizer's ids with a training fit plan: part of the
+    /// model offloaded, Adam's state with the offloaded weights in host memory, the rest's on
+    /// the device, as the plan and the report count it.
+    #[test]
+    fn train_a_model_directory_with_a_training_fit_plan() {
+        let dir = fixture("llama3-tied");
+        let (_, run) = train_cpu(&[
+            "--model",
+            &dir,
+            "--gpu-budget-gb",
+            "0.0008",
+            "--reserve-gb",
+            "0",
+            "--state",
+            "with-offloaded",
+            "--mode",
+            "copy",
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--seq-len",
+            "16",
+        ])
+        .unwrap();
+        let report = &run.report;
+        assert!(report.offloaded_tensors() > 0, "{report}");
+        assert!(report.offloaded_tensors() < report.params.len(), "{report}");
+        assert_eq!(run.state_memory.host, 2 * report.offloaded_bytes());
+        assert_eq!(
+            run.state_memory.device,
+            2 * (report.total_bytes() - report.offloaded_bytes())
+        );
+        assert!(run.loss_went_down(), "{:?}", run.losses);
+        // The tokenizer's ids (fewer than the text's bytes), not bytes.
+        let hf = HfModel::open(&dir).unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(hf.tokenizer.unwrap()).unwrap();
+        let ids = tokenizer.encode(train::TRAIN_TEXT, false).unwrap().len();
+        assert_eq!(run.tokens, ids);
+        assert!(ids < train::TRAIN_TEXT.len(), "{ids} tokens");
+
+        // Where weights and state live does not change the arithmetic: the checkpoint's weights
+        // (no random draw, which tests running beside this one could interleave with),
+        // everything offloaded with the state in host memory, then nothing offloaded with the
+        // state on the device, give the plan's losses, but for the last bits (burn-ndarray's
+        // vectorised and scalar loops may round differently, and a tensor's layout decides
+        // which one runs).
+        let with = |extra: &[&str]| {
+            let common = ["--model", &dir, "--mode", "copy", "--steps", "6"];
+            let common = common
+                .iter()
+                .chain(["--batch", "2", "--seq-len", "16"].iter());
+            let args: Vec<&str> = common.chain(extra).copied().collect();
+            train_cpu(&args).unwrap().1
+        };
+        let host = with(&["--offload-gb", "1", "--state", "host"]);
+        let device = with(&["--offload-gb", "0", "--state", "device"]);
+        assert_eq!(host.state_memory.device, 0);
+        assert_eq!(device.state_memory.host, 0);
+        assert_eq!(device.report.offloaded_tensors(), 0);
+        for other in [&host, &device] {
+            for (step, (a, b)) in other.losses.iter().zip(&run.losses).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs(),
+                    "step {}: {a} vs {b}",
+                    step + 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn train_mistakes_are_reported() {
+        let err = |extra: &[&str]| match train_cpu(extra) {
+            Ok(_) => panic!("{extra:?} ran"),
+            Err(e) => e.to_string(),
+        };
+        let e = err(&["--model", &fixture("llama3-tied"), "--seq-len", "100"]);
+        assert!(
+            e.contains("--seq-len 100 exceeds the model's max_position_embeddings 64"),
+            "{e}"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("short.txt");
+        std::fs::write(&data, "too short").unwrap();
+        let e = err(&["--data", data.to_str().unwrap()]);
+        assert!(
+            e.contains("gives 9 tokens, but a sequence of --seq-len 32 needs 33")
+                && e.contains("lower --seq-len or give a longer --data"),
+            "{e}"
+        );
+        let e = err(&["--data", tmp.path().join("missing.txt").to_str().unwrap()]);
+        assert!(e.starts_with("reading "), "{e}");
+        let e = err(&["--lr", "-1"]);
+        assert!(
+            e.contains("--lr -1: give a finite learning rate >= 0"),
+            "{e}"
+        );
+        let e = err(&["--steps", "0"]);
+        assert!(e.contains("must be at least 1"), "{e}");
+        let e = err(&["--state", "gpu"]);
+        assert!(e.contains("host") && e.contains("with-offloaded"), "{e}");
+        // Generation's options are not train's; the shared ones follow `train`.
+        let e = err(&["--gen-tokens", "3"]);
+        assert!(e.contains("--gen-tokens"), "{e}");
+        assert!(Args::try_parse_from(["llama", "--preset", "tiny", "train"]).is_err());
+        // The command lines without `train` generate, as before.
+        assert!(readme_args().command.is_none());
     }
 }

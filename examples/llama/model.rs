@@ -323,6 +323,22 @@ impl LlamaConfig {
         ((repeated_kv + hidden + scores + logits) * dtype_size) as u64
     }
 
+    /// A rough estimate of the activation bytes of a training step on `batch` sequences of
+    /// `seq` tokens: what autodiff keeps of every layer for the backward pass (the norms'
+    /// inputs and outputs, queries, keys and values before and after RoPE, the keys and values
+    /// repeated for all heads, the attention scores and their softmax, the attention output,
+    /// the MLP's gate, up, activation and product, the residual stream), and the logits with
+    /// their log-softmax and gradient.
+    pub fn training_activation_bytes(&self, batch: usize, seq: usize, dtype_size: usize) -> u64 {
+        let rows = batch * seq;
+        let q = self.n_heads * self.head_dim();
+        let kv = self.n_kv_heads * self.head_dim();
+        let per_layer = rows * (7 * self.dim + 5 * q + 4 * kv + 4 * self.ffn_dim)
+            + 2 * batch * self.n_heads * seq * seq;
+        let logits = 3 * rows * self.vocab_size;
+        ((self.n_layers * per_layer + logits) * dtype_size) as u64
+    }
+
     /// Creates the model on `device`. Every parameter is *lazy*: nothing is allocated until it
     /// is first read or loaded, so an offload policy can still retarget it to host memory.
     /// (Only the small rotary table, a constant, is computed here.)
