@@ -18,14 +18,14 @@
 # on a GPU first (the in-place quantized kernels' tests, the copy engine's test and bench),
 # then the quick tests (nvrtc compiles the quantized kernels too), then more steps
 # that have never run (the fused-Cuda test, the unfused example, the Hugging Face
-# directories), then everything else. E.g.
+# directories, the example's training on 1b), then everything else. E.g.
 #   ORDER="bench-offload_model example-big cuda_target-llama ." bash .gpu/device-check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=.gpu
 OUT=${OUT:-/tmp/device-check}
 STEPS=${STEPS:-.}
-ORDER=${ORDER:-"^cuda_target-quantized_ ^test-cuda_copy_engine\$ ^bench-copy_engine\$ ^test- _fused\$ example-uva-unfused example-hf ."}
+ORDER=${ORDER:-"^cuda_target-quantized_ ^test-cuda_copy_engine\$ ^bench-copy_engine\$ ^test- _fused\$ example-uva-unfused example-hf ^example-train- ."}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 TOTAL_S=${TOTAL_S:-540}
 mkdir -p "$OUT"
@@ -130,6 +130,18 @@ step example-hf-fixture 60 "$B/examples/llama" --device cuda --model tests/fixtu
 step example-hf-7b-fit 300 bash -c 'python3 scripts/make-hf-model.py --preset 7b --dtype bf16 "$2" &&
   "$1" --device cuda --dtype bf16 --model "$2" --gpu-budget-gb 8 --prompt-len 32 --gen-tokens 16 \
     --no-check --warmup 1 --mode auto; rc=$?; rm -rf "$2"; exit $rc' _ "$B/examples/llama" /tmp/hf-7b
+# Never run on a GPU yet: `llama train` (examples/llama/train.rs) on the 1b preset in bf16
+# (1.04 B parameters, 1.94 GiB), every weight offloaded (copy mode: the training step's 128 rows
+# are beyond the in-place kernels' 16), Adam's state (bf16, 3.87 GiB) in host memory, then on
+# the device: each prints the loss, the step time (step 1 apart: it autotunes every new matmul
+# shape of the forward and backward pass, about 20 at 10 to 13 s each on the H100, so the first
+# run gets the longer limit and the second reuses CubeCL's autotune cache), the bytes moved per
+# step (weights uploaded, state up and back) and the peak device memory (total - free sampled
+# every 10 ms); it fails if the loss does not go down. ORDER=^example-train- runs just these.
+train1b=("$B/examples/llama" train --device cuda --dtype bf16 --preset 1b --offload-gb 4 --mode copy
+  --steps 6 --batch 1 --seq-len 128 --log-every 1 --lr 1e-3)
+step example-train-1b-state-host 420 "${train1b[@]}" --state host
+step example-train-1b-state-device 180 "${train1b[@]}" --state device
 bench copy_engine 90
 # 1b and 7b in bf16: plain fused burn-cuda (Burn's default `Cuda`) vs 0/25/50/100 % offloaded
 # in uva, copy and prefetch mode
