@@ -403,6 +403,8 @@ where
     let (model, report) = policy
         .apply(model)
         .map_err(|e| with_budget_hint(e, &params, planned))?;
+    // The placements, and (the policy states the optimizer state) where weights, gradients
+    // and state live: `report.training_memory`.
     println!("{report}");
 
     // Materialise: offloaded tensors are created once, directly in host memory.
@@ -430,7 +432,6 @@ where
     }
     materialize(&model, &report);
     B::<T>::sync(&device)?;
-    println!("{}", report.training_memory(None));
 
     let mut optim =
         OffloadOptimizer::with_state(AdamConfig::new().init::<B<T>, Llama<B<T>>>(), &report);
