@@ -2252,6 +2252,36 @@ mod tests {
         assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::SUCCESS));
     }
 
+    /// `--save-weights` writes the trained weights: trained on one window of text, saved, then
+    /// loaded with `--weights` and not trained (`--lr 0`), the model's loss on that window is
+    /// below the last step's (which came before the last update).
+    #[test]
+    fn train_saves_the_trained_weights() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("one-window.txt");
+        std::fs::write(&data, "abcdefghijklmnopq").unwrap();
+        let file = tmp.path().join("trained.safetensors");
+        let (data, file) = (data.to_str().unwrap(), file.to_str().unwrap());
+        let run = |extra: &[&str]| {
+            let args: Vec<&str> = TINY_TRAIN
+                .iter()
+                .copied()
+                .chain(["--data", data])
+                .chain(extra.iter().copied())
+                .collect();
+            train_cpu(&args).unwrap().1
+        };
+        let trained = run(&["--steps", "3", "--save-weights", file]);
+        assert!(trained.loss_went_down(), "{:?}", trained.losses);
+        let loaded = run(&["--steps", "1", "--lr", "0", "--weights", file]);
+        assert!(
+            loaded.first_loss() < trained.last_loss(),
+            "{} after loading, {:?} while training",
+            loaded.first_loss(),
+            trained.losses
+        );
+    }
+
     /// A model directory trains on its tokenizer's ids with a training fit plan: part of the
     /// model offloaded, Adam's state with the offloaded weights in host memory, the rest's on
     /// the device, as the plan and the report count it.

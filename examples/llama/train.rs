@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release --example llama -- train --preset tiny --offload-gb 1 --state host
 //! cargo run --release --example llama -- train --model tests/fixtures/hf/llama3-tied \
-//!     --gpu-budget-gb 0.0005 --reserve-gb 0 --state with-offloaded
+//!     --gpu-budget-gb 0.002 --reserve-gb 0 --state with-offloaded
 //! ```
 //!
 //! Each step draws `--batch` windows of `--seq-len` + 1 tokens from the text (the model's
