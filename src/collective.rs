@@ -53,7 +53,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Shape, Tensor, TensorPrimitive};
-use burn_backend::TensorMetadata;
+use burn_backend::{DType, TensorMetadata};
 use burn_collective::{CollectiveConfig, CollectiveError, PeerId, ReduceOperation};
 
 use crate::backend::OffloadBackend;
@@ -79,11 +79,15 @@ pub struct CollectiveSetup {
     node_host: String,
     data_port: u16,
     timeout: Duration,
+    chunk_bytes: usize,
 }
 
 impl CollectiveSetup {
     /// The default of [`timeout`](Self::timeout): 60 s.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// The default of [`chunk_bytes`](Self::chunk_bytes): 64 MiB.
+    pub const DEFAULT_CHUNK_BYTES: usize = 64 << 20;
 
     /// Rank `rank` of `world_size` processes. `orchestrator` is `host:port` of the
     /// [`Orchestrator`] (`127.0.0.1:3000`; a `ws://` prefix is accepted); this rank serves its
@@ -104,7 +108,17 @@ impl CollectiveSetup {
             node_host: node_host.into(),
             data_port,
             timeout: Self::DEFAULT_TIMEOUT,
+            chunk_bytes: Self::DEFAULT_CHUNK_BYTES,
         }
+    }
+
+    /// The most bytes (as f32) one exchange sends: a broadcast or gradient all-reduce is cut
+    /// into chunks of this size, so that a model larger than device memory is broadcast
+    /// through the device a chunk at a time. Smaller chunks mean more exchanges (each a few
+    /// round trips between the ranks).
+    pub fn chunk_bytes(mut self, bytes: usize) -> Self {
+        self.chunk_bytes = bytes;
+        self
     }
 
     /// How long each collective call (registration, broadcast, all-reduce, finish) may take
@@ -174,6 +188,13 @@ impl CollectiveSetup {
             return fail(
                 "data port 0: give each rank a port the other ranks can reach it on".into(),
             );
+        }
+        if self.chunk_bytes < 4 {
+            return fail(format!(
+                "a chunk of {} bytes holds no f32 value: give at least 4 (default {})",
+                self.chunk_bytes,
+                Self::DEFAULT_CHUNK_BYTES
+            ));
         }
         if self.timeout.is_zero() {
             return fail("a timeout of 0: give each collective call time to complete".into());
@@ -360,6 +381,9 @@ struct Header {
     values: u64,
     tensors: u64,
     shapes_hash: u64,
+    /// `k + 1` where this rank cannot take part because of its parameter `k` (a quantized
+    /// parameter of a broadcast's root); 0 where it can.
+    refused: u64,
     /// The first tensor's shape (its first [`HEADER_DIMS`] dims), for the message.
     first_shape: Vec<u64>,
 }
@@ -368,7 +392,7 @@ struct Header {
 const HEADER_DIMS: usize = 4;
 
 /// Each field of a header and its 16-bit chunks.
-const HEADER_FIELDS: [usize; 6 + HEADER_DIMS] = [1, 2, 3, 2, 4, 1, 2, 2, 2, 2];
+const HEADER_FIELDS: [usize; 7 + HEADER_DIMS] = [1, 2, 3, 2, 4, 2, 1, 2, 2, 2, 2];
 
 /// Values per rank in the header exchange: each field in 16-bit chunks, exact in f32 (the
 /// exchange is a sum in which every other rank contributes zeros).
@@ -403,6 +427,7 @@ impl Header {
                 .sum(),
             tensors: shapes.len() as u64,
             shapes_hash: hash,
+            refused: 0,
             first_shape: shapes.first().map_or(Vec::new(), |s| {
                 s.iter().take(HEADER_DIMS).map(|d| *d as u64).collect()
             }),
@@ -411,15 +436,16 @@ impl Header {
 
     fn fields(&self) -> [u64; HEADER_FIELDS.len()] {
         let mut out = [0; HEADER_FIELDS.len()];
-        out[..6].copy_from_slice(&[
+        out[..7].copy_from_slice(&[
             self.op,
             self.root,
             self.values,
             self.tensors,
             self.shapes_hash,
+            self.refused,
             self.first_shape.len() as u64,
         ]);
-        out[6..6 + self.first_shape.len()].copy_from_slice(&self.first_shape);
+        out[7..7 + self.first_shape.len()].copy_from_slice(&self.first_shape);
         out
     }
 
@@ -448,7 +474,7 @@ impl Header {
                 *field |= (v as u64) << (16 * c);
             }
         }
-        let dims = usize::try_from(fields[5])
+        let dims = usize::try_from(fields[6])
             .ok()
             .filter(|d| *d <= HEADER_DIMS)?;
         Some(Self {
@@ -457,7 +483,8 @@ impl Header {
             values: fields[2],
             tensors: fields[3],
             shapes_hash: fields[4],
-            first_shape: fields[6..6 + dims].to_vec(),
+            refused: fields[5],
+            first_shape: fields[7..7 + dims].to_vec(),
         })
     }
 
@@ -515,13 +542,14 @@ impl<T: OffloadTarget> CollectiveRank<T> {
         device: &OffloadDevice<T::Device>,
     ) -> Result<Self, OffloadError> {
         let config = setup.collective_config()?;
-        if REGISTERED.swap(true, Ordering::SeqCst) {
-            return Err(OffloadError::CollectiveSetup {
-                reason: "this process has registered a rank already: burn-collective allows \
-                         one registration per process (its state is process-wide); run each \
-                         rank in a process of its own"
-                    .into(),
-            });
+        let once = || OffloadError::CollectiveSetup {
+            reason: "this process has registered a rank already: burn-collective allows one \
+                     registration per process (its state is process-wide); run each rank in a \
+                     process of its own"
+                .into(),
+        };
+        if REGISTERED.load(Ordering::SeqCst) {
+            return Err(once());
         }
         // burn-collective logs a failed bind of the data service and goes on: check first.
         TcpListener::bind(("0.0.0.0", setup.data_port)).map_err(|e| {
@@ -533,6 +561,9 @@ impl<T: OffloadTarget> CollectiveRank<T> {
                 ),
             }
         })?;
+        if REGISTERED.swap(true, Ordering::SeqCst) {
+            return Err(once());
+        }
         let rank = Self {
             device: device.to_resident(),
             setup,
@@ -558,12 +589,15 @@ impl<T: OffloadTarget> CollectiveRank<T> {
     }
 
     /// Gives every parameter of `module` the value it has on rank `root`: call it on every
-    /// rank, with the same `root`, before training. Parameter ids, gradient flags and
-    /// placement stay: a parameter this rank keeps in host memory (its policy's, or placed
-    /// with [`OffloadContext::place`]) gets the new value in host memory of its model's
-    /// context; lazy parameters are loaded without being initialised (as with
-    /// `Module::load_record`). The ranks' models must have the same parameter shapes in the
-    /// same order ([`OffloadError::CollectiveMismatch`] otherwise).
+    /// rank, with the same `root`, before training. The root's module is returned as it is;
+    /// on the other ranks parameter ids, gradient flags and placement stay: a parameter the
+    /// rank keeps in host memory (its policy's, or placed with [`OffloadContext::place`])
+    /// gets the new value in host memory of its model's context, and lazy parameters are
+    /// loaded without being initialised (as with `Module::load_record`). The values travel in
+    /// chunks of [`CollectiveSetup::chunk_bytes`], each placed as soon as it arrives: the
+    /// device holds about one chunk beyond the parameters it keeps. The ranks' models must have
+    /// the same parameter shapes in the same order ([`OffloadError::CollectiveMismatch`]
+    /// otherwise), and the root's must be float (not quantized).
     pub fn broadcast_module<AB, M>(&self, module: M, root: u32) -> Result<M, OffloadError>
     where
         AB: AutodiffBackend<InnerBackend = Inner<T>, Device = OffloadDevice<T::Device>>,
@@ -580,35 +614,60 @@ impl<T: OffloadTarget> CollectiveRank<T> {
         }
         let is_root = root == self.setup.rank;
         let mut gather = Gather::<T> {
-            values: is_root,
-            shapes: Vec::new(),
-            parts: Vec::new(),
-            quantized: None,
+            root: is_root,
+            slots: Vec::new(),
+            refused: None,
         };
         module.visit(&mut gather);
-        if let Some(path) = gather.quantized {
-            return Err(self.fail(
-                op,
-                format!(
-                    "parameter #{path} is quantized: broadcast float parameters (before \
-                     quantizing), or load the same checkpoint on every rank"
-                ),
-            ));
-        }
-        let header = Header::new(Op::Broadcast, root, &gather.shapes);
-        let total = header.values as usize;
-        let flat = if is_root {
-            self.flat(gather.parts, total)
-        } else {
-            self.zeros(total)
-        };
+        let slots = gather.slots;
+        let shapes: Vec<Vec<usize>> = slots.iter().map(|s| s.shape.clone()).collect();
+        let mut header = Header::new(Op::Broadcast, root, &shapes);
+        header.refused = gather.refused.map_or(0, |i| i as u64 + 1);
         let deadline = self.deadline();
         self.agree(op, &header, deadline)?;
-        let flat = self.exchange(op, flat, ReduceOperation::Sum, deadline)?;
-        let mut scatter = Scatter::<T> {
-            flat,
-            offset: 0,
-            shapes: gather.shapes.into_iter(),
+        let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        if is_root {
+            // The root sends; its parameters stay as they are. The others send negative zeros:
+            // `x + -0.0` is `x` for every `x`, so every rank gets the root's values bit for bit.
+            self.exchange_all(
+                op,
+                &sizes,
+                ReduceOperation::Sum,
+                deadline,
+                |p, start, len| {
+                    let value = slots[p]
+                        .value
+                        .as_ref()
+                        .expect("the root gathered its values");
+                    value.clone().narrow(0, start, len)
+                },
+                |_, _| {},
+            )?;
+            return Ok(module);
+        }
+        let mut received: Vec<Option<Tensor<Inner<T>, 1>>> = vec![None; slots.len()];
+        self.exchange_all(
+            op,
+            &sizes,
+            ReduceOperation::Sum,
+            deadline,
+            |_, _, len| Tensor::full([len], -0.0f32, &self.device),
+            |p, value| {
+                let value = if slots[p].dtype == DType::F32 {
+                    value
+                } else {
+                    value.cast(slots[p].dtype)
+                };
+                received[p] = Some(match &slots[p].host {
+                    // Into host memory as it arrives: the device holds one chunk at a time.
+                    Some((context, host)) => context.place(value, host),
+                    None => value,
+                });
+            },
+        )?;
+        let mut scatter = Scatter::<T, _> {
+            slots: slots.into_iter().zip(received),
+            device: self.device.clone(),
         };
         Ok(module.map(&mut scatter))
     }
@@ -620,9 +679,10 @@ impl<T: OffloadTarget> CollectiveRank<T> {
     /// there; one without a gradient on every rank gets none. Gradients in `grads` of
     /// parameters that are not `module`'s are left as they are.
     ///
-    /// The gradients are sent as one vector (one exchange per step, whatever the number of
-    /// parameters), in module order: not by parameter id, which differs between ranks whose
-    /// models were initialised separately.
+    /// The gradients are sent in module order, not by parameter id (ids differ between ranks
+    /// whose models were initialised separately), as one vector in chunks of
+    /// [`CollectiveSetup::chunk_bytes`]: a step makes one exchange per chunk, whatever the
+    /// number of parameters, and the device holds about one chunk beyond the gradients.
     pub fn all_reduce_grads<AB, M>(
         &self,
         mut grads: GradientsParams,
@@ -635,47 +695,66 @@ impl<T: OffloadTarget> CollectiveRank<T> {
         let op = "gradient all-reduce";
         let mut take = TakeGrads::<T> {
             grads: &mut grads,
-            device: self.device.clone(),
             shapes: Vec::new(),
-            parts: Vec::new(),
-            present: Vec::new(),
+            dtypes: Vec::new(),
+            taken: Vec::new(),
         };
         module.visit(&mut take);
         let TakeGrads {
             shapes,
-            parts,
-            present,
+            dtypes,
+            mut taken,
             ..
         } = take;
         let header = Header::new(Op::Gradients, 0, &shapes);
-        let total = header.values as usize;
-        let mut parts = parts;
-        // Then one flag per parameter: 1 where this rank has a gradient (the mean is > 0 where
-        // any rank has one).
-        let count = present.len();
-        let flags: Vec<f32> = present.iter().map(|p| if *p { 1.0 } else { 0.0 }).collect();
-        if count > 0 {
-            parts.push(Tensor::from_floats(flags.as_slice(), &self.device));
-        }
-        let flat = self.flat(parts, total + count);
         let deadline = self.deadline();
         self.agree(op, &header, deadline)?;
-        let flat = self.exchange(op, flat, ReduceOperation::Mean, deadline)?;
-        let flags = if count > 0 {
-            piece::<T, 1>(&flat, total, &[count])
+        // After the gradients, one flag per parameter: 1 where this rank has a gradient (the
+        // mean is > 0 where any rank has one).
+        let count = shapes.len();
+        let flags: Vec<f32> = taken
+            .iter()
+            .map(|g| if g.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        let flags_in = Tensor::<Inner<T>, 1>::from_floats(flags.as_slice(), &self.device);
+        let mut sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        sizes.push(count);
+        let mut reduced: Vec<Option<Tensor<Inner<T>, 1>>> = vec![None; count + 1];
+        self.exchange_all(
+            op,
+            &sizes,
+            ReduceOperation::Mean,
+            deadline,
+            |p, start, len| {
+                if p == count {
+                    return flags_in.clone().narrow(0, start, len);
+                }
+                let piece = match &taken[p] {
+                    Some(grad) => grad.clone().narrow(0, start, len),
+                    None => Tensor::zeros([len], &self.device),
+                };
+                if start + len == sizes[p] {
+                    // Sent: free this rank's gradient now.
+                    taken[p] = None;
+                }
+                piece
+            },
+            |p, value| reduced[p] = Some(value),
+        )?;
+        let flags = match reduced[count].take() {
+            Some(flags) => flags
                 .into_data()
                 .to_vec::<f32>()
-                .map_err(|e| self.fail(op, format!("cannot read the result: {e:?}")))?
-        } else {
-            flags
+                .map_err(|e| self.fail(op, format!("cannot read the result: {e:?}")))?,
+            None => Vec::new(),
         };
-        let mut put = PutGrads::<T> {
+        let mut put = PutGrads::<T, _> {
             grads: &mut grads,
-            flat,
-            offset: 0,
-            index: 0,
-            shapes: &shapes,
-            flags: &flags,
+            reduced: reduced.into_iter(),
+            shapes: shapes.iter(),
+            dtypes: dtypes.iter(),
+            flags: flags.iter(),
+            device: self.device.clone(),
         };
         module.visit(&mut put);
         Ok(grads)
@@ -690,12 +769,24 @@ impl<T: OffloadTarget> CollectiveRank<T> {
         let op = "tensor all-reduce";
         let shape = tensor.shape();
         let header = Header::new(Op::Tensor, 0, std::slice::from_ref(&shape.to_vec()));
-        let total = header.values as usize;
-        let flat = self.flat(vec![tensor.reshape([total])], total);
         let deadline = self.deadline();
         self.agree(op, &header, deadline)?;
-        let flat = self.exchange(op, flat, ReduceOperation::Mean, deadline)?;
-        Ok(piece::<T, D>(&flat, 0, &shape.to_vec()))
+        let n = shape.num_elements();
+        let dtype = tensor.dtype();
+        let flat = tensor.reshape([n]);
+        let mut result = None;
+        self.exchange_all(
+            op,
+            &[n],
+            ReduceOperation::Mean,
+            deadline,
+            |_, start, len| flat.clone().narrow(0, start, len),
+            |_, value| result = Some(value),
+        )?;
+        Ok(match result {
+            Some(value) => value.cast(dtype).reshape(shape),
+            None => Tensor::zeros(shape, &self.device),
+        })
     }
 
     /// Unregisters this rank (burn-collective's `finish_collective`): call it on every rank
@@ -716,23 +807,77 @@ impl<T: OffloadTarget> CollectiveRank<T> {
         Instant::now() + self.setup.timeout
     }
 
-    /// `parts` (flattened) one after the other, padded with zeros to at least `world_size`
-    /// values (burn-collective's ring all-reduce splits the vector in one slice per rank).
-    fn flat(&self, parts: Vec<Tensor<Inner<T>, 1>>, total: usize) -> Tensor<Inner<T>, 1> {
-        let padded = total.max(self.setup.world_size as usize);
-        let mut parts = parts;
-        if padded > total || parts.is_empty() {
-            parts.push(self.zeros(padded - total));
+    /// Exchanges the concatenation of the parameters of `sizes` (values each, in order), in
+    /// chunks of at most the setup's chunk size: `input(p, start, len)` gives values
+    /// `start..start + len` of parameter `p`, flattened; `output(p, value)` gets the result
+    /// for parameter `p` (f32) once its last chunk has arrived. Parameters without values get
+    /// no output. Every rank cuts the same chunks (the headers agreed on the sizes).
+    fn exchange_all(
+        &self,
+        op: &str,
+        sizes: &[usize],
+        reduce: ReduceOperation,
+        deadline: Instant,
+        mut input: impl FnMut(usize, usize, usize) -> Tensor<Inner<T>, 1>,
+        mut output: impl FnMut(usize, Tensor<Inner<T>, 1>),
+    ) -> Result<(), OffloadError> {
+        let total: usize = sizes.iter().sum();
+        let world = self.setup.world_size as usize;
+        let chunk = (self.setup.chunk_bytes / 4).max(world);
+        // Where the next chunk starts reading, and where its result goes.
+        let (mut read, mut read_at) = (0usize, 0usize);
+        let (mut write, mut write_at) = (0usize, 0usize);
+        let mut pending: Vec<Tensor<Inner<T>, 1>> = Vec::new();
+        let mut start = 0;
+        while start < total {
+            let len = chunk.min(total - start);
+            let mut pieces = Vec::new();
+            let mut need = len;
+            while need > 0 {
+                while read_at == sizes[read] {
+                    (read, read_at) = (read + 1, 0);
+                }
+                let take = need.min(sizes[read] - read_at);
+                let piece = input(read, read_at, take);
+                pieces.push(if piece.dtype() == DType::F32 {
+                    piece
+                } else {
+                    piece.cast(DType::F32)
+                });
+                read_at += take;
+                need -= take;
+            }
+            // burn-collective's ring all-reduce cuts the vector in one slice per rank.
+            if len < world {
+                pieces.push(Tensor::zeros([world - len], &self.device));
+            }
+            let result = self.exchange(op, Tensor::cat(pieces, 0), reduce, deadline)?;
+            let mut at = 0;
+            while at < len {
+                while write_at == sizes[write] {
+                    (write, write_at) = (write + 1, 0);
+                }
+                let take = (len - at).min(sizes[write] - write_at);
+                pending.push(result.clone().narrow(0, at, take));
+                at += take;
+                write_at += take;
+                if write_at == sizes[write] {
+                    let value = if pending.len() == 1 {
+                        pending.pop().expect("one piece")
+                    } else {
+                        Tensor::cat(std::mem::take(&mut pending), 0)
+                    };
+                    output(write, value);
+                }
+            }
+            start += len;
         }
-        Tensor::cat(parts, 0)
-    }
-
-    fn zeros(&self, n: usize) -> Tensor<Inner<T>, 1> {
-        Tensor::zeros([n.max(self.setup.world_size as usize)], &self.device)
+        Ok(())
     }
 
     /// Exchanges `header` with every rank (a sum in which each rank fills its own slot) and
-    /// checks that all are equal; if not, every rank fails with the same description.
+    /// checks that all are equal and that every rank can take part; if not, every rank fails
+    /// with the same description, before any data is exchanged.
     fn agree(&self, op: &str, header: &Header, deadline: Instant) -> Result<(), OffloadError> {
         let world = self.setup.world_size as usize;
         let mut slots = vec![0f32; world * HEADER_LEN];
@@ -745,6 +890,24 @@ impl<T: OffloadTarget> CollectiveRank<T> {
             .to_vec::<f32>()
             .map_err(|e| self.fail(op, format!("cannot read the header exchange: {e:?}")))?;
         let headers: Vec<Option<Header>> = all.chunks(HEADER_LEN).map(Header::decode).collect();
+        let refusals: Vec<String> = headers
+            .iter()
+            .enumerate()
+            .filter_map(|(r, h)| {
+                let h = h.as_ref()?;
+                (h.refused > 0).then(|| {
+                    format!(
+                        "rank {r} cannot send its parameter #{} (in module order): it is \
+                         quantized; broadcast float parameters (before quantizing), or load \
+                         the same checkpoint on every rank",
+                        h.refused - 1
+                    )
+                })
+            })
+            .collect();
+        if !refusals.is_empty() {
+            return Err(self.fail(op, refusals.join("; ")));
+        }
         if headers.iter().all(|h| h.as_ref() == Some(header)) {
             return Ok(());
         }
@@ -939,7 +1102,7 @@ fn explain(error: &CollectiveError, setup: &CollectiveSetup) -> String {
     }
 }
 
-/// The host-memory context of a parameter's value, if it lives in host memory.
+/// The host-memory context of a tensor, if it lives in host memory.
 fn host_context<T: OffloadTarget, const D: usize>(
     value: Tensor<Inner<T>, D>,
 ) -> Option<OffloadContext> {
@@ -949,89 +1112,102 @@ fn host_context<T: OffloadTarget, const D: usize>(
     }
 }
 
-/// The `shape.product()` values of `flat` from `offset`, in `shape`.
-fn piece<T: OffloadTarget, const D: usize>(
-    flat: &Tensor<Inner<T>, 1>,
-    offset: usize,
-    shape: &[usize],
-) -> Tensor<Inner<T>, D> {
-    let n = shape.iter().product::<usize>();
-    if n == 0 {
-        return Tensor::zeros(Shape::from(shape.to_vec()), &flat.device());
-    }
-    flat.clone()
-        .narrow(0, offset, n)
-        .reshape(Shape::from(shape.to_vec()))
+/// A parameter of the module being broadcast.
+struct Slot<T: OffloadTarget> {
+    shape: Vec<usize>,
+    dtype: DType,
+    /// Where its new value goes: host memory of this context, on this (host) device; `None`:
+    /// device memory.
+    host: Option<(OffloadContext, OffloadDevice<T::Device>)>,
+    /// The root's value, flattened (on the root only).
+    value: Option<Tensor<Inner<T>, 1>>,
 }
 
-/// Collects each float parameter's shape (and, for the root of a broadcast, its value,
-/// flattened) in module order.
+/// Collects each float parameter's shape, where its new value goes, and on the root its value,
+/// in module order.
 struct Gather<T: OffloadTarget> {
-    values: bool,
-    shapes: Vec<Vec<usize>>,
-    parts: Vec<Tensor<Inner<T>, 1>>,
-    /// The index of a quantized parameter, if any.
-    quantized: Option<usize>,
+    root: bool,
+    slots: Vec<Slot<T>>,
+    /// The index of a quantized parameter of the root, if any.
+    refused: Option<usize>,
 }
 
 impl<AB, T> ModuleVisitor<AB> for Gather<T>
 where
     T: OffloadTarget,
-    AB: AutodiffBackend<InnerBackend = Inner<T>>,
+    AB: AutodiffBackend<InnerBackend = Inner<T>, Device = OffloadDevice<T::Device>>,
 {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-        let shape = if param.is_initialized() {
-            param.val().shape().to_vec()
+        let initialized = param.is_initialized();
+        let (shape, dtype) = if initialized {
+            let value = param.val();
+            (value.shape().to_vec(), value.dtype())
         } else {
-            param.lazy_shape().to_vec()
+            let dtype = burn_backend::get_device_settings::<AB>(&param.lazy_device())
+                .float_dtype
+                .into();
+            (param.lazy_shape().to_vec(), dtype)
         };
-        if self.values {
-            let value = param.val().inner();
-            if matches!(value.dtype(), burn_backend::DType::QFloat(_)) {
-                self.quantized.get_or_insert(self.shapes.len());
+        let n = shape.iter().product::<usize>();
+        let mut value = None;
+        let mut host = None;
+        if self.root {
+            let inner = param.val().inner();
+            if matches!(inner.dtype(), DType::QFloat(_)) {
+                self.refused.get_or_insert(self.slots.len());
             } else {
-                let n = shape.iter().product::<usize>();
-                self.parts.push(value.reshape([n]));
+                value = Some(inner.reshape([n]));
             }
+        } else {
+            // A policy's mark says where loads go; else a value in host memory stays there.
+            let device = param.lazy_device().to_host();
+            host = crate::policy::marked_host_context(param)
+                .or_else(|| {
+                    initialized
+                        .then(|| host_context::<T, D>(param.val().inner()))
+                        .flatten()
+                })
+                .map(|context| (context, device));
         }
-        self.shapes.push(shape);
+        self.slots.push(Slot {
+            shape,
+            dtype,
+            host,
+            value,
+        });
     }
 }
 
-/// Writes the broadcast values into the parameters, in module order, keeping each one's id,
+/// Writes the received values into the parameters, in module order, keeping each one's id,
 /// gradient flag, load mapper and placement.
-struct Scatter<T: OffloadTarget> {
-    flat: Tensor<Inner<T>, 1>,
-    offset: usize,
-    shapes: std::vec::IntoIter<Vec<usize>>,
+struct Scatter<T: OffloadTarget, I> {
+    slots: I,
+    device: OffloadDevice<T::Device>,
 }
 
-impl<AB, T> ModuleMapper<AB> for Scatter<T>
+impl<AB, T, I> ModuleMapper<AB> for Scatter<T, I>
 where
     T: OffloadTarget,
     AB: AutodiffBackend<InnerBackend = Inner<T>, Device = OffloadDevice<T::Device>>,
+    I: Iterator<Item = (Slot<T>, Option<Tensor<Inner<T>, 1>>)>,
 {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
-        let shape = self
-            .shapes
+        let (slot, value) = self
+            .slots
             .next()
             .expect("the module has the parameters it had when gathered");
-        let n = shape.iter().product::<usize>();
-        let value = piece::<T, D>(&self.flat, self.offset, &shape);
-        self.offset += n;
-        // Where the old value lives: a value in host memory stays there, in its context.
-        let host = if param.is_initialized() {
-            let old = param.val();
-            let device = querying_placement(|| old.device());
-            host_context::<T, D>(old.inner()).map(|context| (context, device))
-        } else {
-            None
+        let shape = Shape::from(slot.shape);
+        let value: Tensor<Inner<T>, D> = match value {
+            Some(value) => value.reshape(shape),
+            // No values: nothing was sent for it.
+            None => Tensor::<Inner<T>, D>::zeros(shape, &self.device).cast(slot.dtype),
         };
         let id = param.id;
-        // As `Module::load_record` loads: a policy's mark puts the value in host memory of the
-        // model's context, a lazy parameter is not initialised.
+        // As `Module::load_record` loads: a policy's mark keeps the value in host memory of the
+        // model's context (a value already there is re-tagged), a lazy parameter is not
+        // initialised.
         let loaded = param.transform_for_load(Tensor::from_inner(value), id);
-        match host {
+        match slot.host {
             Some((context, device)) => loaded.map(|value| {
                 if querying_placement(|| value.device()).is_host() {
                     value
@@ -1044,14 +1220,13 @@ where
     }
 }
 
-/// Takes each parameter's gradient out of `grads` (a zero vector where it has none),
-/// flattened, in module order.
+/// Takes each parameter's gradient (flattened) out of `grads`, in module order, with the
+/// parameter's shape and the gradient's dtype (the parameter's where it has none).
 struct TakeGrads<'a, T: OffloadTarget> {
     grads: &'a mut GradientsParams,
-    device: OffloadDevice<T::Device>,
     shapes: Vec<Vec<usize>>,
-    parts: Vec<Tensor<Inner<T>, 1>>,
-    present: Vec<bool>,
+    dtypes: Vec<DType>,
+    taken: Vec<Option<Tensor<Inner<T>, 1>>>,
 }
 
 impl<AB, T> ModuleVisitor<AB> for TakeGrads<'_, T>
@@ -1060,50 +1235,54 @@ where
     AB: AutodiffBackend<InnerBackend = Inner<T>>,
 {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-        let shape = if param.is_initialized() {
-            param.val().shape().to_vec()
+        let (shape, dtype) = if param.is_initialized() {
+            let value = param.val();
+            (value.shape().to_vec(), value.dtype())
         } else {
-            param.lazy_shape().to_vec()
+            (param.lazy_shape().to_vec(), DType::F32)
         };
         let n = shape.iter().product::<usize>();
-        match self.grads.remove::<Inner<T>, D>(param.id) {
-            Some(grad) => {
-                self.parts.push(grad.reshape([n]));
-                self.present.push(true);
-            }
-            None => {
-                self.parts.push(Tensor::zeros([n], &self.device));
-                self.present.push(false);
-            }
-        }
+        let grad = self.grads.remove::<Inner<T>, D>(param.id);
+        self.dtypes.push(grad.as_ref().map_or(dtype, |g| g.dtype()));
+        self.taken.push(grad.map(|grad| grad.reshape([n])));
         self.shapes.push(shape);
     }
 }
 
 /// Registers the reduced gradients back, in module order, where any rank had one.
-struct PutGrads<'a, T: OffloadTarget> {
+struct PutGrads<'a, T: OffloadTarget, R> {
     grads: &'a mut GradientsParams,
-    flat: Tensor<Inner<T>, 1>,
-    offset: usize,
-    index: usize,
-    shapes: &'a [Vec<usize>],
-    flags: &'a [f32],
+    reduced: R,
+    shapes: std::slice::Iter<'a, Vec<usize>>,
+    dtypes: std::slice::Iter<'a, DType>,
+    flags: std::slice::Iter<'a, f32>,
+    device: OffloadDevice<T::Device>,
 }
 
-impl<AB, T> ModuleVisitor<AB> for PutGrads<'_, T>
+impl<AB, T, R> ModuleVisitor<AB> for PutGrads<'_, T, R>
 where
     T: OffloadTarget,
     AB: AutodiffBackend<InnerBackend = Inner<T>>,
+    R: Iterator<Item = Option<Tensor<Inner<T>, 1>>>,
 {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-        let shape = &self.shapes[self.index];
-        let n = shape.iter().product::<usize>();
-        if self.flags[self.index] > 0.0 {
-            let grad = piece::<T, D>(&self.flat, self.offset, shape);
+        let shape = Shape::from(self.shapes.next().expect("a shape per parameter").clone());
+        let dtype = *self.dtypes.next().expect("a dtype per parameter");
+        let reduced = self.reduced.next().expect("a result per parameter");
+        let any = self.flags.next().is_some_and(|flag| *flag > 0.0);
+        if any {
+            let grad: Tensor<Inner<T>, D> = match reduced {
+                Some(grad) => grad.reshape(shape),
+                // No values to send.
+                None => Tensor::zeros(shape, &self.device),
+            };
+            let grad = if grad.dtype() == dtype {
+                grad
+            } else {
+                grad.cast(dtype)
+            };
             self.grads.register(param.id, grad);
         }
-        self.offset += n;
-        self.index += 1;
     }
 }
 
@@ -1166,6 +1345,10 @@ mod tests {
                 "node host",
             ),
             (CollectiveSetup::new(0, 1, "h:1", "h", 0), "data port 0"),
+            (
+                CollectiveSetup::new(0, 1, "h:1", "h", 1).chunk_bytes(3),
+                "holds no f32 value",
+            ),
             (
                 CollectiveSetup::new(0, 1, "h:1", "h", 1).timeout(Duration::ZERO),
                 "timeout of 0",

@@ -50,6 +50,9 @@ const BATCH: usize = 8;
 const LR: f64 = 1e-2;
 /// Ranks against the single-process reference.
 const REL: f32 = 1e-5;
+/// 16 values: the MLP's 212 parameter values (and 4 gradient flags) go in 14 exchanges, most
+/// of them across parameter boundaries, and `fc1.weight` (128 values) in 8.
+const SMALL_CHUNK: usize = 64;
 
 /// The name of the calling test, as the harness filters by it.
 macro_rules! this_test {
@@ -481,10 +484,10 @@ fn host_in(primitive: TensorPrimitive<Inner>, context: &burn_offload::OffloadCon
 
 /// Rank 0 offloads everything (`copy`), rank 1 `fc2` only (`prefetch`). Rank 1 starts from
 /// other random weights (another seed) and gets rank 0's by broadcast; each trains on its half
-/// of the batch, gradients all-reduced (mean). With `die_at`, rank 1 exits in the middle of that
+/// of the batch, gradients all-reduced (mean), in chunks of `chunk_bytes`. With `die_at`, rank 1 exits in the middle of that
 /// step (after its backward pass, before its all-reduce), and rank 0 records the error it gets.
-fn train_rank(timeout: Duration, die_at: Option<usize>) {
-    let setup = setup_from_env(timeout);
+fn train_rank(timeout: Duration, chunk_bytes: usize, die_at: Option<usize>) {
+    let setup = setup_from_env(timeout).chunk_bytes(chunk_bytes);
     let r = setup.rank();
     assert_eq!(setup.world_size(), 2);
     let rank = CollectiveRank::<NdArray>::register(setup, &device()).unwrap();
@@ -551,6 +554,17 @@ fn train_rank(timeout: Duration, die_at: Option<usize>) {
     out["final"] = bits_of(&model);
     out["placed_final"] = placed(&model, &report);
     out["offloaded"] = json!(crate::common::offloaded_paths(&report));
+    // Rank 1 takes one more step on its own, then broadcasts: rank 0's parameters are
+    // initialised and in host memory now (the broadcast's other path), rank 1 keeps its own.
+    if r == 1 {
+        let loss = (model.forward(x.clone()) - y.clone()).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(LR, model, grads);
+        out["own_step"] = bits_of(&model);
+    }
+    let model = rank.broadcast_module(model, 1).unwrap();
+    out["from_rank_1"] = bits_of(&model);
+    out["placed_from_rank_1"] = placed(&model, &report);
     rank.finish().unwrap();
     write_out(&out);
 }
@@ -626,7 +640,7 @@ fn two_ranks_with_different_policies_train_like_one_process() {
     let name = this_test!();
     match role(&name).as_deref() {
         Some("orchestrator") => return run_orchestrator(),
-        Some(_) => return train_rank(CALL_TIMEOUT, None),
+        Some(_) => return train_rank(CALL_TIMEOUT, SMALL_CHUNK, None),
         None => {}
     }
     let ended = World::start(&name, 2).wait();
@@ -660,6 +674,23 @@ fn two_ranks_with_different_policies_train_like_one_process() {
     assert_eq!(r0["placed_final"], all);
     assert_eq!(r1["placed_after_broadcast"], part);
     assert_eq!(r1["placed_final"], part);
+    // A broadcast from rank 1 after its own step: rank 0 gets those weights, in place.
+    assert!(
+        r1["own_step"] != r1["final"],
+        "rank 1's own step changed its weights"
+    );
+    same(
+        &r1["from_rank_1"],
+        &r1["own_step"],
+        "rank 1 (the root) after its broadcast",
+    );
+    same(
+        &r0["from_rank_1"],
+        &r1["own_step"],
+        "rank 0 after rank 1's broadcast",
+    );
+    assert_eq!(r0["placed_from_rank_1"], all);
+    assert_eq!(r1["placed_from_rank_1"], part);
     assert_eq!(
         r1["offloaded"],
         json!(["fc2.weight", "fc2.bias"]),
@@ -715,7 +746,13 @@ fn a_peer_that_dies_mid_step_fails_the_other_rank_in_time() {
     let name = this_test!();
     match role(&name).as_deref() {
         Some("orchestrator") => return run_orchestrator(),
-        Some(_) => return train_rank(FAULT_TIMEOUT, Some(DIE_AT)),
+        Some(_) => {
+            return train_rank(
+                FAULT_TIMEOUT,
+                CollectiveSetup::DEFAULT_CHUNK_BYTES,
+                Some(DIE_AT),
+            );
+        }
         None => {}
     }
     let ended = World::start(&name, 2).wait();
