@@ -29,11 +29,19 @@
 //! After an error, burn-collective's state in this process is unusable (a call may still be
 //! pending in it): every later call returns the first error; end the process.
 //!
-//! Limits that come from burn-collective 0.21:
+//! Broadcasts and gradient all-reduces go as one vector in module order (not by parameter id,
+//! which differs between ranks), cut in chunks of [`CollectiveSetup::chunk_bytes`]: the device
+//! holds about one chunk beyond what it keeps, and a step makes one exchange per chunk whatever
+//! the number of parameters.
+//!
+//! What comes from burn-collective 0.21:
+//! - its multi-node all-reduce never returned a second time in a process (its barrier cleared
+//!   a copy of its state): burn-offload builds against a patched copy, `vendor/burn-collective`;
 //! - one registration per process (its local server is process-wide, per backend type, and
 //!   is not reset by `finish`), and one device per process here;
 //! - its global `broadcast` is not implemented (it panics): [`CollectiveRank::broadcast_module`]
-//!   is a sum all-reduce in which the other ranks contribute zeros (exact: `x + 0 = x`);
+//!   is a sum all-reduce in which the other ranks send negative zeros (`x + -0.0` is `x` bit
+//!   for bit);
 //! - its servers listen on every interface (`0.0.0.0`), the orchestrator on its port and each
 //!   rank on its data port;
 //! - the orchestrator handles SIGINT and SIGTERM for the whole process once started (they stop
@@ -241,6 +249,7 @@ fn ws_address(address: &str) -> String {
 /// Starting it makes this process handle SIGINT and SIGTERM (burn-collective's shutdown
 /// signal): they stop the orchestrator, not the process. Run it in a process of its own
 /// ([`wait`](Self::wait)) if the process must still end on them.
+#[derive(Debug)]
 pub struct Orchestrator {
     port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,

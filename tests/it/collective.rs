@@ -347,6 +347,50 @@ fn a_shape_mismatch_fails_every_rank_with_what_each_sent() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Three ranks, many rounds.
+
+const ROUNDS: usize = 20;
+
+/// Rank `r` all-reduces `[5]` filled with `(r + 1) * (round + 1)`, [`ROUNDS`] times.
+fn rounds_rank() {
+    let setup = setup_from_env(CALL_TIMEOUT);
+    let r = setup.rank() as f32;
+    let rank = CollectiveRank::<NdArray>::register(setup, &device()).unwrap();
+    let means: Vec<Vec<f32>> = (0..ROUNDS)
+        .map(|round| {
+            let value = (r + 1.0) * (round as f32 + 1.0);
+            let mean = rank
+                .all_reduce_mean(Tensor::<Inner, 1>::full([5], value, &device()))
+                .unwrap();
+            mean.into_data().to_vec::<f32>().unwrap()
+        })
+        .collect();
+    rank.finish().unwrap();
+    write_out(&json!({ "means": means }));
+}
+
+/// burn-collective's multi-node all-reduce, called again and again by three ranks (its ring cuts
+/// 5 values in slices of 2, 2 and 1), gives every rank the mean each time.
+#[test]
+fn three_ranks_all_reduce_round_after_round() {
+    let name = this_test!();
+    match role(&name).as_deref() {
+        Some("orchestrator") => return run_orchestrator(),
+        Some(_) => return rounds_rank(),
+        None => {}
+    }
+    let ended = World::start(&name, 3).wait();
+    for (rank, e) in ended.iter().enumerate() {
+        let out = passed(&name, rank, e);
+        // The mean of (1, 2, 3) * (round + 1).
+        let expected: Vec<Vec<f32>> = (0..ROUNDS)
+            .map(|round| vec![2.0 * (round as f32 + 1.0); 5])
+            .collect();
+        assert_eq!(out["means"], json!(expected), "rank {rank}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // (a) Two ranks train like one process.
 
 /// The whole batch: inputs `[BATCH, D_MODEL]`, targets `[BATCH, D_OUT]`.
