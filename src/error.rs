@@ -172,6 +172,66 @@ pub enum OffloadError {
         /// What to change.
         instead: String,
     },
+    /// A [`CollectiveSetup`](crate::collective::CollectiveSetup) or collective call argument
+    /// that cannot work (feature `collective`).
+    #[cfg(feature = "collective")]
+    #[error("invalid collective setup: {reason}")]
+    CollectiveSetup {
+        /// What is wrong and what to give instead.
+        reason: String,
+    },
+    /// A collective call failed (feature `collective`): burn-collective returned an error or
+    /// panicked, or the orchestrator could not be started. This process's collective state is
+    /// unusable after it: end the process.
+    #[cfg(feature = "collective")]
+    #[error(
+        "collective {op}{} failed: {reason}",
+        rank.map_or(String::new(), |r| format!(" on rank {r}"))
+    )]
+    Collective {
+        /// The call (`registration`, `broadcast`, `gradient all-reduce`, ...).
+        op: String,
+        /// The rank that reports it, if registered.
+        rank: Option<u32>,
+        /// What happened and what to check.
+        reason: String,
+    },
+    /// A collective call did not complete within the setup's timeout (feature `collective`):
+    /// a peer died, hangs, runs much slower, or makes another call. burn-collective cannot
+    /// cancel the call: this process's collective state is unusable after it.
+    #[cfg(feature = "collective")]
+    #[error(
+        "collective {op} on rank {rank} did not complete within {timeout_s} s: a peer process \
+         died, hangs or is still far behind, or calls something else (every rank must make the \
+         same collective calls in the same order), or the orchestrator is unreachable; check \
+         the other ranks' output, and raise `CollectiveSetup::timeout` if a step legitimately \
+         takes longer; end this process (its collective state is unusable)"
+    )]
+    CollectiveTimeout {
+        /// The call.
+        op: String,
+        /// The rank that gave up.
+        rank: u32,
+        /// The timeout in seconds.
+        timeout_s: f64,
+    },
+    /// The ranks disagree on a collective call (feature `collective`): a different operation,
+    /// root, number of values or parameter shapes. Every rank that takes part gets this error,
+    /// with what each rank sent; no data was exchanged.
+    #[cfg(feature = "collective")]
+    #[error(
+        "the ranks disagree on collective {op} (seen from rank {rank}): {details}; every rank \
+         must make the same collective calls in the same order, on models with the same \
+         parameter shapes in the same order (the same model code and config on every rank)"
+    )]
+    CollectiveMismatch {
+        /// The call, on this rank.
+        op: String,
+        /// The rank that reports it.
+        rank: u32,
+        /// What each rank sent.
+        details: String,
+    },
     /// An error of the CUDA layer (feature `cuda`).
     #[cfg(feature = "cuda")]
     #[error(transparent)]

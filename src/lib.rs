@@ -22,6 +22,8 @@
 
 pub mod auto;
 pub mod backend;
+#[cfg(feature = "collective")]
+pub mod collective;
 pub mod context;
 pub mod copy;
 pub mod device;

@@ -11,6 +11,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub use quantize::Quantization;
 pub(crate) use report::human_bytes;
 pub use report::{OffloadReport, ParamReport, Placement};
+#[cfg(feature = "collective")]
+pub(crate) use walk::marked_host_context;
 pub(crate) use walk::{ParamAction, detached, in_moves, walk_params, walk_params_quantized};
 
 use crate::auto::Calibration;

@@ -229,6 +229,22 @@ fn in_moves_marked<R>(
     )
 }
 
+/// The context a value loaded into `param` goes to in host memory, if a policy marked it for
+/// host memory (its mark, [`crate::mark`]). Initialises nothing: the parameter's load mapper is
+/// asked with an empty probe, as [`retarget_lazy`] does.
+#[cfg(feature = "collective")]
+pub(crate) fn marked_host_context<B, D, const N: usize>(
+    param: &Param<Tensor<B, N>>,
+) -> Option<OffloadContext>
+where
+    B: Backend<Device = OffloadDevice<D>>,
+    D: DeviceOps,
+{
+    let probe = probe::<B, D, N>(&param.lazy_device());
+    let (_, found) = find_mark(|| param.clone().transform_for_load(probe, param.id));
+    found.and_then(|mark| mark.host_context())
+}
+
 /// An empty tensor for asking a parameter's load mapper for its mark ([`find_mark`]).
 fn probe<B: Backend<Device = OffloadDevice<D>>, D: DeviceOps, const N: usize>(
     device: &OffloadDevice<D>,

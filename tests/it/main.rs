@@ -17,6 +17,8 @@ mod common;
 mod llama;
 
 mod auto;
+#[cfg(feature = "collective")]
+mod collective;
 mod context;
 mod copy_engine;
 #[cfg(feature = "cuda")]
