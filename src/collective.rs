@@ -7,7 +7,7 @@
 //!    returns when every rank has registered.
 //! 2. [`CollectiveRank::broadcast_module`]: every rank's model gets the root rank's parameter
 //!    values. A parameter that this rank keeps in host memory stays there, in its model's
-//!    [`OffloadContext`](crate::OffloadContext).
+//!    [`OffloadContext`].
 //! 3. Each step, after the backward pass: [`CollectiveRank::all_reduce_grads`] replaces the
 //!    gradients of the model's parameters by their mean over the ranks, before the optimizer
 //!    step (wrap the optimizer in [`OffloadOptimizer`](crate::OffloadOptimizer) as for a

@@ -584,8 +584,14 @@ fn zoo_training_with_optimizer_state_in_host_memory_matches_plain_burn() {
             .iter()
             .zip(&p)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // 1e-4 of the largest weight: burn-ndarray's reductions run on rayon, whose splits
+        // (and so the rounding) change with what other tests run beside this one, and AdamW's
+        // normalised step passes a gradient's relative rounding into the update; seen: 1.3e-5
+        // with other tests running, 0 alone. A lost weight decay (1e-3 of a weight per step),
+        // or state reset or stale between steps (a change of the order of lr = 1e-2), is far
+        // above it.
         assert!(
-            diff <= 1e-5 * scale,
+            diff <= 1e-4 * scale,
             "parameter {i}: max diff {diff} (scale {scale})"
         );
     }
