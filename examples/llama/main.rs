@@ -43,6 +43,7 @@
 // `pub(crate)`: the integration tests include this file as their module `llama` and use them.
 pub(crate) mod hf;
 pub(crate) mod model;
+pub(crate) mod ranks;
 pub(crate) mod train;
 
 use std::error::Error;
@@ -296,7 +297,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// The CUDA device this process runs on (one per process: the memory sampler, a plain `fn`,
+/// reads it).
+#[cfg(feature = "cuda")]
+static CUDA_ORDINAL: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
+    // `train --ranks N`: this process launches the ranks, each a process of this command line.
+    if let Some(Command::Train(train)) = &args.command
+        && train.ranks > 1
+        && train.rank.is_none()
+    {
+        let argv = std::env::args_os()
+            .skip(1)
+            .map(|a| a.into_string())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|a| format!("the argument {a:?} is not UTF-8"))?;
+        let exe = std::env::current_exe()?;
+        let run = ranks::launch(train, &argv, &|args| {
+            let mut command = std::process::Command::new(&exe);
+            command.args(args);
+            command
+        })?;
+        return Ok(run.exit_code());
+    }
     match args.device {
         DeviceKind::Cpu => run_cpu(args),
         #[cfg(feature = "wgpu")]
@@ -319,10 +343,22 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
             use burn::tensor::{bf16, f16};
             use burn_offload::CudaBackend;
             type Fused<F> = burn_cuda::Cuda<F, i32>;
-            burn_offload::cuda::probe().map_err(|e| format!("--device cuda: {e}"))?;
-            let device = cubecl::cuda::CudaDevice::new(0);
-            let memory: MemoryInfo =
-                || burn_offload::cuda::memory_info(0).map_err(|e| e.to_string());
+            let driver = burn_offload::cuda::probe().map_err(|e| format!("--device cuda: {e}"))?;
+            // A rank of `train --ranks` runs on device `rank % device count`; else device 0.
+            let ordinal = match &args.command {
+                Some(Command::Train(train::TrainArgs {
+                    rank: Some(rank), ..
+                })) => *rank as usize % driver.device_count,
+                _ => 0,
+            };
+            CUDA_ORDINAL
+                .set(ordinal)
+                .map_err(|_| "the CUDA device was chosen twice")?;
+            let device = cubecl::cuda::CudaDevice::new(ordinal);
+            let memory: MemoryInfo = || {
+                burn_offload::cuda::memory_info(CUDA_ORDINAL.get().copied().unwrap_or(0))
+                    .map_err(|e| e.to_string())
+            };
             match (args.fusion, args.dtype) {
                 (Fusion::On, Dtype::F32) => run_target::<Fused<f32>>(args, device, Some(memory)),
                 (Fusion::On, Dtype::Bf16) => run_target::<Fused<bf16>>(args, device, Some(memory)),
@@ -377,7 +413,12 @@ where
 {
     match &args.command {
         Some(Command::Train(train)) => {
-            Ok(train::train_on::<T>(args, train, compute, memory)?.exit_code())
+            let run = train::train_on::<T>(args, train, compute, memory)?;
+            // A rank exits with success once trained: the launcher judges the loss.
+            Ok(match train.rank {
+                Some(_) => ExitCode::SUCCESS,
+                None => run.exit_code(),
+            })
         }
         None => run_on::<T>(args, compute, memory),
     }
@@ -2390,5 +2431,156 @@ mod tests {
         assert!(Args::try_parse_from(["llama", "--preset", "tiny", "train"]).is_err());
         // The command lines without `train` generate, as before.
         assert!(readme_args().command.is_none());
+        // --ranks: a batch each rank can take an equal part of; started from a command line.
+        let e = err(&["--ranks", "3"]);
+        assert!(
+            e.contains("--batch 4 is not a multiple of --ranks 3"),
+            "{e}"
+        );
+        let e = err(&["--ranks", "2"]);
+        assert!(e.contains("run it from the command line"), "{e}");
+        let e = err(&["--ranks", "0"]);
+        assert!(e.contains("--ranks must be at least 1"), "{e}");
+        let e = err(&["--ranks", "2", "--rank", "1"]);
+        assert!(
+            e.contains("--rank needs --orchestrator and --data-port"),
+            "{e}"
+        );
+    }
+
+    /// Where a rank process of [`train_with_two_ranks_trains_like_one_process`] gets its
+    /// command line (JSON: the arguments after the program's name).
+    const RANK_ARGS_ENV: &str = "BURN_OFFLOAD_TEST_RANK_ARGS";
+
+    /// The tiny preset, every weight offloaded with Adam's state in host memory: each step's 4
+    /// sequences on one process, or 2 on each of 2 ranks.
+    const RANKS_TRAIN: &[&str] = &[
+        "--preset",
+        "tiny",
+        "--offload-gb",
+        "1",
+        "--mode",
+        "copy",
+        "--state",
+        "host",
+        "--batch",
+        "4",
+        "--seq-len",
+        "16",
+        "--steps",
+        "6",
+        "--log-every",
+        "2",
+        "--collective-timeout",
+        "60",
+    ];
+
+    /// Not a test of its own: the rank processes that
+    /// [`train_with_two_ranks_trains_like_one_process`] starts run this (with their command line
+    /// in [`RANK_ARGS_ENV`]); anywhere else it returns at once.
+    #[test]
+    fn train_rank_process() {
+        let Ok(json) = std::env::var(RANK_ARGS_ENV) else {
+            return;
+        };
+        let argv: Vec<String> = serde_json::from_str(&json).unwrap();
+        let args = Args::try_parse_from(std::iter::once("llama".to_string()).chain(argv))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let code = run_cpu(&args).unwrap_or_else(|e| panic!("rank: {e}"));
+        assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::SUCCESS));
+    }
+
+    /// Runs `train --ranks 2 ARGS` with the rank processes made of this test binary;
+    /// `sabotage(rank)` gives arguments added to that rank's command line.
+    #[cfg(feature = "collective")]
+    fn train_ranks(
+        extra: &[&str],
+        sabotage: fn(u32) -> Vec<&'static str>,
+    ) -> Result<ranks::RanksRun, Box<dyn Error>> {
+        let args = Args::try_parse_from(["llama", "train"].iter().chain(extra).copied())?;
+        let Some(Command::Train(train)) = &args.command else {
+            unreachable!("a train command line")
+        };
+        let argv: Vec<String> = std::iter::once("train")
+            .chain(extra.iter().copied())
+            .map(String::from)
+            .collect();
+        let exe = std::env::current_exe()?;
+        ranks::launch(train, &argv, &|args: &[String]| {
+            let rank = args
+                .iter()
+                .position(|a| a == "--rank")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|r| r.parse().ok())
+                .expect("the launcher gives --rank");
+            let mut args = args.to_vec();
+            args.extend(sabotage(rank).into_iter().map(String::from));
+            let mut command = std::process::Command::new(&exe);
+            command
+                .args([
+                    "llama::tests::train_rank_process",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(RANK_ARGS_ENV, serde_json::to_string(&args).unwrap());
+            command
+        })
+    }
+
+    /// `train --ranks 2`: two processes over burn-collective on 127.0.0.1, each offloading
+    /// every weight and Adam's state, end with bit-identical parameters, and their losses (the
+    /// mean over the ranks of each rank's half of the batch) are one process's on the whole
+    /// batch, within rounding; a rank whose model differs (one layer fewer) fails the run with
+    /// the mismatch, in bounded time, instead of hanging.
+    #[cfg(feature = "collective")]
+    #[test]
+    fn train_with_two_ranks_trains_like_one_process() {
+        crate::common::process::own_process!(
+            "starts burn-collective's orchestrator, which takes SIGINT and SIGTERM for its \
+             process; and seeds the tiny preset's initialisation"
+        );
+        let one = train_cpu(RANKS_TRAIN).unwrap().1;
+        let extra: Vec<&str> = RANKS_TRAIN
+            .iter()
+            .copied()
+            .chain(["--ranks", "2"])
+            .collect();
+        let start = Instant::now();
+        let two = train_ranks(&extra, |_| vec![]).unwrap();
+        eprintln!("two ranks: {:.1?}", start.elapsed());
+        assert_eq!(two.results.len(), 2);
+        assert_eq!(two.results[0].digest, two.results[1].digest);
+        assert_eq!(two.results[0].losses, two.results[1].losses);
+        assert_eq!(
+            format!("{:?}", two.exit_code()),
+            format!("{:?}", ExitCode::SUCCESS)
+        );
+        assert_eq!(two.losses().len(), one.losses.len());
+        for (step, (a, b)) in two.losses().iter().zip(&one.losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "step {}: two ranks {a}, one process {b}",
+                step + 1
+            );
+        }
+
+        let start = Instant::now();
+        let e = train_ranks(&extra, |rank| match rank {
+            1 => vec!["--layers", "1"],
+            _ => vec![],
+        })
+        .expect_err("rank 1's model has a layer fewer")
+        .to_string();
+        assert!(
+            e.contains("failed") && e.contains("other ranks were stopped"),
+            "{e}"
+        );
+        assert!(e.contains("the ranks disagree on collective"), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

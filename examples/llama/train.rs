@@ -41,6 +41,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use super::hf::HfModel;
 use super::model::{Cache, Llama, LlamaConfig};
+use super::ranks::{RankPart, RankResult};
 use super::{
     Args, BusBytes, GIB, MemoryInfo, MemoryPeak, MemorySampler, device_calibration, load_weights,
     materialize, model_name, planner_params, print_model, save_weights, with_budget_hint,
@@ -101,6 +102,24 @@ pub(super) struct TrainArgs {
     /// built into the binary).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Train data-parallel in this many processes on this machine over burn-collective (feature
+    /// `collective`): each takes --batch / --ranks of every step's sequences, the gradients are
+    /// averaged over the ranks before each step.
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Seconds a rank waits for the others at a collective call (registration, broadcast, each
+    /// step's all-reduce) before it fails: more than the slowest rank's step.
+    #[arg(long, default_value_t = 120.0)]
+    pub collective_timeout: f64,
+    /// This process's rank (given by the --ranks launcher).
+    #[arg(long, hide = true)]
+    pub rank: Option<u32>,
+    /// The orchestrator's host:port (given by the --ranks launcher).
+    #[arg(long, hide = true)]
+    pub orchestrator: Option<String>,
+    /// This rank's data port (given by the --ranks launcher).
+    #[arg(long, hide = true)]
+    pub data_port: Option<u16>,
 }
 
 /// What a training run measured.
@@ -128,6 +147,8 @@ pub(super) struct Training {
     pub later_allocations: u64,
     /// The device memory in use at its peak (CUDA only).
     pub device_peak: Option<MemoryPeak>,
+    /// With `--rank`: this rank and the digest of its parameters after training.
+    pub rank: Option<RankResult>,
 }
 
 impl Training {
@@ -303,6 +324,10 @@ where
     if args.layers == Some(0) {
         return Err("--layers must be at least 1".into());
     }
+    super::ranks::check(train)?;
+    if train.ranks > 1 && train.rank.is_none() {
+        return Err("--ranks N (N > 1) starts N processes: run it from the command line".into());
+    }
 
     // The model directory's config and headers are checked before anything is allocated.
     let hf = args.model.as_ref().map(HfModel::open).transpose()?;
@@ -432,11 +457,24 @@ where
     }
     materialize(&model, &report);
     B::<T>::sync(&device)?;
+    // With --rank: register (waits for every rank), and start from rank 0's weights.
+    let part = RankPart::<T>::join(train, &device)?;
+    if let Some(part) = &part {
+        model = part.broadcast(model)?;
+        B::<T>::sync(&device)?;
+        let rows = part.slice(train.batch);
+        println!(
+            "rank {} of {}: sequences {}..{} of each step's batch; weights from rank 0",
+            part.rank, part.ranks, rows.start, rows.end
+        );
+    }
 
     let mut optim =
         OffloadOptimizer::with_state(AdamConfig::new().init::<B<T>, Llama<B<T>>>(), &report);
     let loss_fn = CrossEntropyLossConfig::new().init::<B<T>>(&device);
     let (batch, seq) = (train.batch, train.seq_len);
+    // The sequences of each step's batch this process trains on.
+    let rows = part.as_ref().map_or(0..batch, |p| p.slice(batch));
     println!(
         "training: {} steps of {batch} x {seq} tokens, Adam (lr {}), state placement {}",
         train.steps, train.lr, state.placement
@@ -449,17 +487,28 @@ where
     let mut allocations_after_first = 0;
     for step in 0..train.steps {
         let (inputs, targets) = batch_windows(&tokens, batch, seq, args.seed, step);
+        let (inputs, targets) = (
+            inputs[rows.start * seq..rows.end * seq].to_vec(),
+            targets[rows.start * seq..rows.end * seq].to_vec(),
+        );
+        let n = rows.len();
         let start = Instant::now();
-        let inputs =
-            Tensor::<B<T>, 2, Int>::from_data(TensorData::new(inputs, [batch, seq]), &device);
+        let inputs = Tensor::<B<T>, 2, Int>::from_data(TensorData::new(inputs, [n, seq]), &device);
         let targets =
-            Tensor::<B<T>, 1, Int>::from_data(TensorData::new(targets, [batch * seq]), &device);
+            Tensor::<B<T>, 1, Int>::from_data(TensorData::new(targets, [n * seq]), &device);
         let logits = model.forward(inputs, &mut Cache::new(config.n_layers));
         let vocab = logits.dims()[2];
-        let loss = loss_fn.forward(logits.reshape([batch * seq, vocab]), targets);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let loss = loss_fn.forward(logits.reshape([n * seq, vocab]), targets);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let value = match &part {
+            // The gradients' and the loss's means over the ranks.
+            Some(part) => {
+                grads = part.all_reduce(grads, &model)?;
+                part.mean_loss(loss.inner())?
+            }
+            None => loss.into_data().iter::<f32>().next().unwrap_or(f32::NAN),
+        };
         model = optim.step(train.lr, model, grads);
-        let value = loss.into_data().iter::<f32>().next().unwrap_or(f32::NAN);
         B::<T>::sync(&device)?;
         step_times.push(start.elapsed());
         losses.push(value);
@@ -487,6 +536,10 @@ where
         save_weights(&model, path)?;
         println!("saved the trained weights to {path}");
     }
+    let rank = match part {
+        Some(part) => Some(part.finish(&model, &losses)?),
+        None => None,
+    };
     let training = Training {
         tokens: tokens.len(),
         losses,
@@ -498,8 +551,13 @@ where
         host,
         later_allocations: host.total_allocations - allocations_after_first,
         device_peak,
+        rank,
     };
     print_summary(&name, args, train, &training);
+    if let Some(rank) = &training.rank {
+        // Last: the --ranks launcher reads it.
+        println!("{}", rank.line());
+    }
     Ok(training)
 }
 
