@@ -629,22 +629,7 @@ where
     let start = Instant::now();
     let mut model = model;
     if let Some(hf) = hf.as_ref().filter(|hf| !hf.files.is_empty()) {
-        let dtype = args.dtype.burn();
-        let bar = ProgressBar::new(hf.loaded_bytes(dtype)).with_style(
-            ProgressStyle::with_template(
-                "loading {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})",
-            )
-            .expect("valid template"),
-        );
-        let progress = bar.clone();
-        model = hf.load(model, dtype, move |bytes| progress.inc(bytes))?;
-        bar.finish_and_clear();
-        println!(
-            "loaded {} tensors from {} file(s) in {}",
-            hf.tensors.len(),
-            hf.files.len(),
-            hf.dir.display()
-        );
+        model = load_directory(hf, model, args.dtype.burn())?;
     }
     if let Some(path) = args.weights.as_ref().or(args.load_quantized.as_ref()) {
         load_weights(&mut model, path)?;
@@ -1018,6 +1003,29 @@ fn print_text(
         println!("  text {b}: {text:?}");
     }
     Ok(())
+}
+
+/// Loads the weights of model directory `hf` into `model` as `dtype`, with a progress bar, and
+/// says what it loaded.
+fn load_directory<B: Backend>(
+    hf: &HfModel,
+    model: Llama<B>,
+    dtype: DType,
+) -> Result<Llama<B>, Box<dyn Error>> {
+    let bar = ProgressBar::new(hf.loaded_bytes(dtype)).with_style(
+        ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
+            .expect("valid template"),
+    );
+    let progress = bar.clone();
+    let model = hf.load(model, dtype, move |bytes| progress.inc(bytes))?;
+    bar.finish_and_clear();
+    println!(
+        "loaded {} tensors from {} file(s) in {}",
+        hf.tensors.len(),
+        hf.files.len(),
+        hf.dir.display()
+    );
+    Ok(model)
 }
 
 /// Loads `path` (.safetensors, or burnpack otherwise) into `model`.

@@ -37,14 +37,15 @@ use burn_offload::{
     reset_host_memory_peak, reset_op_stats,
 };
 use clap::ValueEnum;
-use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use indicatif::HumanBytes;
 
 use super::hf::HfModel;
 use super::model::{Cache, Llama, LlamaConfig};
 use super::ranks::{RankPart, RankResult};
 use super::{
-    Args, BusBytes, GIB, MemoryInfo, MemoryPeak, MemorySampler, device_calibration, load_weights,
-    materialize, model_name, planner_params, print_model, save_weights, with_budget_hint,
+    Args, BusBytes, GIB, MemoryInfo, MemoryPeak, MemorySampler, device_calibration, load_directory,
+    load_weights, materialize, model_name, planner_params, print_model, save_weights,
+    with_budget_hint,
 };
 
 /// The text the example trains on unless `--data` names another (self-written for this
@@ -435,22 +436,7 @@ where
     // Materialise: offloaded tensors are created once, directly in host memory.
     let mut model = model;
     if let Some(hf) = hf.as_ref() {
-        let dtype = args.dtype.burn();
-        let bar = ProgressBar::new(hf.loaded_bytes(dtype)).with_style(
-            ProgressStyle::with_template(
-                "loading {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})",
-            )
-            .expect("valid template"),
-        );
-        let progress = bar.clone();
-        model = hf.load(model, dtype, move |bytes| progress.inc(bytes))?;
-        bar.finish_and_clear();
-        println!(
-            "loaded {} tensors from {} file(s) in {}",
-            hf.tensors.len(),
-            hf.files.len(),
-            hf.dir.display()
-        );
+        model = load_directory(hf, model, args.dtype.burn())?;
     }
     if let Some(path) = &args.weights {
         load_weights(&mut model, path)?;
