@@ -160,7 +160,7 @@ pub(super) fn launch(
          rank 0's output follows",
         train.ranks
     );
-    let mut ranks = Vec::with_capacity(train.ranks);
+    let mut ranks: Vec<RankProcess> = Vec::with_capacity(train.ranks);
     for rank in 0..train.ranks {
         let mut args = argv.to_vec();
         args.extend([
@@ -171,12 +171,22 @@ pub(super) fn launch(
             "--data-port".to_string(),
             free_port()?.to_string(),
         ]);
-        let mut child = spawn(&args)
+        let spawned = spawn(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting rank {rank}: {e}"))?;
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                // The ranks started so far would wait for this one until their timeout.
+                for process in &mut ranks {
+                    let _ = process.child.kill();
+                    let _ = process.child.wait();
+                }
+                return Err(format!("starting rank {rank}: {e}").into());
+            }
+        };
         let output = Arc::new(Mutex::new(String::new()));
         let first = rank == 0;
         let readers = vec![
