@@ -21,11 +21,17 @@
 //! rank that fails ends the run: the launcher stops the others and says which failed and why.
 
 use std::error::Error;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+// The launcher's (feature `collective`).
+#[cfg(feature = "collective")]
+use std::{
+    io::{BufRead, BufReader, Read},
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::Instant,
+};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -63,6 +69,7 @@ impl RankResult {
 
 /// What a data-parallel run gave.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "collective"), allow(dead_code))]
 pub(super) struct RanksRun {
     /// Each rank's result, by rank.
     pub results: Vec<RankResult>,
@@ -104,6 +111,7 @@ pub(super) fn check(train: &TrainArgs) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
+#[cfg(feature = "collective")]
 /// A port of 127.0.0.1 nothing listens on now (burn-collective's servers bind every interface).
 fn free_port() -> Result<u16, Box<dyn Error>> {
     Ok(std::net::TcpListener::bind(("0.0.0.0", 0))?
@@ -111,6 +119,7 @@ fn free_port() -> Result<u16, Box<dyn Error>> {
         .port())
 }
 
+#[cfg(feature = "collective")]
 /// A rank's process and what it has printed so far.
 struct RankProcess {
     child: Child,
@@ -118,6 +127,16 @@ struct RankProcess {
     readers: Vec<JoinHandle<()>>,
 }
 
+#[cfg(feature = "collective")]
+/// Kills the rank processes (those that have ended already are only reaped).
+fn stop(ranks: &mut [RankProcess]) {
+    for process in ranks {
+        let _ = process.child.kill();
+        let _ = process.child.wait();
+    }
+}
+
+#[cfg(feature = "collective")]
 /// Copies `from` line by line into `output`, and onto this process's stdout (`Some(false)`) or
 /// stderr (`Some(true)`) where asked; result lines are kept but not echoed.
 fn pump(
@@ -180,10 +199,7 @@ pub(super) fn launch(
             Ok(child) => child,
             Err(e) => {
                 // The ranks started so far would wait for this one until their timeout.
-                for process in &mut ranks {
-                    let _ = process.child.kill();
-                    let _ = process.child.wait();
-                }
+                stop(&mut ranks);
                 return Err(format!("starting rank {rank}: {e}").into());
             }
         };
@@ -227,10 +243,7 @@ pub(super) fn launch(
         std::thread::sleep(Duration::from_millis(20));
     }
     if failed.is_some() {
-        for process in &mut ranks {
-            let _ = process.child.kill();
-            let _ = process.child.wait();
-        }
+        stop(&mut ranks);
     }
     let mut outputs = Vec::with_capacity(ranks.len());
     for process in ranks {
@@ -369,7 +382,7 @@ impl<T: OffloadTarget> RankPart<T> {
         let Some(rank) = train.rank else {
             return Ok(None);
         };
-        check(train)?;
+        // `train_on` has checked the options (`check`) before calling this.
         let (Some(orchestrator), Some(port)) = (&train.orchestrator, train.data_port) else {
             return Err(
                 "--rank needs --orchestrator and --data-port (the launcher gives them: \
