@@ -22,7 +22,10 @@ use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use burn_backend::{DeviceId, DeviceOps};
 
 use crate::auto::Calibration;
-use crate::mode::{OffloadMode, effective_mode, effective_pin_memory, in_place_disabled};
+use crate::mode::{
+    OffloadMode, PrefetchCopies, effective_mode, effective_pin_memory, effective_prefetch_copies,
+    in_place_disabled,
+};
 use crate::stats::{PrefetchCounters, PrefetchStats};
 
 /// What a context was configured with (after the environment overrides).
@@ -179,14 +182,29 @@ impl OffloadContext {
     /// The lookahead this context prefetches `device`'s copies with, if it does: `Prefetch`'s
     /// own, or `Auto`'s where the device's calibration says copies overlap compute.
     pub fn prefetch_lookahead<D: DeviceOps>(&self, device: &D) -> Option<u64> {
-        match self.mode() {
-            OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
+        self.prefetch_copies(device).map(|(lookahead, _)| lookahead)
+    }
+
+    /// [`prefetch_lookahead`](Self::prefetch_lookahead) with what makes the copies: the mode's
+    /// [`PrefetchCopies`] (`Auto`'s is CubeCL's), after [`ENV_PREFETCH_ENGINE`](crate::mode::ENV_PREFETCH_ENGINE).
+    pub fn prefetch_copies<D: DeviceOps>(&self, device: &D) -> Option<(u64, PrefetchCopies)> {
+        let (lookahead, copies) = match self.mode() {
+            OffloadMode::Prefetch {
+                lookahead_bytes,
+                copies,
+            } => (lookahead_bytes, copies),
             OffloadMode::Auto => self
                 .calibration(device)
                 .filter(|c| c.copies_overlap_compute)
-                .map(|_| self.inner.auto_lookahead.load(Ordering::Acquire)),
-            OffloadMode::Uva | OffloadMode::Copy => None,
-        }
+                .map(|_| {
+                    (
+                        self.inner.auto_lookahead.load(Ordering::Acquire),
+                        PrefetchCopies::CubeCl,
+                    )
+                })?,
+            OffloadMode::Uva | OffloadMode::Copy => return None,
+        };
+        Some((lookahead, effective_prefetch_copies(copies)))
     }
 
     /// The parameters of this model that a policy put in host memory and that are in device

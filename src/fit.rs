@@ -434,7 +434,9 @@ impl FitPlanner {
     /// in use and the lookahead (at most every copied byte).
     fn staging(&self, w: &Walk) -> u64 {
         let lookahead = match self.mode {
-            OffloadMode::Prefetch { lookahead_bytes } => Some(lookahead_bytes),
+            OffloadMode::Prefetch {
+                lookahead_bytes, ..
+            } => Some(lookahead_bytes),
             OffloadMode::Auto if self.auto_prefetches => {
                 Some(DEFAULT_PREFETCH_LOOKAHEAD_BYTES.max(w.largest.saturating_mul(2)))
             }
@@ -1031,9 +1033,7 @@ mod tests {
         assert_eq!(plan.staging_bytes, 0);
         // Prefetch gathers the table in place too: it alone is enough, nothing is copied.
         let plan = FitPlanner::new(budget(24))
-            .mode(OffloadMode::Prefetch {
-                lookahead_bytes: 12 * MIB,
-            })
+            .mode(OffloadMode::prefetch(12 * MIB))
             .plan(&model())
             .unwrap();
         assert_eq!(paths(&plan), ["embed.weight"]);
@@ -1042,12 +1042,7 @@ mod tests {
         // 256 MiB): the copies in flight are every copied byte and the one in use, so
         // offloading only adds to what the device needs. 24 MiB do not hold the model, and the
         // least that does is to offload nothing.
-        for mode in [
-            OffloadMode::Prefetch {
-                lookahead_bytes: 1 << 30,
-            },
-            OffloadMode::Auto,
-        ] {
+        for mode in [OffloadMode::prefetch(1 << 30), OffloadMode::Auto] {
             let err = FitPlanner::new(budget(24))
                 .mode(mode)
                 .reads_in_place(false, 0)
@@ -1210,9 +1205,7 @@ mod tests {
             copies as f64 * 10e-6 + (matrices + table) as f64 / 1e9 + matrices as f64 / 4e9;
         assert!(close(e.seconds, expect), "{e} vs {expect}");
         // Prefetch: the uploads overlap the matmuls: the longer of the two.
-        copy.mode = OffloadMode::Prefetch {
-            lookahead_bytes: 64 * MIB,
-        };
+        copy.mode = OffloadMode::prefetch(64 * MIB);
         let e = copy.estimate(&c, 1);
         let uploads_of_matrices = 5.0 * 10e-6 + matrices as f64 / 1e9;
         let table_copy = 10e-6 + table as f64 / 1e9;

@@ -56,7 +56,7 @@ pub use device::OffloadDevice;
 pub use error::OffloadError;
 pub use host::{HostBuffer, HostMemoryKind, HostTensor};
 pub use mark::LOST_PLACEMENT_LOG_TARGET;
-pub use mode::OffloadMode;
+pub use mode::{OffloadMode, PrefetchCopies};
 pub use placement::{placements, tensor_placement, to_device_memory};
 pub use policy::{OffloadPolicy, OffloadReport, ParamReport, Placement, Quantization};
 pub use prefetch::set_prefetch_memory_probe;

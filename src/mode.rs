@@ -12,15 +12,22 @@ pub const ENV_DISABLE_UVA: &str = "BURN_OFFLOAD_DISABLE_UVA";
 /// never pinned (vLLM's `VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY`).
 pub const ENV_DISABLE_PIN_MEMORY: &str = "BURN_OFFLOAD_DISABLE_PIN_MEMORY";
 
+/// Environment variable: when set to a true value (see [`parse_env_flag`]), prefetching
+/// ([`OffloadMode::Prefetch`], and `Auto` where it prefetches) takes its copies through the
+/// copy engine ([`PrefetchCopies::Engine`]) whatever the mode says: the device check's switch.
+pub const ENV_PREFETCH_ENGINE: &str = "BURN_OFFLOAD_PREFETCH_ENGINE";
+
 /// Lookahead of [`OffloadMode::Prefetch`] when `prefetch` is given without a size: 256 MiB.
 pub const DEFAULT_PREFETCH_LOOKAHEAD_BYTES: u64 = 256 << 20;
 
 /// How an op reads an offloaded tensor.
 ///
 /// Parsed from (and displayed as) `uva`, `copy`, `auto`, `prefetch` (default lookahead,
-/// [`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]) or `prefetch:<bytes>` (`bytes` > 0). With serde, unit
-/// modes are strings (`"uva"`) and prefetch is `{"prefetch": {"lookahead_bytes": N}}`; a
-/// lookahead of 0 is refused where a policy is validated
+/// [`DEFAULT_PREFETCH_LOOKAHEAD_BYTES`]), `prefetch:<bytes>` (`bytes` > 0), or either with
+/// `:engine` after it (copies through the copy engine, [`PrefetchCopies::Engine`]). With serde,
+/// unit modes are strings (`"uva"`) and prefetch is
+/// `{"prefetch": {"lookahead_bytes": N, "copies": "engine"}}` (`copies` may be left out:
+/// `cubecl`); a lookahead of 0 is refused where a policy is validated
 /// ([`OffloadPolicy::validate`](crate::OffloadPolicy::validate)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,7 +50,54 @@ pub enum OffloadMode {
     Prefetch {
         /// The most bytes of prefetched (uploaded, not yet used) copies alive per device.
         lookahead_bytes: u64,
+        /// What makes the copies (CubeCL uploads, or the copy engine's ring).
+        #[serde(default, skip_serializing_if = "PrefetchCopies::is_cubecl")]
+        copies: PrefetchCopies,
     },
+}
+
+/// What makes [`OffloadMode::Prefetch`]'s copies.
+///
+/// The default stays [`CubeCl`](Self::CubeCl) until a GPU run of the benches measures the
+/// engine beside it (README, "Copy engine"): the engine has never run on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefetchCopies {
+    /// Each copy is a CubeCL upload into a buffer of its own from the prefetch thread's
+    /// stream pool, ordered by CubeCL's cross-stream events (see [`crate::prefetch`]).
+    #[default]
+    CubeCl,
+    /// The copies go into the ring of a [`CopyEngine`](crate::copy::CopyEngine) of the
+    /// model's context, one fill per group of the learned read order, ordered by the engine's
+    /// flags: device memory for prefetching is exactly the ring (`lookahead_bytes`). On
+    /// targets without an engine (NdArray, ROCm) this falls back to `CubeCl`'s path, logged
+    /// once. See [`crate::prefetch`] ("Through the copy engine").
+    Engine,
+}
+
+impl PrefetchCopies {
+    /// Whether these are CubeCL's copies (the default, left out when serialised).
+    pub fn is_cubecl(&self) -> bool {
+        *self == Self::CubeCl
+    }
+}
+
+impl OffloadMode {
+    /// [`Prefetch`](Self::Prefetch) with `lookahead_bytes` and CubeCL's copies (the default).
+    pub const fn prefetch(lookahead_bytes: u64) -> Self {
+        Self::Prefetch {
+            lookahead_bytes,
+            copies: PrefetchCopies::CubeCl,
+        }
+    }
+
+    /// [`Prefetch`](Self::Prefetch) with `lookahead_bytes` and the copy engine's copies.
+    pub const fn prefetch_engine(lookahead_bytes: u64) -> Self {
+        Self::Prefetch {
+            lookahead_bytes,
+            copies: PrefetchCopies::Engine,
+        }
+    }
 }
 
 impl std::str::FromStr for OffloadMode {
@@ -58,14 +112,22 @@ impl std::str::FromStr for OffloadMode {
             "uva" => Ok(Self::Uva),
             "copy" => Ok(Self::Copy),
             "auto" => Ok(Self::Auto),
-            "prefetch" => Ok(Self::Prefetch {
-                lookahead_bytes: DEFAULT_PREFETCH_LOOKAHEAD_BYTES,
-            }),
+            "prefetch" => Ok(Self::prefetch(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)),
+            "prefetch:engine" => Ok(Self::prefetch_engine(DEFAULT_PREFETCH_LOOKAHEAD_BYTES)),
             other => match other.strip_prefix("prefetch:") {
-                Some(bytes) => match bytes.trim().parse().map_err(|_| unknown())? {
-                    0 => Err(OffloadError::ZeroPrefetchLookahead),
-                    lookahead_bytes => Ok(Self::Prefetch { lookahead_bytes }),
-                },
+                Some(rest) => {
+                    let (bytes, copies) = match rest.trim().strip_suffix(":engine") {
+                        Some(bytes) => (bytes, PrefetchCopies::Engine),
+                        None => (rest, PrefetchCopies::CubeCl),
+                    };
+                    match bytes.trim().parse().map_err(|_| unknown())? {
+                        0 => Err(OffloadError::ZeroPrefetchLookahead),
+                        lookahead_bytes => Ok(Self::Prefetch {
+                            lookahead_bytes,
+                            copies,
+                        }),
+                    }
+                }
                 None => Err(unknown()),
             },
         }
@@ -78,7 +140,14 @@ impl std::fmt::Display for OffloadMode {
             Self::Uva => f.write_str("uva"),
             Self::Copy => f.write_str("copy"),
             Self::Auto => f.write_str("auto"),
-            Self::Prefetch { lookahead_bytes } => write!(f, "prefetch:{lookahead_bytes}"),
+            Self::Prefetch {
+                lookahead_bytes,
+                copies: PrefetchCopies::CubeCl,
+            } => write!(f, "prefetch:{lookahead_bytes}"),
+            Self::Prefetch {
+                lookahead_bytes,
+                copies: PrefetchCopies::Engine,
+            } => write!(f, "prefetch:{lookahead_bytes}:engine"),
         }
     }
 }
@@ -147,6 +216,16 @@ pub fn effective_mode(mode: OffloadMode) -> OffloadMode {
 /// in the model's context (what keeps `Prefetch` from gathering embedding rows in place).
 pub fn in_place_disabled() -> bool {
     env_flag(ENV_DISABLE_UVA)
+}
+
+/// The copies prefetching uses after the environment override ([`ENV_PREFETCH_ENGINE`] forces
+/// [`PrefetchCopies::Engine`]).
+pub fn effective_prefetch_copies(copies: PrefetchCopies) -> PrefetchCopies {
+    if env_flag(ENV_PREFETCH_ENGINE) {
+        PrefetchCopies::Engine
+    } else {
+        copies
+    }
 }
 
 /// `pin_memory` after the environment overrides ([`ENV_DISABLE_PIN_MEMORY`]).
@@ -234,7 +313,46 @@ mod tests {
         );
         assert_eq!(
             "prefetch:1".parse::<OffloadMode>(),
-            Ok(OffloadMode::Prefetch { lookahead_bytes: 1 })
+            Ok(OffloadMode::prefetch(1))
         );
+    }
+
+    #[test]
+    fn prefetch_through_the_engine_parses_prints_and_serialises() {
+        for (text, mode, shown) in [
+            (
+                "prefetch:4096",
+                OffloadMode::prefetch(4096),
+                "prefetch:4096",
+            ),
+            (
+                "prefetch:4096:engine",
+                OffloadMode::prefetch_engine(4096),
+                "prefetch:4096:engine",
+            ),
+            (
+                " Prefetch:Engine ",
+                OffloadMode::prefetch_engine(DEFAULT_PREFETCH_LOOKAHEAD_BYTES),
+                "prefetch:268435456:engine",
+            ),
+        ] {
+            assert_eq!(text.parse::<OffloadMode>(), Ok(mode), "{text}");
+            assert_eq!(mode.to_string(), shown);
+            assert_eq!(shown.parse::<OffloadMode>(), Ok(mode), "round trip");
+        }
+        assert!("prefetch:4096:dma".parse::<OffloadMode>().is_err());
+        assert_eq!(
+            "prefetch:0:engine".parse::<OffloadMode>(),
+            Err(OffloadError::ZeroPrefetchLookahead)
+        );
+        let json = serde_json::to_string(&OffloadMode::prefetch_engine(8)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"prefetch":{"lookahead_bytes":8,"copies":"engine"}}"#
+        );
+        // Written before the switch existed: still CubeCL's copies.
+        let old: OffloadMode =
+            serde_json::from_str(r#"{"prefetch":{"lookahead_bytes":8}}"#).unwrap();
+        assert_eq!(old, OffloadMode::prefetch(8));
     }
 }

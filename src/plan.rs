@@ -113,9 +113,7 @@ mod tests {
     use ReadPath::{Copy, InPlace, PrefetchedCopy};
 
     const MAX_ROWS: usize = 16;
-    const PREFETCH: OffloadMode = OffloadMode::Prefetch {
-        lookahead_bytes: 1 << 20,
-    };
+    const PREFETCH: OffloadMode = OffloadMode::prefetch(1 << 20);
 
     /// Upload 10 GB/s + 1 ms; in place 20 GB/s at 1 row, halving per doubling; GEMM 100 GB/s:
     /// a 4 MiB weight is read in place up to 4 rows.

@@ -326,7 +326,13 @@ impl OffloadPolicy {
     /// Checks the filters and the mode (a `Prefetch` lookahead of 0 is refused); also done by
     /// [`apply`](Self::apply) and when parsing or deserialising a policy.
     pub fn validate(&self) -> Result<(), OffloadError> {
-        if self.mode == (OffloadMode::Prefetch { lookahead_bytes: 0 }) {
+        if matches!(
+            self.mode,
+            OffloadMode::Prefetch {
+                lookahead_bytes: 0,
+                ..
+            }
+        ) {
             return Err(OffloadError::ZeroPrefetchLookahead);
         }
         let quantize_filters = self
@@ -537,7 +543,10 @@ impl OffloadPolicy {
             calibration = calibration.or(measured);
             device_memory = device_memory.or(memory);
         }
-        if let OffloadMode::Prefetch { lookahead_bytes } = config.mode {
+        if let OffloadMode::Prefetch {
+            lookahead_bytes, ..
+        } = config.mode
+        {
             warnings.extend(beyond_lookahead(&params, lookahead_bytes));
         }
         let report = OffloadReport {

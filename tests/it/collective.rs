@@ -540,9 +540,7 @@ fn train_rank(timeout: Duration, chunk_bytes: usize, die_at: Option<usize>) {
         0 => OffloadPolicy::from_bytes(u64::MAX).mode(OffloadMode::Copy),
         _ => OffloadPolicy::from_bytes(u64::MAX)
             .params(["fc2"])
-            .mode(OffloadMode::Prefetch {
-                lookahead_bytes: 1 << 20,
-            }),
+            .mode(OffloadMode::prefetch(1 << 20)),
     };
     let (model, report) = policy.apply(SmallMlp::<Off>::new(&device())).unwrap();
     let mut out = json!({ "rank": r });

@@ -73,9 +73,7 @@ fn eventually(report: &OffloadReport, what: &str, f: impl Fn(&PrefetchStats) -> 
     }
 }
 
-const PREFETCH: OffloadMode = OffloadMode::Prefetch {
-    lookahead_bytes: 1 << 20,
-};
+const PREFETCH: OffloadMode = OffloadMode::prefetch(1 << 20);
 
 #[test]
 fn two_models_on_one_device_keep_their_own_modes_and_prefetchers() {

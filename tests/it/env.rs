@@ -77,9 +77,7 @@ fn run_prefetch_embedding() -> (OffloadMode, u64, u64) {
     let embedding: Embedding<B> = EmbeddingConfig::new(16, 4).init(&device);
     let (embedding, report) = OffloadPolicy::from_gib(1.0)
         .unwrap()
-        .mode(OffloadMode::Prefetch {
-            lookahead_bytes: 1 << 20,
-        })
+        .mode(OffloadMode::prefetch(1 << 20))
         .apply(embedding)
         .unwrap();
     assert_eq!(report.offloaded_tensors(), 1);

@@ -43,9 +43,7 @@ fn host() -> Device {
 /// Runs `f` once per mode, inside a context of that mode: the tensors it creates on `host()`
 /// belong to it (each test has its own contexts, so tests run in parallel).
 fn for_each_mode(f: impl Fn(OffloadMode)) {
-    let prefetch = OffloadMode::Prefetch {
-        lookahead_bytes: 1 << 20,
-    };
+    let prefetch = OffloadMode::prefetch(1 << 20);
     for mode in [
         OffloadMode::Copy,
         OffloadMode::Uva,

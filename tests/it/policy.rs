@@ -486,7 +486,7 @@ fn report_totals_and_display() {
 #[test]
 fn a_prefetch_lookahead_below_a_tensor_warns_with_the_fix() {
     // The largest parameters (the mlp's, [8, 16] f32) are 512 bytes.
-    let prefetch = |lookahead_bytes| OffloadMode::Prefetch { lookahead_bytes };
+    let prefetch = OffloadMode::prefetch;
     let (_, report) = OffloadPolicy::from_bytes(u64::MAX)
         .mode(prefetch(256))
         .apply(net())
@@ -613,7 +613,7 @@ fn budgets_too_large_to_represent_are_rejected() {
 
 #[test]
 fn a_prefetch_lookahead_of_zero_is_rejected() {
-    let zero = OffloadMode::Prefetch { lookahead_bytes: 0 };
+    let zero = OffloadMode::prefetch(0);
     assert_eq!(
         "prefetch:0".parse::<OffloadMode>(),
         Err(OffloadError::ZeroPrefetchLookahead)
@@ -652,7 +652,7 @@ fn a_prefetch_lookahead_of_zero_is_rejected() {
     // One byte is a (tiny) lookahead.
     assert!(
         OffloadPolicy::from_bytes(1)
-            .mode(OffloadMode::Prefetch { lookahead_bytes: 1 })
+            .mode(OffloadMode::prefetch(1))
             .validate()
             .is_ok()
     );
@@ -905,9 +905,7 @@ fn serde_deserialisation_is_validated_like_policy_files() {
         OffloadPolicy::from_toml("mode = { prefetch = { lookahead_bytes = 4096 } }")
             .unwrap()
             .mode,
-        OffloadMode::Prefetch {
-            lookahead_bytes: 4096
-        }
+        OffloadMode::prefetch(4096)
     );
 }
 
@@ -917,7 +915,7 @@ fn policies_round_trip_through_serde_in_every_mode() {
         OffloadMode::Uva,
         OffloadMode::Copy,
         OffloadMode::Auto,
-        OffloadMode::Prefetch { lookahead_bytes: 1 },
+        OffloadMode::prefetch(1),
         "prefetch".parse().unwrap(),
     ];
     for mode in modes {

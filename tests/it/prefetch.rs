@@ -23,7 +23,7 @@ use common::{B, NET_BYTES, Net, device};
 const OWN_PROCESS: &str = "prefetch_stats() sums every model's counters in the process, and the prefetch threads are counted in /proc/self/task";
 
 fn prefetch(lookahead_bytes: u64) -> OffloadMode {
-    OffloadMode::Prefetch { lookahead_bytes }
+    OffloadMode::prefetch(lookahead_bytes)
 }
 
 /// Zeroes the process-wide counters (each model has its own prefetcher: nothing to drop).

@@ -32,9 +32,7 @@ pub const MODES: [burn_offload::OffloadMode; 4] = [
     burn_offload::OffloadMode::Uva,
     burn_offload::OffloadMode::Copy,
     burn_offload::OffloadMode::Auto,
-    burn_offload::OffloadMode::Prefetch {
-        lookahead_bytes: 1 << 20,
-    },
+    burn_offload::OffloadMode::prefetch(1 << 20),
 ];
 
 pub const D_MODEL: usize = 8;
