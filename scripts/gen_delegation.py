@@ -140,6 +140,12 @@ HANDWRITTEN = {
 FORWARD_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                "conv_transpose3d", "deform_conv2d"}
 
+# Float ops whose inner result may be a view of (or be) an input: where an input was a copy-engine
+# ring region handed out during the op, the result is copied out of the ring
+# (`OffloadBackend::unalias`), since the region is overwritten once released. The view ops written
+# by hand (reshape, slice, ...) do the same in `view_or`.
+ALIAS_OPS = {"float_unfold", "float_repeat_dim", "float_cat"}
+
 # Struct returns converted field by field (see `src/backend/convert.rs`).
 STRUCT_RETURNS = {"MaxPool1dWithIndices", "MaxPool2dWithIndices", "MaxPool1dBackward",
                   "MaxPool2dBackward", "DeformConv2dBackward"}
@@ -204,7 +210,13 @@ def emit(traits, root):
             out.append(f"        fn {m['name']}({params}){ret} {{")
             if m['name'] in FORWARD_OPS:
                 out.append("            crate::mark::check_lost();")
-            out.append(f"            {convert_ret(call, m['ret'])}")
+            if m['name'] in ALIAS_OPS:
+                if m['ret'] != 'FloatTensor<B>':
+                    raise SystemExit(f"{m['name']}: ALIAS_OPS must return FloatTensor<B>")
+                out.append("            let takes = crate::prefetch::ring_takes();")
+                out.append(f"            Self::resident(Self::unalias({call}, takes))")
+            else:
+                out.append(f"            {convert_ret(call, m['ret'])}")
             out.append("        }")
         out.append("    };")
         out.append("}")

@@ -28,6 +28,9 @@ pub struct OpStats {
     /// Host bytes those ops read in place: a matmul's whole weight view, an embedding's
     /// gathered rows (one per index).
     pub zero_copy_bytes: u64,
+    /// Results of view ops (reshape, slice, `unfold`, …) of a prefetched copy in a copy-engine
+    /// ring that were copied out of the ring (the region is overwritten once released).
+    pub ring_copy_outs: u64,
 }
 
 thread_local! {
@@ -38,6 +41,7 @@ thread_local! {
         transient_upload_bytes: 0,
         zero_copy_ops: 0,
         zero_copy_bytes: 0,
+        ring_copy_outs: 0,
     }) };
 }
 
@@ -114,6 +118,9 @@ pub struct PrefetchStats {
     /// Nanoseconds requests spent waiting for a predicted copy that was being queued (a copy
     /// that had not been started is uploaded on demand instead, see `late`).
     pub wait_ns: u64,
+    /// Groups of reads copied into a copy engine's ring in one fill each
+    /// ([`PrefetchCopies::Engine`](crate::PrefetchCopies::Engine)); 0 on CubeCL's path.
+    pub ring_fills: u64,
 }
 
 /// One counter of [`PrefetchStats`].
@@ -129,9 +136,10 @@ pub(crate) enum Counter {
     Releases,
     UploadNs,
     WaitNs,
+    RingFills,
 }
 
-const COUNTERS: usize = 10;
+const COUNTERS: usize = 11;
 
 /// The atomics behind [`PrefetchStats`]: one set per context, one for the process.
 #[derive(Default)]
@@ -215,6 +223,7 @@ impl PrefetchCounters {
             peak_device_bytes: self.peak_device.load(Ordering::Acquire),
             upload_ns: count(Counter::UploadNs),
             wait_ns: count(Counter::WaitNs),
+            ring_fills: count(Counter::RingFills),
         }
     }
 

@@ -54,7 +54,10 @@ impl<B: OffloadTarget> OffloadBackend<B> {
         match tensor {
             OffloadTensor::Offloaded(o) => match view(o.host()) {
                 Some(host) => OffloadTensor::Offloaded(o.with_host(host)),
-                None => Self::resident(op(Self::upload(&o))),
+                None => {
+                    let takes = crate::prefetch::ring_takes();
+                    Self::resident(Self::unalias(op(Self::upload(&o)), takes))
+                }
             },
             OffloadTensor::Resident(t) => Self::resident(op(t)),
         }

@@ -16,7 +16,11 @@ macro_rules! delegate_float_tensor_ops {
             dim: usize,
             times: usize,
         ) -> FloatTensor<Self> {
-            Self::resident(B::float_repeat_dim(Self::fetch(tensor), dim, times))
+            let takes = crate::prefetch::ring_takes();
+            Self::resident(Self::unalias(
+                B::float_repeat_dim(Self::fetch(tensor), dim, times),
+                takes,
+            ))
         }
         fn float_add(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
             Self::resident(B::float_add(Self::fetch(lhs), Self::fetch(rhs)))
@@ -360,9 +364,10 @@ macro_rules! delegate_float_tensor_ops {
             Self::resident(B::float_erf(Self::fetch(tensor)))
         }
         fn float_cat(tensors: Vec<FloatTensor<Self>>, dim: usize) -> FloatTensor<Self> {
-            Self::resident(B::float_cat(
-                tensors.into_iter().map(Self::fetch).collect(),
-                dim,
+            let takes = crate::prefetch::ring_takes();
+            Self::resident(Self::unalias(
+                B::float_cat(tensors.into_iter().map(Self::fetch).collect(), dim),
+                takes,
             ))
         }
         fn float_argmax(
@@ -497,7 +502,11 @@ macro_rules! delegate_float_tensor_ops {
             size: usize,
             step: usize,
         ) -> FloatTensor<Self> {
-            Self::resident(B::float_unfold(Self::fetch(tensor), dim, size, step))
+            let takes = crate::prefetch::ring_takes();
+            Self::resident(Self::unalias(
+                B::float_unfold(Self::fetch(tensor), dim, size, step),
+                takes,
+            ))
         }
         fn float_is_nan(tensor: FloatTensor<Self>, out_dtype: BoolDType) -> BoolTensor<Self> {
             B::float_is_nan(Self::fetch(tensor), out_dtype)

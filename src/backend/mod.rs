@@ -27,7 +27,7 @@ pub use tensor::{OffloadTensor, Offloaded};
 
 use crate::device::OffloadDevice;
 use crate::inner::OffloadTarget;
-use crate::mode::OffloadMode;
+use crate::mode::{OffloadMode, PrefetchCopies};
 use crate::plan::{Context as PlanContext, OpKind, Operand, ReadPath, plan};
 use crate::stats::record;
 
@@ -85,7 +85,10 @@ impl<B: OffloadTarget> Backend for OffloadBackend<B> {
         B::seed(device.compute(), seed)
     }
 
+    /// Also releases the copy-engine regions the calling thread still holds (their readers
+    /// are queued by then).
     fn sync(device: &Self::Device) -> Result<(), ExecutionError> {
+        crate::prefetch::end_ring_leases();
         B::sync(device.compute())
     }
 
@@ -110,9 +113,11 @@ impl<B: OffloadTarget> Backend for OffloadBackend<B> {
 }
 
 impl<B: OffloadTarget> OffloadBackend<B> {
-    /// A resident result of the inner backend.
+    /// A resident result of the inner backend: the end of an op (its operands' reads are
+    /// queued), which the copy engine's prefetching counts ([`crate::prefetch::op_ended`]).
     #[inline]
     pub(crate) fn resident(tensor: FloatTensor<B>) -> OffloadTensor<B> {
+        crate::prefetch::op_ended();
         OffloadTensor::Resident(tensor)
     }
 
@@ -186,10 +191,28 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     /// copy exactly then), else the target's upload.
     fn upload_contiguous(offloaded: &Offloaded<B>) -> FloatTensor<B> {
         let (host, device, context) = (offloaded.host(), offloaded.device(), offloaded.context());
-        match context.prefetch_lookahead(device) {
-            Some(lookahead) => crate::prefetch::upload::<B>(host, device, context, lookahead),
+        match context.prefetch_copies(device) {
+            Some((lookahead, PrefetchCopies::Engine)) => {
+                crate::prefetch::engine::upload::<B>(host, device, context, lookahead)
+            }
+            Some((lookahead, PrefetchCopies::CubeCl)) => {
+                crate::prefetch::upload::<B>(host, device, context, lookahead)
+            }
             None => B::upload(host, device),
         }
+    }
+
+    /// `out`, or a copy of it where the op that made it took a copy-engine ring region since
+    /// `takes` ([`crate::prefetch::ring_takes`]): `out` may then be a view of the region (a
+    /// reshape, an `unfold`), which must not outlive the region's release. The copy is a
+    /// multiplication by one, exact in every float dtype, written to a new buffer (the ring's
+    /// buffer is never written in place); fused, it runs before the release's drain.
+    pub(crate) fn unalias(out: FloatTensor<B>, takes: u64) -> FloatTensor<B> {
+        if crate::prefetch::ring_takes() == takes || crate::copy::fault(|f| f.skip_copy_out) {
+            return out;
+        }
+        crate::stats::record(|s| s.ring_copy_outs += 1);
+        B::float_mul_scalar(out, 1.0.into())
     }
 
     pub(crate) fn fetch_primitive(tensor: TensorPrimitive<Self>) -> TensorPrimitive<B> {

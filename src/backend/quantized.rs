@@ -145,6 +145,7 @@ impl<B: OffloadTarget> OffloadBackend<B> {
     /// A resident result of the inner backend.
     #[inline]
     pub(crate) fn resident_q(tensor: QuantizedTensor<B>) -> OffloadQTensor<B> {
+        crate::prefetch::op_ended();
         OffloadQTensor::Resident(tensor)
     }
 

@@ -38,6 +38,7 @@ mod ring;
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub use ring::{Busy, Refused, Region, Ring, Wait};
@@ -253,6 +254,71 @@ pub trait CopyStreams: Send + Sync {
     fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError>;
 }
 
+impl<T: CopyStreams + ?Sized> CopyStreams for Arc<T> {
+    fn shape(&self) -> RingShape {
+        (**self).shape()
+    }
+    fn current_queue(&self) -> u64 {
+        (**self).current_queue()
+    }
+    fn copy_wait(&self, wait: Wait) -> Result<(), CopyError> {
+        (**self).copy_wait(wait)
+    }
+    fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
+        (**self).copy(jobs)
+    }
+    fn copy_signal(&self, slot: usize, value: u32) -> Result<(), CopyError> {
+        (**self).copy_signal(slot, value)
+    }
+    fn op_wait(&self, slot: usize, value: u32) -> Result<(), CopyError> {
+        (**self).op_wait(slot, value)
+    }
+    fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
+        (**self).op_signal(slot, consumer, value)
+    }
+}
+
+/// Guards of the engine on the model's path that a test can remove, to show that each is
+/// needed (a run without it must see wrong values). Process-wide, and settable only with the
+/// test-only feature `test-faults` ([`set_ring_faults`]): never for results that matter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingFaults {
+    /// Release a region without first running the op thread's queued (lazy, fused) ops: a
+    /// fill may overwrite it before a reader registered earlier has run.
+    pub skip_drain: bool,
+    /// Keep a view of a ring region that an op returns (a reshape or `unfold` of a prefetched
+    /// weight) instead of copying it out: it outlives the region's release.
+    pub skip_copy_out: bool,
+    /// wgpu: write a ring region without first submitting the readers' recorded work
+    /// (`Queue::write_buffer` lands ahead of it).
+    pub skip_flush_before_write: bool,
+}
+
+#[cfg(feature = "test-faults")]
+static FAULTS: Mutex<RingFaults> = Mutex::new(RingFaults {
+    skip_drain: false,
+    skip_copy_out: false,
+    skip_flush_before_write: false,
+});
+
+/// Sets the [`RingFaults`] of the process (test-only feature `test-faults`).
+#[cfg(feature = "test-faults")]
+pub fn set_ring_faults(faults: RingFaults) {
+    *FAULTS.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+}
+
+/// Whether the guard `which` picks is removed (always `false` without `test-faults`).
+#[cfg(feature = "test-faults")]
+pub(crate) fn fault(which: fn(&RingFaults) -> bool) -> bool {
+    which(&FAULTS.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+#[cfg(not(feature = "test-faults"))]
+#[inline]
+pub(crate) fn fault(_which: fn(&RingFaults) -> bool) -> bool {
+    false
+}
+
 /// Whether a 32-bit flag value `flag` has reached `value`, cyclically (CUDA's
 /// `CU_STREAM_WAIT_VALUE_GEQ`: `(int32_t)(flag - value) >= 0`).
 pub fn reached(flag: u32, value: u32) -> bool {
@@ -274,6 +340,8 @@ pub struct CopyEngine<S: CopyStreams> {
     changed: Condvar,
     /// Serialises fills: the copy stream's work goes in reservation order.
     filling: Mutex<()>,
+    /// Whether a fill is waiting for room (a release or a discard).
+    wants_room: AtomicBool,
 }
 
 impl<S: CopyStreams> CopyEngine<S> {
@@ -290,7 +358,14 @@ impl<S: CopyStreams> CopyEngine<S> {
             }),
             changed: Condvar::new(),
             filling: Mutex::new(()),
+            wants_room: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a fill is waiting now for room that only a release or a discard gives: an op
+    /// thread that holds regions must not wait for that fill's group.
+    pub fn wants_room(&self) -> bool {
+        self.wants_room.load(Ordering::Acquire)
     }
 
     /// The streams.
@@ -340,7 +415,9 @@ impl<S: CopyStreams> CopyEngine<S> {
                         });
                     }
                     Err(_) => {
+                        self.wants_room.store(true, Ordering::Release);
                         st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                        self.wants_room.store(false, Ordering::Release);
                     }
                 }
             }

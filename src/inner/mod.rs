@@ -26,7 +26,12 @@ use burn_backend::{
     tensor::{FloatTensor, IntTensor, QuantizedTensor},
 };
 
+use std::sync::Arc;
+
+use burn_backend::{DType, Shape};
+
 use crate::auto::Calibration;
+use crate::copy::{CopyError, CopyStreams, Region, RingShape};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
 
@@ -144,6 +149,20 @@ pub(crate) fn quantize_with<B: Backend>(
         ),
         None => B::quantize_dynamic(tensor, scheme),
     }
+}
+
+/// A copy engine's [`CopyStreams`] that can also show a ring region to ops as a tensor of the
+/// backend `B` (see [`OffloadTarget::ring_streams`]).
+pub trait RingStreams<B: Backend>: CopyStreams {
+    /// A contiguous tensor of `shape` and `dtype` over `region` of the ring, which must hold
+    /// exactly its bytes (checked). Ops must not write into it: the ring's buffer is shared,
+    /// so no in-place kernel takes it.
+    fn tensor(
+        &self,
+        region: &Region,
+        shape: Shape,
+        dtype: DType,
+    ) -> Result<FloatTensor<B>, CopyError>;
 }
 
 /// What a backend must provide to be wrapped by [`OffloadBackend`](crate::OffloadBackend).
@@ -327,6 +346,26 @@ pub trait OffloadTarget: Backend {
 
     /// Turns a prefetched copy into this backend's tensor, on the op thread that takes it.
     fn take_staged(staged: Self::Staged) -> FloatTensor<Self>;
+
+    /// The streams, ring and flags of a copy engine on `device` for prefetching through the
+    /// engine ([`PrefetchCopies::Engine`](crate::PrefetchCopies::Engine)), made on the calling
+    /// (op) thread; `None` (the default) where the target has none: prefetching then takes
+    /// CubeCL's path (or the CPU's uploads).
+    fn ring_streams(
+        device: &Self::Device,
+        shape: RingShape,
+    ) -> Option<Result<Arc<dyn RingStreams<Self>>, CopyError>> {
+        let _ = (device, shape);
+        None
+    }
+
+    /// Hands the calling thread's queued lazy ops on `device` to the device queue now, so that
+    /// work queued next on the thread's stream (a copy engine's release) is behind them. Returns
+    /// once they are queued, without waiting for the device. The default does nothing: ops
+    /// are queued as they are called (a fused backend overrides it).
+    fn drain_ops(device: &Self::Device) {
+        let _ = device;
+    }
 
     /// Device memory that the calling thread's allocations on `device` hold now (CUDA: the
     /// bytes the memory pool of the thread's CubeCL stream has handed out, padding excluded),

@@ -60,13 +60,22 @@
 //! differed from copy mode's). A thread that requests copies for the first time makes the
 //! prefetcher drop its copies and relearn, so that no copy ordered without it is handed to it.
 //!
+//! **Through the copy engine** ([`PrefetchCopies::Engine`](crate::PrefetchCopies::Engine),
+//! `prefetch:<bytes>:engine`): the same learning and prediction, but the copies go into the
+//! ring of a copy engine of the model's context, one fill per group of the learned order, and
+//! op threads acquire and release whole groups at group boundaries, behind a drain of their
+//! fused stream; see [`engine`].
+//!
 //! **Limitations.** One learned cycle per model and device: threads that run the same model
 //! with different read orders interleave their requests and mostly miss. A view whose key
 //! changes every step (a slice of an offloaded tensor at a moving offset) mismatches once per step. A request that
 //! skips ahead in the cycle is a mismatch (the prefetched copies are dropped, not searched).
 
 mod cycle;
+pub mod engine;
 mod worker;
+
+pub(crate) use engine::{end_ring_leases, op_ended, ring_takes};
 
 use std::any::TypeId;
 use std::sync::Arc;

@@ -446,9 +446,7 @@ fn embedding_rows(test: &str, dtype: DType) {
             "{dtype:?} {view:?}: the plain CUDA embedding is wrong"
         );
         // Prefetch mode gathers rows in place too (a copy would move the whole table).
-        let prefetch = OffloadMode::Prefetch {
-            lookahead_bytes: 1 << 20,
-        };
+        let prefetch = OffloadMode::prefetch(1 << 20);
         for mode in MODES.into_iter().chain([prefetch]) {
             let w_off = in_mode(mode).adopt(w_off.clone());
             let ctx = format!("embedding {dtype:?} {view:?} in {mode} mode");
@@ -687,9 +685,7 @@ fn prefetch_device_memory_stays_within_the_lookahead() {
     let expected = run_stack(&model, &cuda, 4);
     let (model, report) = OffloadPolicy::from_bytes(u64::MAX)
         .min_tensor_bytes(1 << 20)
-        .mode(OffloadMode::Prefetch {
-            lookahead_bytes: lookahead,
-        })
+        .mode(OffloadMode::prefetch(lookahead))
         .apply(model)
         .expect("valid policy");
     assert_eq!(report.offloaded_bytes(), LAYERS as u64 * layer_bytes);
@@ -907,14 +903,15 @@ fn llama_tokens<T: OffloadTarget<Device = CudaDevice>>(test: &str) {
         .apply(model.clone())
         .unwrap();
     assert_eq!(report.offloaded_bytes(), report.total_bytes());
-    let prefetch = OffloadMode::Prefetch {
-        lookahead_bytes: 1 << 20,
-    };
+    // Prefetch through CubeCL's copies and through the copy engine's ring (issue #25).
+    let prefetch = OffloadMode::prefetch(1 << 20);
+    let engine = OffloadMode::prefetch_engine(1 << 20);
     let mut copy_logits = None;
     for mode in [
         OffloadMode::Uva,
         OffloadMode::Copy,
         prefetch,
+        engine,
         OffloadMode::Auto,
     ] {
         let context = in_mode(mode);
@@ -940,11 +937,16 @@ fn llama_tokens<T: OffloadTarget<Device = CudaDevice>>(test: &str) {
             }
             _ => assert_eq!(stats.zero_copy_ops, 0, "{mode}: {stats:?}"),
         }
-        if mode == prefetch {
+        if mode == prefetch || mode == engine {
             // Prefill and decode read the weights in one order: copies come from the
             // background stream after the first forward.
             let prefetched = prefetch_stats();
-            assert!(prefetched.hits > 0, "{prefetched:?}");
+            assert!(prefetched.hits > 0, "{mode}: {prefetched:?}");
+            assert_eq!(
+                prefetched.ring_fills > 0,
+                mode == engine,
+                "{mode}: copies from the engine's ring exactly with :engine: {prefetched:?}"
+            );
             // The bound on prefetched copies alive, as the prefetcher counts them (device
             // memory itself is pooled by CubeCL, in pages larger than these tensors).
             assert!(prefetched.peak_alive_bytes <= 1 << 20, "{prefetched:?}");
@@ -954,7 +956,7 @@ fn llama_tokens<T: OffloadTarget<Device = CudaDevice>>(test: &str) {
             for (step, (got, want)) in logits.iter().zip(copied).enumerate() {
                 assert!(
                     got == want,
-                    "prefetch mode, step {step}: logits differ from copy mode's"
+                    "{mode} mode, step {step}: logits differ from copy mode's"
                 );
             }
         }

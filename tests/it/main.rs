@@ -44,4 +44,6 @@ mod training;
 mod views;
 #[cfg(feature = "wgpu")]
 mod wgpu;
+#[cfg(feature = "wgpu")]
+mod wgpu_engine;
 mod zoo;

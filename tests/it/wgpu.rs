@@ -25,17 +25,15 @@ use common::{Dev, data};
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 
 /// `burn::backend::Wgpu` as Burn defines it with its default `fusion` feature.
-type Fused = burn_wgpu::Wgpu<f32, i32>;
+pub(crate) type Fused = burn_wgpu::Wgpu<f32, i32>;
 /// The same without fusion.
-type Unfused = CubeBackend<WgpuRuntime, f32, i32, u32>;
-type Ref = NdArray<f32>;
+pub(crate) type Unfused = CubeBackend<WgpuRuntime, f32, i32, u32>;
+pub(crate) type Ref = NdArray<f32>;
 
 const MODES: [OffloadMode; 3] = [
     OffloadMode::Copy,
     OffloadMode::Auto,
-    OffloadMode::Prefetch {
-        lookahead_bytes: 1 << 20,
-    },
+    OffloadMode::prefetch(1 << 20),
 ];
 
 /// Runs this module's tests one at a time (lavapipe runs one queue anyway).
@@ -43,7 +41,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `None` where there is no Vulkan driver (the test then returns, printing why); else the lock
 /// that runs this module's tests one at a time.
-fn start() -> Option<std::sync::MutexGuard<'static, ()>> {
+pub(crate) fn start() -> Option<std::sync::MutexGuard<'static, ()>> {
     match burn_offload::wgpu::probe() {
         Ok(()) => Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner())),
         Err(reason) => {
@@ -53,7 +51,7 @@ fn start() -> Option<std::sync::MutexGuard<'static, ()>> {
     }
 }
 
-fn wgpu() -> WgpuDevice {
+pub(crate) fn wgpu() -> WgpuDevice {
     WgpuDevice::default()
 }
 
@@ -329,10 +327,10 @@ macro_rules! on_both {
 }
 
 /// The test model of the CPU tests, on a wgpu backend.
-type Net<Bk> = common::Net<OffloadBackend<Bk>>;
+pub(crate) type Net<Bk> = common::Net<OffloadBackend<Bk>>;
 
 /// The CPU reference's weights and outputs for [`inputs`].
-fn reference() -> (Vec<(String, TensorData)>, Vec<TensorData>) {
+pub(crate) fn reference() -> (Vec<(String, TensorData)>, Vec<TensorData>) {
     let net = common::Net::<Ref>::new(&NdArrayDevice::Cpu);
     let weights = common::values(&net);
     let outputs = inputs()
@@ -346,7 +344,7 @@ fn reference() -> (Vec<(String, TensorData)>, Vec<TensorData>) {
 }
 
 /// Prefill-like and decode-like inputs `[2, seq, D_MODEL]`.
-fn inputs() -> Vec<TensorData> {
+pub(crate) fn inputs() -> Vec<TensorData> {
     [3, 1, 3, 1, 1]
         .iter()
         .enumerate()
@@ -355,7 +353,7 @@ fn inputs() -> Vec<TensorData> {
 }
 
 /// A `Net` on `OffloadBackend<Bk>` with `weights` loaded, every parameter offloaded in `mode`.
-fn offloaded_net<Bk: OffloadTarget<Device = WgpuDevice>>(
+pub(crate) fn offloaded_net<Bk: OffloadTarget<Device = WgpuDevice>>(
     weights: &[(String, TensorData)],
     mode: OffloadMode,
 ) -> (Net<Bk>, burn_offload::OffloadReport) {
@@ -367,7 +365,7 @@ fn offloaded_net<Bk: OffloadTarget<Device = WgpuDevice>>(
         .unwrap()
 }
 
-fn forwards<Bk: OffloadTarget<Device = WgpuDevice>>(net: &Net<Bk>) -> Vec<TensorData> {
+pub(crate) fn forwards<Bk: OffloadTarget<Device = WgpuDevice>>(net: &Net<Bk>) -> Vec<TensorData> {
     let device = OffloadDevice::device(wgpu());
     inputs()
         .into_iter()
@@ -387,9 +385,7 @@ fn model_in_every_mode<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
         OffloadMode::Copy,
         OffloadMode::Uva,
         OffloadMode::Auto,
-        OffloadMode::Prefetch {
-            lookahead_bytes: 1 << 20,
-        },
+        OffloadMode::prefetch(1 << 20),
     ] {
         let (net, report) = offloaded_net::<Bk>(&weights, mode);
         assert_eq!(report.offloaded_tensors(), 14, "{name} {mode}");
@@ -444,12 +440,7 @@ fn no_leaks<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
     Bk::sync(&wgpu()).unwrap();
     let host_before = host_memory_stats().live_bytes;
     let device_before = Bk::device_bytes_in_use(&wgpu()).unwrap();
-    for mode in [
-        OffloadMode::Copy,
-        OffloadMode::Prefetch {
-            lookahead_bytes: 1 << 20,
-        },
-    ] {
+    for mode in [OffloadMode::Copy, OffloadMode::prefetch(1 << 20)] {
         let (net, report) = offloaded_net::<Bk>(&weights, mode);
         assert!(host_memory_stats().live_bytes >= host_before + report.offloaded_bytes() as usize);
         drop(forwards(&net));
@@ -635,12 +626,7 @@ fn prefetch_from_two_threads<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str)
     let (copy_net, _) = offloaded_net::<Bk>(&weights, OffloadMode::Copy);
     let expected = forwards(&copy_net);
     drop(copy_net);
-    let (net, report) = offloaded_net::<Bk>(
-        &weights,
-        OffloadMode::Prefetch {
-            lookahead_bytes: 1 << 20,
-        },
-    );
+    let (net, report) = offloaded_net::<Bk>(&weights, OffloadMode::prefetch(1 << 20));
     std::thread::scope(|scope| {
         let threads: Vec<_> = (0..2)
             .map(|_| {

@@ -13,12 +13,16 @@ use burn_backend::tensor::{FloatTensor, IntTensor};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 
+use std::sync::Arc;
+
 use super::OffloadRuntime;
+use super::ring::RingFor;
 use super::transfer::{current_stream, release_upload_sources, upload_tensor, upload_tensor_after};
 use crate::auto::{Calibration, measure};
+use crate::copy::{CopyError, RingShape};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
-use crate::inner::OffloadTarget;
+use crate::inner::{OffloadTarget, RingStreams};
 
 /// Measures [`Calibration`] on `device` with `CubeBackend<R, f32, i32, BT>` (rates are per
 /// byte, so they carry over to half-precision weights), then lets go of the upload sources the
@@ -91,6 +95,17 @@ impl<R: OffloadRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Offload
 
     fn take_staged(staged: CubeTensor<R>) -> FloatTensor<Self> {
         staged
+    }
+
+    fn ring_streams(
+        device: &R::Device,
+        shape: RingShape,
+    ) -> Option<Result<Arc<dyn RingStreams<Self>>, CopyError>> {
+        R::copy_streams(device, shape).map(|made| {
+            made.map(|inner| {
+                Arc::new(RingFor::<R, Self>::new(inner, |t| t)) as Arc<dyn RingStreams<Self>>
+            })
+        })
     }
 
     fn release_uploads(device: &R::Device) {

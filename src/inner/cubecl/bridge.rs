@@ -6,6 +6,8 @@
 //!   `ComputeClient::create` does minus its bounce copy of the bytes (cubecl-runtime's
 //!   `do_create` copies every `Bytes` into a new `Vec`), after CubeCL's cross-stream alignment
 //!   with other streams (`get_resource` of a one-byte token made on each of them);
+//! - [`write_regions_after`]: writes into views of an existing buffer (the copy engine's ring)
+//!   after submitting other streams' recorded work, and [`on_device_queue`], a task behind them;
 //! - [`drain_queue`]: a blocking no-op task, which returns once every task submitted to the
 //!   device's queue before it has run (one FIFO queue per device);
 //! - [`current_stream`]: `StreamId::current()`, CubeCL's stream of the calling thread.
@@ -57,6 +59,55 @@ pub(crate) fn write_after<R: Runtime>(
         server.initialize_memory(memory, len, stream);
         server.write(vec![(descriptor, bytes)], stream);
     });
+}
+
+/// Queues one task on `device`'s CubeCL queue that submits the work recorded so far on each
+/// stream of `first` (`ComputeServer::flush`), then writes each `(handle, bytes)` (a view of an
+/// existing buffer, e.g. a ring region: nothing is reserved) on `stream`, and submits that. On
+/// wgpu a write lands at the next submission, ahead of work recorded but not yet submitted:
+/// `first` must name the streams that may still read the bytes being overwritten.
+pub(crate) fn write_regions_after<R: Runtime>(
+    device: &R::Device,
+    stream: StreamId,
+    writes: Vec<(Handle, Bytes)>,
+    first: Vec<StreamId>,
+) {
+    let descriptors: Vec<_> = writes
+        .into_iter()
+        .map(|(handle, bytes)| {
+            let len = bytes.len();
+            (
+                CopyDescriptor::new(handle.binding(), [len].into(), [1].into(), 1),
+                bytes,
+            )
+        })
+        .collect();
+    let queue = DeviceHandle::<R::Server>::new(device.to_id());
+    queue.submit(move |server| {
+        for other in first {
+            if let Err(e) = server.flush(other) {
+                log::warn!(
+                    "submitting stream {}'s work before a write: {e:?}",
+                    other.value
+                );
+            }
+        }
+        server.write(descriptors, stream);
+        if let Err(e) = server.flush(stream) {
+            log::warn!("submitting a ring write: {e:?}");
+        }
+    });
+    // The device thread takes a batch of queued tasks only when the batch is full or flushed.
+    queue.flush_queue();
+}
+
+/// Queues `f` on `device`'s CubeCL queue, flushed: it runs soon, once every task submitted
+/// before it has run (CubeCL's device thread takes queued tasks only in flushed batches, so
+/// without the flush a host waiting for `f` could wait for good).
+pub(crate) fn on_device_queue<R: Runtime>(device: &R::Device, f: impl FnOnce() + Send + 'static) {
+    let queue = DeviceHandle::<R::Server>::new(device.to_id());
+    queue.submit(move |_server| f());
+    queue.flush_queue();
 }
 
 /// Blocks until every task submitted to CubeCL's queue of `device` before this call has run

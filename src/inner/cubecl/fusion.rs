@@ -32,10 +32,14 @@ use burn_ir::{
     BackendIr, CustomOpIr, HandleContainer, InitOperationIr, OperationIr, OperationOutput, TensorIr,
 };
 
+use std::sync::Arc;
+
 use super::OffloadRuntime;
+use super::ring::RingFor;
+use crate::copy::{CopyError, RingShape};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
-use crate::inner::{HostMatmulShape, OffloadTarget};
+use crate::inner::{HostMatmulShape, OffloadTarget, RingStreams};
 
 type Inner<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 type Fused<R, F, I, BT> = Fusion<Inner<R, F, I, BT>>;
@@ -246,6 +250,25 @@ where
 
     fn take_staged(staged: CubeTensor<R>) -> FloatTensor<Self> {
         register::<R, F, I, BT>(staged)
+    }
+
+    /// The runtime's ring; a region enters the graph as a prefetched copy does (an `Init`).
+    fn ring_streams(
+        device: &R::Device,
+        shape: RingShape,
+    ) -> Option<Result<Arc<dyn RingStreams<Self>>, CopyError>> {
+        R::copy_streams(device, shape).map(|made| {
+            made.map(|inner| {
+                Arc::new(RingFor::<R, Self>::new(inner, register::<R, F, I, BT>))
+                    as Arc<dyn RingStreams<Self>>
+            })
+        })
+    }
+
+    /// Runs the thread's fusion stream: its ops are queued on CubeCL (kernels launched, not
+    /// waited for) when this returns.
+    fn drain_ops(device: &R::Device) {
+        get_client::<Inner<R, F, I, BT>>(device).sync(|| ());
     }
 
     fn device_bytes_in_use(device: &R::Device) -> Option<u64> {

@@ -20,6 +20,7 @@
 mod backend;
 mod bridge;
 mod fusion;
+pub mod ring;
 #[cfg(feature = "rocm")]
 mod rocm;
 pub mod transfer;
@@ -31,8 +32,12 @@ use burn_cubecl::CubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::ComputeClient;
 
+use std::sync::Arc;
+
+use crate::copy::{CopyError, RingShape};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
+use ring::CubeRing;
 
 pub(crate) use backend::calibrate;
 #[cfg(feature = "cuda")]
@@ -91,6 +96,17 @@ pub trait OffloadRuntime: CubeRuntime {
                 Self::NAME
             );
         }
+    }
+
+    /// The copy engine's streams on `device` for prefetching through the engine
+    /// ([`OffloadTarget::ring_streams`](crate::inner::OffloadTarget::ring_streams)), made on the
+    /// calling thread; `None` (the default) where the runtime has none.
+    fn copy_streams(
+        device: &Self::Device,
+        shape: RingShape,
+    ) -> Option<Result<Arc<dyn CubeRing<Self>>, CopyError>> {
+        let _ = (device, shape);
+        None
     }
 
     /// Whether the in-place kernels can read `host` on `device`.

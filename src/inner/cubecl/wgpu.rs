@@ -8,13 +8,28 @@
 
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 
+use std::sync::Arc;
+
+use super::ring::{CubeRing, CubeclCopyStreams};
 use super::{OffloadRuntime, calibrate};
 use crate::auto::Calibration;
+use crate::copy::{CopyError, RingShape};
 use crate::error::OffloadError;
 use crate::inner::TargetDevice;
 
 impl OffloadRuntime for WgpuRuntime {
     const NAME: &'static str = "wgpu";
+
+    /// [`CubeclCopyStreams`]: CubeCL writes into the ring, flags on the host.
+    fn copy_streams(
+        device: &WgpuDevice,
+        shape: RingShape,
+    ) -> Option<Result<Arc<dyn CubeRing<Self>>, CopyError>> {
+        Some(
+            CubeclCopyStreams::<Self>::new(device, shape.capacity, shape.slots, shape.consumers)
+                .map(|s| Arc::new(s) as Arc<dyn CubeRing<Self>>),
+        )
+    }
 }
 
 impl TargetDevice for WgpuDevice {

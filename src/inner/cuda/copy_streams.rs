@@ -32,6 +32,7 @@ use super::kernel::{RawKernel, launch_raw};
 use super::{CudaError, driver, pinned};
 use crate::copy::{CopyError, CopyJob, CopyStreams, Region, RingShape, Wait, reached};
 use crate::host::HostBuffer;
+use crate::inner::cubecl::ring::CubeRing;
 
 /// The source of `src/inner/cuda/kernels/flags.cu`.
 pub const FLAGS_SOURCE: &str = include_str!("kernels/flags.cu");
@@ -540,6 +541,17 @@ impl CopyStreams for CudaCopyStreams {
 
     fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
         self.launch_flag(SET_FLAG, self.reader_done(slot, consumer)?, value)
+    }
+}
+
+impl CubeRing<CudaRuntime> for CudaCopyStreams {
+    fn region_tensor(
+        &self,
+        region: &Region,
+        shape: Shape,
+        dtype: DType,
+    ) -> Result<CubeTensor<CudaRuntime>, CopyError> {
+        self.tensor(region, shape, dtype)
     }
 }
 

@@ -15,6 +15,8 @@
 //!
 //! [`alloc_pinned`]: super::alloc_pinned
 
+use std::sync::Arc;
+
 use burn_backend::DType;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
@@ -24,8 +26,10 @@ use super::ops::{self, matmul_plan};
 use super::quant_ops::{self, can_read_quantized, qgather_supported, qmatmul_plan};
 use super::{alloc_pinned, pinned};
 use crate::auto::Calibration;
+use crate::copy::{CopyError, RingShape};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
+use crate::inner::cubecl::ring::CubeRing;
 use crate::inner::cubecl::{OffloadRuntime, TransferError, calibrate};
 use crate::inner::{DeviceMemory, TargetDevice};
 
@@ -104,6 +108,27 @@ fn gather_supported(weights: &HostTensor, indices_dtype: DType) -> bool {
 impl OffloadRuntime for CudaRuntime {
     const NAME: &'static str = "cuda";
     const COPIES_OVERLAP_COMPUTE: bool = true;
+
+    /// [`CudaCopyStreams`](super::copy_streams::CudaCopyStreams): DMAs on a stream of the engine's own
+    /// (batched where the driver can), flags in device memory.
+    fn copy_streams(
+        device: &CudaDevice,
+        shape: RingShape,
+    ) -> Option<Result<Arc<dyn CubeRing<Self>>, CopyError>> {
+        Some(
+            super::copy_streams::CudaCopyStreams::new(
+                device,
+                shape.capacity,
+                shape.slots,
+                shape.consumers,
+                true,
+            )
+            .map(|s| Arc::new(s) as Arc<dyn CubeRing<Self>>)
+            .map_err(|e| CopyError::Device {
+                reason: e.to_string(),
+            }),
+        )
+    }
 
     fn offload_client(device: &CudaDevice) -> Result<ComputeClient<CudaRuntime>, TransferError> {
         super::driver::cubecl_client(device).map_err(|e| TransferError::Unavailable {
