@@ -12,7 +12,9 @@
 //! - `offload 0%`: `OffloadBackend<` that backend `>` with nothing offloaded (the decorator);
 //! - `offload F% <mode>`: `OffloadPolicy::from_bytes(F × total weight bytes)` (the offloaded
 //!   bytes reported are the `OffloadReport`'s: whole tensors, so a little more than F), read in
-//!   `uva`, `copy` and `prefetch` mode (default lookahead). The modes are switched on the same
+//!   `uva`, `copy`, `prefetch` (default lookahead, CubeCL's copies) and `prefetch-engine` mode
+//!   (the same lookahead through the copy engine's ring, `prefetch:engine`); after the table, a
+//!   line per `prefetch`/`prefetch-engine` pair says which is faster. The modes are switched on the same
 //!   offloaded weights with `OffloadContext::adopt_module`; the policy is applied once per
 //!   fraction;
 //!
@@ -100,7 +102,7 @@ use burn_offload::cuda::{self, CudaError, driver};
 use burn_offload::quant::{QuantPreset, scheme_name};
 use burn_offload::{
     CudaBackend, OffloadBackend, OffloadContext, OffloadDevice, OffloadMode, OffloadPolicy,
-    OpStats, PrefetchStats, Quantization, op_stats, prefetch_stats, reset_op_stats,
+    OpStats, PrefetchCopies, PrefetchStats, Quantization, op_stats, prefetch_stats, reset_op_stats,
     reset_prefetch_stats,
 };
 use cubecl::cuda::CudaDevice;
@@ -666,11 +668,13 @@ impl Bench {
                         let p = &m.prefetch;
                         format!(
                             "; prefetch over warm-ups and samples: {} hits, {} late, {} misses, \
-                             {} releases, copies queued in {:.1} ms, requests waited {:.1} ms",
+                             {} releases, {} ring fills, copies queued in {:.1} ms, requests \
+                             waited {:.1} ms",
                             p.hits,
                             p.late,
                             p.misses,
                             p.releases,
+                            p.ring_fills,
                             p.upload_ns as f64 * 1e-6,
                             p.wait_ns as f64 * 1e-6
                         )
@@ -766,12 +770,16 @@ impl Bench {
         }));
 
         let prefetch = "prefetch".parse::<OffloadMode>().expect("a valid mode");
+        // The same lookahead through the copy engine (issue #25): the row beside `prefetch`.
+        let engine = "prefetch:engine"
+            .parse::<OffloadMode>()
+            .expect("a valid mode");
         for fraction in self.fractions.clone() {
             // `copy` first: its logits are the reference of `uva` and `prefetch`.
             let modes: &[OffloadMode] = if fraction == 0.0 {
                 &[OffloadMode::Uva]
             } else {
-                &[OffloadMode::Copy, OffloadMode::Uva, prefetch]
+                &[OffloadMode::Copy, OffloadMode::Uva, prefetch, engine]
             };
             if self.out_of_time() {
                 for &mode in modes {
@@ -1066,6 +1074,54 @@ impl Bench {
         out
     }
 
+    /// Per model, workload and fraction, the `prefetch` row (CubeCL's copies) against the
+    /// `prefetch-engine` row (the copy engine's ring): which is faster, and each one's
+    /// efficiency against its own bound. What decides `PrefetchCopies`' default.
+    fn engine_vs_cubecl(&self) -> String {
+        let mut out = String::from(
+            "\nprefetch, CubeCL's copies vs the copy engine (same model, workload and fraction):\n",
+        );
+        let mut any = false;
+        for engine in self
+            .rows
+            .iter()
+            .filter(|r| r.variant.ends_with(" prefetch-engine"))
+        {
+            let cubecl_variant = engine.variant.replace(" prefetch-engine", " prefetch");
+            let Some(cubecl) = self.rows.iter().find(|r| {
+                r.preset == engine.preset
+                    && r.workload == engine.workload
+                    && r.variant == cubecl_variant
+            }) else {
+                continue;
+            };
+            let timed = |r: &Row| r.measured.as_ref().map(|m| m.median_s);
+            let efficiency = |r: &Row| {
+                timed(r)
+                    .zip(r.bound_s(&self.rows, &self.limits))
+                    .map(|(s, b)| format!("{:.2}", b / s))
+                    .unwrap_or_else(|| "–".into())
+            };
+            let verdict = match (timed(cubecl), timed(engine)) {
+                (Some(c), Some(e)) if e < c => {
+                    format!("engine wins ({:.1}% faster)", (c / e - 1.0) * 100.0)
+                }
+                (Some(c), Some(e)) => format!("CubeCL wins ({:.1}% faster)", (e / c - 1.0) * 100.0),
+                _ => "not both measured".into(),
+            };
+            any = true;
+            out += &format!(
+                "  {} {} {}: {verdict}; efficiency CubeCL {}, engine {}\n",
+                engine.preset,
+                engine.workload.name(),
+                cubecl_variant,
+                efficiency(cubecl),
+                efficiency(engine),
+            );
+        }
+        if any { out } else { String::new() }
+    }
+
     fn json(&self, device: Value, elapsed: f64) -> Value {
         let sections: serde_json::Map<String, Value> = self
             .sections
@@ -1110,7 +1166,14 @@ fn variant_name(
         (format!("{prefix} 0%"), None)
     } else {
         let label = match mode {
-            OffloadMode::Prefetch { .. } => "prefetch".to_string(),
+            OffloadMode::Prefetch {
+                copies: PrefetchCopies::CubeCl,
+                ..
+            } => "prefetch".to_string(),
+            OffloadMode::Prefetch {
+                copies: PrefetchCopies::Engine,
+                ..
+            } => "prefetch-engine".to_string(),
             other => other.to_string(),
         };
         (format!("{prefix} {} {label}", pct(fraction)), Some(mode))
@@ -1235,6 +1298,7 @@ fn run() -> BenchResult<bool> {
          GB/s)\n"
     );
     print!("{}", bench.table());
+    print!("{}", bench.engine_vs_cubecl());
     let skipped = bench.rows.iter().filter(|r| r.measured.is_none()).count();
     if skipped > 0 {
         println!(

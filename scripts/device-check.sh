@@ -15,7 +15,9 @@
 # all) picks steps; ORDER (regexes separated by spaces) runs first the steps that match its
 # first regex, then those that match the second, and so on, each group in the default order;
 # steps that match none of them do not run. Its default puts the steps that have never run
-# on a GPU first (the in-place quantized kernels' tests, the copy engine's test and bench),
+# on a GPU first (the copy engine's test, then prefetching through it beside CubeCL's copies
+# on whole models (issue #25: which path wins per row decides the default), the copy engine's
+# bench, the in-place quantized kernels' tests),
 # then the quick tests (nvrtc compiles the quantized kernels too), then more steps
 # that have never run (the fused-Cuda test, the unfused example, the Hugging Face
 # directories, the example's training on 1b), then everything else. E.g.
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 B=.gpu
 OUT=${OUT:-/tmp/device-check}
 STEPS=${STEPS:-.}
-ORDER=${ORDER:-"^cuda_target-quantized_ ^test-cuda_copy_engine\$ ^bench-copy_engine\$ ^test- _fused\$ example-uva-unfused example-hf ^example-train- ."}
+ORDER=${ORDER:-"^test-cuda_copy_engine\$ ^bench-offload_model-engine\$ ^bench-copy_engine\$ ^cuda_target-quantized_ ^test- _fused\$ example-uva-unfused example-hf ^example-train- ."}
 STEP_TIMEOUT=${STEP_TIMEOUT:-240}
 TOTAL_S=${TOTAL_S:-540}
 mkdir -p "$OUT"
@@ -143,6 +145,16 @@ train1b=("$B/examples/llama" train --device cuda --dtype bf16 --preset 1b --offl
 step example-train-1b-state-host 420 "${train1b[@]}" --state host
 step example-train-1b-state-device 180 "${train1b[@]}" --state device
 bench copy_engine 90
+# Never run on a GPU yet (issue #25): prefetching through the copy engine (`prefetch:engine`:
+# the ring, one fill per group of the learned read order, acquire/release at group boundaries
+# behind a drain of the fused stream) beside CubeCL's copies (`prefetch`), on the same
+# weights, 1b and 7b in bf16, everything offloaded; both checked bit for bit against copy
+# mode's logits. The table's last lines say which path wins per row, with each one's
+# efficiency against its own bound.
+[ -x "$B/benches/offload_model" ] && step bench-offload_model-engine 300 env \
+  MODEL_BENCH_FRACTIONS=0,1 MODEL_BENCH_QUANT=none MODEL_BENCH_JSON="$OUT/offload_model_engine.json" \
+  bash -c 'MODEL_BENCH_BUDGET_S=${MODEL_BENCH_BUDGET_S:-$((STEP_LIMIT > 60 ? STEP_LIMIT - 45 : STEP_LIMIT * 3 / 4))} exec "$0" --bench' \
+  "$B/benches/offload_model"
 # 1b and 7b in bf16: plain fused burn-cuda (Burn's default `Cuda`) vs 0/25/50/100 % offloaded
 # in uva, copy and prefetch mode
 # (stops starting measurements after MODEL_BENCH_BUDGET_S to print its table).
