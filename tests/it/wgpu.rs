@@ -429,8 +429,8 @@ on_both!(
     model_in_every_mode
 );
 
-/// After a model in prefetch mode (with its prefetch thread) drops, its host memory is freed
-/// and the device memory of its copies given back.
+/// After a model in prefetch mode (with its prefetch thread, or its copy engine's filler and
+/// ring) drops, its host memory is freed and the device memory of its copies given back.
 fn no_leaks<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
     let (weights, _) = reference();
     // Warm up (kernels compiled, pools grown), then measure around a second model.
@@ -440,7 +440,13 @@ fn no_leaks<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
     Bk::sync(&wgpu()).unwrap();
     let host_before = host_memory_stats().live_bytes;
     let device_before = Bk::device_bytes_in_use(&wgpu()).unwrap();
-    for mode in [OffloadMode::Copy, OffloadMode::prefetch(1 << 20)] {
+    // The engine's ring of 2 KiB wraps every forward: the model drops while its filler
+    // copies the next forward's groups.
+    for mode in [
+        OffloadMode::Copy,
+        OffloadMode::prefetch(1 << 20),
+        OffloadMode::prefetch_engine(2048),
+    ] {
         let (net, report) = offloaded_net::<Bk>(&weights, mode);
         assert!(host_memory_stats().live_bytes >= host_before + report.offloaded_bytes() as usize);
         drop(forwards(&net));
@@ -458,6 +464,12 @@ fn no_leaks<Bk: OffloadTarget<Device = WgpuDevice>>(name: &str) {
             host_before,
             "{name} {mode}: host memory freed"
         );
+        // The engine's ring goes with its filler thread, which ends once it sees the model gone.
+        while Bk::device_bytes_in_use(&wgpu()).unwrap() > device_before
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         assert!(
             Bk::device_bytes_in_use(&wgpu()).unwrap() <= device_before,
             "{name} {mode}: device memory of this thread's pool given back"

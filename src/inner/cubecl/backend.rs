@@ -16,7 +16,7 @@ use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
 use std::sync::Arc;
 
 use super::OffloadRuntime;
-use super::ring::RingFor;
+use super::ring::ring_for;
 use super::transfer::{current_stream, release_upload_sources, upload_tensor, upload_tensor_after};
 use crate::auto::{Calibration, measure};
 use crate::copy::{CopyError, RingShape};
@@ -101,11 +101,7 @@ impl<R: OffloadRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Offload
         device: &R::Device,
         shape: RingShape,
     ) -> Option<Result<Arc<dyn RingStreams<Self>>, CopyError>> {
-        R::copy_streams(device, shape).map(|made| {
-            made.map(|inner| {
-                Arc::new(RingFor::<R, Self>::new(inner, |t| t)) as Arc<dyn RingStreams<Self>>
-            })
-        })
+        ring_for::<R, Self>(device, shape, |t| t)
     }
 
     fn release_uploads(device: &R::Device) {

@@ -35,7 +35,7 @@ use burn_ir::{
 use std::sync::Arc;
 
 use super::OffloadRuntime;
-use super::ring::RingFor;
+use super::ring::ring_for;
 use crate::copy::{CopyError, RingShape};
 use crate::error::OffloadError;
 use crate::host::{HostBuffer, HostTensor};
@@ -257,12 +257,7 @@ where
         device: &R::Device,
         shape: RingShape,
     ) -> Option<Result<Arc<dyn RingStreams<Self>>, CopyError>> {
-        R::copy_streams(device, shape).map(|made| {
-            made.map(|inner| {
-                Arc::new(RingFor::<R, Self>::new(inner, register::<R, F, I, BT>))
-                    as Arc<dyn RingStreams<Self>>
-            })
-        })
+        ring_for::<R, Self>(device, shape, register::<R, F, I, BT>)
     }
 
     /// Runs the thread's fusion stream: its ops are queued on CubeCL (kernels launched, not

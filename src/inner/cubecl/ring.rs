@@ -96,6 +96,18 @@ pub(crate) fn region_tensor<R: OffloadRuntime>(
     ))
 }
 
+/// The runtime's copy-engine streams on `device` ([`OffloadRuntime::copy_streams`]) shown to
+/// the backend `B` through `wrap`: what the unfused and the fused targets' `ring_streams` are.
+pub(crate) fn ring_for<R: OffloadRuntime, B: Backend>(
+    device: &R::Device,
+    shape: RingShape,
+    wrap: fn(CubeTensor<R>) -> FloatTensor<B>,
+) -> Option<Result<Arc<dyn RingStreams<B>>, CopyError>> {
+    R::copy_streams(device, shape).map(|made| {
+        made.map(|inner| Arc::new(RingFor::<R, B>::new(inner, wrap)) as Arc<dyn RingStreams<B>>)
+    })
+}
+
 /// A [`CubeRing`] shown to the backend `B` (the unfused `CubeBackend`, or the fused backend,
 /// which registers the region's tensor in the calling thread's fusion stream).
 pub(crate) struct RingFor<R: OffloadRuntime, B: Backend> {

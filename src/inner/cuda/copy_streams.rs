@@ -32,7 +32,7 @@ use super::kernel::{RawKernel, launch_raw};
 use super::{CudaError, driver, pinned};
 use crate::copy::{CopyError, CopyJob, CopyStreams, Region, RingShape, Wait, reached};
 use crate::host::HostBuffer;
-use crate::inner::cubecl::ring::CubeRing;
+use crate::inner::cubecl::ring::{CubeRing, region_handle, region_tensor};
 
 /// The source of `src/inner/cuda/kernels/flags.cu`.
 pub const FLAGS_SOURCE: &str = include_str!("kernels/flags.cu");
@@ -299,13 +299,7 @@ impl CudaCopyStreams {
 
     /// The ring's bytes of `region` as a CubeCL handle (a view of the ring's buffer).
     pub fn handle(&self, region: &Region) -> Result<Handle, CopyError> {
-        self.shape.check_span(region.offset, region.len)?;
-        let tail = self.ring.size() - region.offset - region.len;
-        Ok(self
-            .ring
-            .clone()
-            .offset_start(region.offset)
-            .offset_end(tail))
+        region_handle(&self.ring, &self.shape, region)
     }
 
     /// A contiguous burn-cubecl tensor of `shape` and `dtype` over `region` (which must hold
@@ -316,23 +310,16 @@ impl CudaCopyStreams {
         shape: Shape,
         dtype: DType,
     ) -> Result<CubeTensor<CudaRuntime>, CopyError> {
-        let bytes = shape.num_elements() as u64 * dtype.size() as u64;
-        if bytes != region.len {
-            return Err(CopyError::Device {
-                reason: format!(
-                    "a tensor of {bytes} bytes over a region of {} bytes",
-                    region.len
-                ),
-            });
-        }
         let client = driver::cubecl_client(&self.device).map_err(device_error)?;
-        Ok(CubeTensor::new_contiguous(
+        region_tensor(
             client,
             self.device.clone(),
+            &self.ring,
+            &self.shape,
+            region,
             shape,
-            self.handle(region)?,
             dtype,
-        ))
+        )
     }
 
     fn bind(&self) -> Result<(), CopyError> {
