@@ -7,7 +7,8 @@
 //!   `do_create` copies every `Bytes` into a new `Vec`), after CubeCL's cross-stream alignment
 //!   with other streams (`get_resource` of a one-byte token made on each of them);
 //! - [`write_regions_after`]: writes into views of an existing buffer (the copy engine's ring)
-//!   after submitting other streams' recorded work, and [`on_device_queue`], a task behind them;
+//!   after submitting other streams' recorded work, [`on_device_queue`], a task behind them, and
+//!   [`flush_queue`]: CubeCL's device thread takes queued tasks only in full or flushed batches;
 //! - [`drain_queue`]: a blocking no-op task, which returns once every task submitted to the
 //!   device's queue before it has run (one FIFO queue per device);
 //! - [`current_stream`]: `StreamId::current()`, CubeCL's stream of the calling thread.
@@ -105,9 +106,16 @@ pub(crate) fn write_regions_after<R: Runtime>(
 /// before it has run (CubeCL's device thread takes queued tasks only in flushed batches, so
 /// without the flush a host waiting for `f` could wait for good).
 pub(crate) fn on_device_queue<R: Runtime>(device: &R::Device, f: impl FnOnce() + Send + 'static) {
-    let queue = DeviceHandle::<R::Server>::new(device.to_id());
-    queue.submit(move |_server| f());
-    queue.flush_queue();
+    DeviceHandle::<R::Server>::new(device.to_id()).submit(move |_server| f());
+    flush_queue::<R>(device);
+}
+
+/// Makes CubeCL's device thread take the tasks queued on `device` so far without waiting for
+/// them (it takes queued tasks only in full or flushed batches): a kernel that another
+/// stream waits for (the copy engine's release flag) must not sit in the queue until the op
+/// thread's next blocking call.
+pub(crate) fn flush_queue<R: Runtime>(device: &R::Device) {
+    DeviceHandle::<R::Server>::new(device.to_id()).flush_queue();
 }
 
 /// Blocks until every task submitted to CubeCL's queue of `device` before this call has run

@@ -41,7 +41,7 @@ use ring::CubeRing;
 
 pub(crate) use backend::calibrate;
 #[cfg(feature = "cuda")]
-pub(crate) use bridge::drain_queue;
+pub(crate) use bridge::{drain_queue, flush_queue};
 pub use transfer::TransferError;
 
 // The `Err` of the in-place ops gives the operand back unchanged (a `CubeTensor` is large but

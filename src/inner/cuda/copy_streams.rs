@@ -527,7 +527,12 @@ impl CopyStreams for CudaCopyStreams {
     }
 
     fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
-        self.launch_flag(SET_FLAG, self.reader_done(slot, consumer)?, value)
+        self.launch_flag(SET_FLAG, self.reader_done(slot, consumer)?, value)?;
+        // The copy stream waits for this flag: the launch must reach the driver now, not at
+        // the op thread's next blocking call (CubeCL's device thread takes queued tasks in
+        // full or flushed batches).
+        crate::inner::cubecl::flush_queue::<CudaRuntime>(&self.device);
+        Ok(())
     }
 }
 
