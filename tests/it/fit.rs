@@ -228,8 +228,8 @@ fn fastest(a: Calibration, b: Calibration) -> Calibration {
 /// weight), 1.1-1.2x in a debug build; the test allows 0.4-2.5x.
 ///
 /// Other tests run beside this one (one process, parallel threads): the calibration and the
-/// steps are measured in turns, three rounds, and each side keeps its fastest round, so that
-/// a busy moment slows neither side alone.
+/// steps are measured in turns, three rounds (up to six while a ratio is out of range), and
+/// each side keeps its fastest round, so that a busy moment slows neither side alone.
 #[test]
 fn the_predicted_decode_step_is_near_the_measured_one_on_the_cpu() {
     let mut config = LlamaConfig::preset("small").unwrap();
@@ -254,21 +254,34 @@ fn the_predicted_decode_step_is_near_the_measured_one_on_the_cpu() {
         .collect();
     let mut calibration: Option<Calibration> = None;
     let mut measured = vec![f64::INFINITY; runs.len()];
-    for _ in 0..3 {
-        let round = NdArrayDevice::Cpu.calibrate(true).unwrap();
+    let ratio_of = |calibration: &Calibration, plan: &FitPlan, measured: f64| {
+        let predicted = plan.estimate(calibration, 1);
+        (measured / predicted.seconds, predicted)
+    };
+    // Three rounds at least; up to six while a ratio is out of range (a busy machine during
+    // every calibration so far: seen in CI with the wgpu tests beside it, 0.35x).
+    for round in 0..6 {
+        let measuring = NdArrayDevice::Cpu.calibrate(true).unwrap();
         calibration = Some(match calibration {
-            Some(best) => fastest(best, round),
-            None => round,
+            Some(best) => fastest(best, measuring),
+            None => measuring,
         });
-        // The best of three medians: the bound is about the model, not about a busy machine.
+        // The best of the medians: the bound is about the model, not about a busy machine.
         for ((_, _, model), best) in runs.iter().zip(&mut measured) {
             *best = best.min(decode_step(model, 5).as_secs_f64());
+        }
+        let current = calibration.as_ref().expect("just set");
+        let in_range = runs
+            .iter()
+            .zip(&measured)
+            .all(|((_, plan, _), &m)| (0.4..=2.5).contains(&ratio_of(current, plan, m).0));
+        if round >= 2 && in_range {
+            break;
         }
     }
     let calibration = calibration.expect("three rounds");
     for ((mode, plan, _), measured) in runs.iter().zip(measured) {
-        let predicted = plan.estimate(&calibration, 1);
-        let ratio = measured / predicted.seconds;
+        let (ratio, predicted) = ratio_of(&calibration, plan, measured);
         println!(
             "{mode}: predicted {predicted}, measured {:.3} ms (ratio {ratio:.2})",
             measured * 1e3

@@ -220,16 +220,28 @@ pub struct CubeclCopyStreams<R: OffloadRuntime> {
 }
 
 impl<R: OffloadRuntime> CubeclCopyStreams<R> {
-    /// A ring of `capacity` bytes (rounded down to [`RING_ALIGN`]) on `device`, allocated on
-    /// the calling thread's stream, with `slots` sets of flags and room for `consumers` op
-    /// threads (1 to 64).
+    /// A ring of `capacity` bytes (rounded down to [`RING_ALIGN`], and to the largest buffer
+    /// the device allocates: lavapipe's is 128 MiB, below the default lookahead) on `device`,
+    /// allocated on the calling thread's stream, with `slots` sets of flags and room for
+    /// `consumers` op threads (1 to 64).
     pub fn new(
         device: &R::Device,
         capacity: u64,
         slots: usize,
         consumers: usize,
     ) -> Result<Self, CopyError> {
-        let capacity = capacity / RING_ALIGN * RING_ALIGN;
+        let client = R::offload_client(device).map_err(|e| CopyError::Device {
+            reason: e.to_string(),
+        })?;
+        let largest = client.properties().memory.max_page_size;
+        if capacity > largest {
+            log::info!(
+                "copy engine: a ring of {capacity} bytes is above the largest buffer {} allocates \
+                 ({largest} bytes): using that",
+                R::NAME
+            );
+        }
+        let capacity = capacity.min(largest) / RING_ALIGN * RING_ALIGN;
         if capacity == 0 || slots == 0 || consumers == 0 || consumers > 64 {
             return Err(CopyError::Device {
                 reason: format!(
@@ -239,9 +251,6 @@ impl<R: OffloadRuntime> CubeclCopyStreams<R> {
                 ),
             });
         }
-        let client = R::offload_client(device).map_err(|e| CopyError::Device {
-            reason: e.to_string(),
-        })?;
         let shape = RingShape {
             capacity,
             slots,
