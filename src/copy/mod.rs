@@ -254,28 +254,37 @@ pub trait CopyStreams: Send + Sync {
     fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError>;
 }
 
+/// Inside an `impl CopyStreams`, every method forwarded to `$to` (an expression of `$self`
+/// whose type implements [`CopyStreams`]).
+macro_rules! delegate_copy_streams {
+    ($self:ident => $to:expr) => {
+        fn shape(&$self) -> RingShape {
+            $to.shape()
+        }
+        fn current_queue(&$self) -> u64 {
+            $to.current_queue()
+        }
+        fn copy_wait(&$self, wait: Wait) -> Result<(), CopyError> {
+            $to.copy_wait(wait)
+        }
+        fn copy(&$self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
+            $to.copy(jobs)
+        }
+        fn copy_signal(&$self, slot: usize, value: u32) -> Result<(), CopyError> {
+            $to.copy_signal(slot, value)
+        }
+        fn op_wait(&$self, slot: usize, value: u32) -> Result<(), CopyError> {
+            $to.op_wait(slot, value)
+        }
+        fn op_signal(&$self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
+            $to.op_signal(slot, consumer, value)
+        }
+    };
+}
+pub(crate) use delegate_copy_streams;
+
 impl<T: CopyStreams + ?Sized> CopyStreams for Arc<T> {
-    fn shape(&self) -> RingShape {
-        (**self).shape()
-    }
-    fn current_queue(&self) -> u64 {
-        (**self).current_queue()
-    }
-    fn copy_wait(&self, wait: Wait) -> Result<(), CopyError> {
-        (**self).copy_wait(wait)
-    }
-    fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
-        (**self).copy(jobs)
-    }
-    fn copy_signal(&self, slot: usize, value: u32) -> Result<(), CopyError> {
-        (**self).copy_signal(slot, value)
-    }
-    fn op_wait(&self, slot: usize, value: u32) -> Result<(), CopyError> {
-        (**self).op_wait(slot, value)
-    }
-    fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
-        (**self).op_signal(slot, consumer, value)
-    }
+    delegate_copy_streams!(self => (**self));
 }
 
 /// Guards of the engine on the model's path that a test can remove, to show that each is

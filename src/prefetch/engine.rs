@@ -53,7 +53,7 @@ use crate::context::{AnyPrefetcher, OffloadContext};
 use crate::copy::{CopyEngine, CopyError, CopySource, CopyStreams, Region, RingShape};
 use crate::host::{HostTensor, WeakHostTensor};
 use crate::inner::{OffloadTarget, RingStreams};
-use crate::stats::Counter;
+use crate::stats::{Counter, PrefetchCounters};
 
 /// Op threads (consumers) one engine has flags for.
 pub const CONSUMERS: usize = 8;
@@ -111,6 +111,17 @@ impl Filled {
     fn regions(&self) -> Vec<Region> {
         self.regions.iter().flatten().copied().collect()
     }
+
+    /// The group leaves the ready list: no thread acquired it, its regions are discarded
+    /// (wasted copies); one that acquired it releases them.
+    fn drop_from_ready<B: OffloadTarget>(self, engine: &Engine<B>, counters: &PrefetchCounters) {
+        if !self.acquired {
+            for r in self.regions() {
+                engine.discard(&r);
+                counters.bump(Counter::Wasted);
+            }
+        }
+    }
 }
 
 /// A group to fill: positions and the views to copy (`None`: not copied).
@@ -121,6 +132,8 @@ struct Job {
 }
 
 struct EngineState<B: OffloadTarget> {
+    /// Learning and prediction, and whether the filler runs and was told to stop (its copy
+    /// bookkeeping, for CubeCL's path, is unused here).
     cycle: State<B>,
     /// The groups of the learned order (order indices), and the generation they are for.
     groups: Option<(u64, Vec<Range<usize>>)>,
@@ -130,8 +143,6 @@ struct EngineState<B: OffloadTarget> {
     /// The first position the filler has not considered.
     next_fill: u64,
     next_id: u64,
-    worker_started: bool,
-    shutdown: bool,
 }
 
 impl<B: OffloadTarget> EngineState<B> {
@@ -178,12 +189,7 @@ impl<B: OffloadTarget> EngineState<B> {
     /// Drops the filled groups (an order change): the ones no thread acquired are discarded.
     fn drop_ready(&mut self, engine: &Engine<B>) {
         for group in self.ready.drain(..) {
-            if !group.acquired {
-                for r in group.regions() {
-                    engine.discard(&r);
-                    self.cycle.counters.bump(Counter::Wasted);
-                }
-            }
+            group.drop_from_ready(engine, &self.cycle.counters);
         }
     }
 }
@@ -223,8 +229,6 @@ impl<B: OffloadTarget> EngineShared<B> {
                 filling: None,
                 next_fill: 0,
                 next_id: 0,
-                worker_started: false,
-                shutdown: false,
             }),
             changed: Condvar::new(),
             engine,
@@ -241,7 +245,7 @@ impl<B: OffloadTarget> EngineShared<B> {
 impl<B: OffloadTarget> AnyPrefetcher for EngineShared<B> {
     fn shutdown(&self) {
         let mut st = self.lock();
-        st.shutdown = true;
+        st.cycle.shutdown = true;
         st.cycle.forget();
         if let Ok(engine) = &self.engine {
             st.drop_ready(engine);
@@ -422,8 +426,8 @@ pub(crate) fn upload<B: OffloadTarget>(
     let pos = match predicted {
         Predicted::Yes(pos) => pos,
         Predicted::No { learned } => {
-            if learned && !st.worker_started {
-                st.worker_started = spawn_filler(shared.clone());
+            if learned && !st.cycle.worker_started {
+                st.cycle.worker_started = spawn_filler(shared.clone());
             }
             drop(st);
             shared.changed.notify_all();
@@ -441,12 +445,7 @@ pub(crate) fn upload<B: OffloadTarget>(
         }
         while st.ready.front().is_some_and(|g| g.positions.end <= pos) {
             let stale = st.ready.pop_front().expect("checked");
-            if !stale.acquired {
-                for r in stale.regions() {
-                    engine.discard(&r);
-                    counters.bump(Counter::Wasted);
-                }
-            }
+            stale.drop_from_ready(&engine, &counters);
         }
         if let Some(group) = st.ready.front_mut()
             && group.positions.contains(&pos)
@@ -573,7 +572,7 @@ fn filler<B: OffloadTarget>(shared: Arc<EngineShared<B>>) {
     let mut st = shared.lock();
     let counters = st.cycle.counters.clone();
     loop {
-        if st.shutdown {
+        if st.cycle.shutdown {
             return;
         }
         let Some(job) = st.next_job(shape.capacity, shape.align) else {
@@ -621,7 +620,7 @@ fn filler<B: OffloadTarget>(shared: Arc<EngineShared<B>>) {
         st.filling = None;
         match filled {
             Some(Ok(regions)) => {
-                let current = st.cycle.generation == job.generation && !st.shutdown;
+                let current = st.cycle.generation == job.generation && !st.cycle.shutdown;
                 counters.bump(Counter::RingFills);
                 if current {
                     let mut placed = vec![None; job.views.len()];

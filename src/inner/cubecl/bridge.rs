@@ -83,8 +83,7 @@ pub(crate) fn write_regions_after<R: Runtime>(
             )
         })
         .collect();
-    let queue = DeviceHandle::<R::Server>::new(device.to_id());
-    queue.submit(move |server| {
+    DeviceHandle::<R::Server>::new(device.to_id()).submit(move |server| {
         for other in first {
             if let Err(e) = server.flush(other) {
                 log::warn!(
@@ -98,8 +97,7 @@ pub(crate) fn write_regions_after<R: Runtime>(
             log::warn!("submitting a ring write: {e:?}");
         }
     });
-    // The device thread takes a batch of queued tasks only when the batch is full or flushed.
-    queue.flush_queue();
+    flush_queue::<R>(device);
 }
 
 /// Queues `f` on `device`'s CubeCL queue, flushed: it runs soon, once every task submitted

@@ -36,7 +36,9 @@ use cubecl::server::Handle;
 use cubecl::stream_id::StreamId;
 
 use super::{OffloadRuntime, bridge};
-use crate::copy::{CopyError, CopyJob, CopyStreams, Region, RingShape, Wait, fault, reached};
+use crate::copy::{
+    CopyError, CopyJob, CopyStreams, Region, RingShape, Wait, delegate_copy_streams, fault, reached,
+};
 use crate::inner::RingStreams;
 
 /// Regions start at multiples of this (wgpu's `minStorageBufferOffsetAlignment` is at most
@@ -60,15 +62,17 @@ pub trait CubeRing<R: OffloadRuntime>: CopyStreams {
     ) -> Result<CubeTensor<R>, CopyError>;
 }
 
-/// `region` of `ring` as a handle (a view of the ring's buffer), checked to lie inside it.
+/// `len` bytes at `offset` of `ring` as a handle (a view of the ring's buffer), checked to lie
+/// inside it.
 pub(crate) fn region_handle(
     ring: &Handle,
     shape: &RingShape,
-    region: &Region,
+    offset: u64,
+    len: u64,
 ) -> Result<Handle, CopyError> {
-    shape.check_span(region.offset, region.len)?;
-    let tail = ring.size() - region.offset - region.len;
-    Ok(ring.clone().offset_start(region.offset).offset_end(tail))
+    shape.check_span(offset, len)?;
+    let tail = ring.size() - offset - len;
+    Ok(ring.clone().offset_start(offset).offset_end(tail))
 }
 
 /// A contiguous tensor over `region` of `ring`, when `shape` and `dtype` hold exactly its bytes.
@@ -90,7 +94,7 @@ pub(crate) fn region_tensor<R: OffloadRuntime>(
             ),
         });
     }
-    let handle = region_handle(ring, ring_shape, region)?;
+    let handle = region_handle(ring, ring_shape, region.offset, region.len)?;
     Ok(CubeTensor::new_contiguous(
         client, device, shape, handle, dtype,
     ))
@@ -130,27 +134,7 @@ impl<R: OffloadRuntime, B: Backend> RingFor<R, B> {
 }
 
 impl<R: OffloadRuntime, B: Backend> CopyStreams for RingFor<R, B> {
-    fn shape(&self) -> RingShape {
-        self.inner.shape()
-    }
-    fn current_queue(&self) -> u64 {
-        self.inner.current_queue()
-    }
-    fn copy_wait(&self, wait: Wait) -> Result<(), CopyError> {
-        self.inner.copy_wait(wait)
-    }
-    fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
-        self.inner.copy(jobs)
-    }
-    fn copy_signal(&self, slot: usize, value: u32) -> Result<(), CopyError> {
-        self.inner.copy_signal(slot, value)
-    }
-    fn op_wait(&self, slot: usize, value: u32) -> Result<(), CopyError> {
-        self.inner.op_wait(slot, value)
-    }
-    fn op_signal(&self, slot: usize, consumer: usize, value: u32) -> Result<(), CopyError> {
-        self.inner.op_signal(slot, consumer, value)
-    }
+    delegate_copy_streams!(self => self.inner);
 }
 
 impl<R: OffloadRuntime, B: Backend> RingStreams<B> for RingFor<R, B> {
@@ -297,14 +281,7 @@ impl<R: OffloadRuntime> CopyStreams for CubeclCopyStreams<R> {
     fn copy(&self, jobs: Vec<CopyJob>) -> Result<(), CopyError> {
         let mut writes = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            let region = Region {
-                id: 0,
-                offset: job.offset,
-                len: job.source.len(),
-                slot: 0,
-                generation: 0,
-            };
-            let handle = region_handle(&self.ring, &self.shape, &region)?;
+            let handle = region_handle(&self.ring, &self.shape, job.offset, job.source.len())?;
             // wgpu's memory is not pinned: the bytes are copied here, so the sources need not
             // outlive the call.
             writes.push((handle, Bytes::from_bytes_vec(job.source.bytes().to_vec())));

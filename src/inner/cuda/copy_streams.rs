@@ -204,8 +204,9 @@ pub struct CudaCopyStreams {
 }
 
 impl CudaCopyStreams {
-    /// A ring of `capacity` bytes on `device` (allocated through CubeCL on the calling
-    /// thread's stream), `slots` sets of flags, room for `consumers` op threads (at most 64),
+    /// A ring of `capacity` bytes (at most the largest buffer CubeCL allocates there, rounded
+    /// down to [`RING_ALIGN`]) on `device` (allocated through CubeCL on the calling thread's
+    /// stream), `slots` sets of flags, room for `consumers` op threads (at most 64),
     /// copies batched where the driver can (unless `batched` is false).
     pub fn new(
         device: &CudaDevice,
@@ -223,13 +224,20 @@ impl CudaCopyStreams {
                 ),
             });
         }
+        let client = driver::cubecl_client(device)?;
+        // No larger than the largest buffer CubeCL allocates on the device.
+        let largest = client.properties().memory.max_page_size;
+        let capacity = if capacity > largest {
+            largest / RING_ALIGN * RING_ALIGN
+        } else {
+            capacity
+        };
         let shape = RingShape {
             capacity,
             slots,
             consumers,
             align: RING_ALIGN,
         };
-        let client = driver::cubecl_client(device)?;
         let ctx = driver::primary_context(device.index)?;
         let words = shape.flag_words();
         let mut flags_ptr: sys::CUdeviceptr = 0;
@@ -299,7 +307,7 @@ impl CudaCopyStreams {
 
     /// The ring's bytes of `region` as a CubeCL handle (a view of the ring's buffer).
     pub fn handle(&self, region: &Region) -> Result<Handle, CopyError> {
-        region_handle(&self.ring, &self.shape, region)
+        region_handle(&self.ring, &self.shape, region.offset, region.len)
     }
 
     /// A contiguous burn-cubecl tensor of `shape` and `dtype` over `region` (which must hold

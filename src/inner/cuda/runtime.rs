@@ -115,15 +115,10 @@ impl OffloadRuntime for CudaRuntime {
         device: &CudaDevice,
         shape: RingShape,
     ) -> Option<Result<Arc<dyn CubeRing<Self>>, CopyError>> {
-        // The largest buffer CubeCL allocates on this device bounds the ring.
-        let largest = super::driver::cubecl_client(device)
-            .map(|c| c.properties().memory.max_page_size)
-            .unwrap_or(u64::MAX);
-        let capacity = shape.capacity.min(largest) / 256 * 256;
         Some(
             super::copy_streams::CudaCopyStreams::new(
                 device,
-                capacity,
+                shape.capacity,
                 shape.slots,
                 shape.consumers,
                 true,
